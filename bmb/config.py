@@ -1,0 +1,291 @@
+"""Run configuration: nested dataclasses, YAML files, ``key=value`` overrides.
+
+A YAML file holds a *diff* from the defaults below (optionally from another file named by a
+top-level ``_base_:`` key, resolved relative to the file). Command-line overrides use dotted keys,
+``method.alpha=2`` or ``train.epochs=10``; values are parsed as YAML and type-checked.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
+The resolved config is written into every run directory (``dump_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = _f("wrn", "encoder: wrn (WRN-28-k), resnet50, small (CPU demo)",
+                      choices=("wrn", "resnet50", "small"))
+    width: int | None = _f(None, "wrn: widen factor k (default 2); small: base channels (default 32)", ge=1)
+    depth: int = _f(28, "wrn depth (6n+4)", ge=10)
+    stem: str = _f("small", "resnet50 stem: small (3x3 s1, 32/64 px) or imagenet (7x7 s2 + max-pool, 224 px)",
+                   choices=("small", "imagenet"))
+
+
+@dataclass
+class MethodConfig:
+    algorithm: str = _f("bmb", "bmb, or fixmatch (the baseline: base head only)", choices=("bmb", "fixmatch"))
+    threshold: float = _f(0.95, "confidence threshold tau", gt=0.0, le=1.0)
+    alpha: float = _f(1.5, "adaptive-weight spread alpha (w_k = (min N / N_k)^alpha)", ge=0.0)
+    adaptive_weights: bool = _f(True, "ablation: adaptive weights on the aux head's losses")
+    anneal_weights: bool = _f(False, "authors' option: w' = 1 - (t/T)(1 - w)")
+    put_power: float = _f(3.0, "beta: bank enqueue balance power", ge=0.0)
+    get_power: float = _f(0.75, "gamma: bank get (reversed sampling) power", ge=0.0)
+    lambda_u: float = _f(1.0, "weight of the unlabeled losses", ge=0.0)
+    lambda_mb: float = _f(0.25, "weight of the memory-bank loss", ge=0.0)
+    use_bank: bool = _f(True, "ablation: the balanced memory bank and its loss")
+    bank_size: int = _f(128, "bank capacity", ge=1)
+    get_num: int = _f(64, "items drawn from the bank per step (per rank)", ge=1)
+    bank_view: str = _f("strong", "which view's features enter the bank", choices=("strong", "weak"))
+    estimate: str = _f("mean", "N-hat estimator: running mean since warm-up, or ema", choices=("mean", "ema"))
+    num_strong: int = _f(2, "strong views per unlabeled sample", ge=1)
+    warmup_epochs: int = _f(20, "epochs with the unlabeled terms off", ge=0)
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adam", "optimiser", choices=("adam", "sgd"))
+    lr: float = _f(0.002, "learning rate", gt=0.0)
+    momentum: float = _f(0.9, "sgd momentum", ge=0.0, lt=1.0)
+    nesterov: bool = _f(True, "sgd nesterov")
+    weight_decay: float = _f(0.0, "weight decay", ge=0.0)
+    schedule: str = _f("constant", "lr schedule", choices=("constant", "cosine"))
+    warmup_steps: int = _f(0, "linear lr warm-up steps", ge=0)
+
+
+@dataclass
+class DemoConfig:
+    num_classes: int = _f(10, "classes of the procedural demo data", ge=2)
+    n1: int = _f(200, "labeled images of the largest class", ge=1)
+    m1: int = _f(800, "unlabeled images of the largest class", ge=1)
+    gamma_l: float = _f(20.0, "labeled imbalance ratio", ge=1.0)
+    gamma_u: float = _f(20.0, "unlabeled imbalance ratio", ge=1.0)
+    test_per_class: int = _f(100, "balanced test images per class", ge=1)
+    seed: int = _f(0, "seed of the data generator", ge=0)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("demo", "'demo' (procedural, in memory) or a dataset directory built by `bmb-shards`")
+    backend: str = _f("tensor", "input backend", choices=("tensor", "webdataset", "ffcv", "dali"))
+    image_size: int = _f(32, "training resolution", ge=8)
+    crop: str = _f("translate", "weak crop: translate (32/64 px) or rrc (random-resized-crop, 224 px)",
+                   choices=("translate", "rrc"))
+    load_size: int = _f(256, "full-res datasets: square size the readers deliver before the crop", ge=8)
+    mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean (0-1 scale)")
+    std: list[float] = _f([0.25, 0.25, 0.25], "per-channel normalisation std (0-1 scale)")
+    eval_split: str = _f("test", "split reported as the result")
+    val_split: str | None = _f(None, "split used to pick the best checkpoint (ImageNet-LT: val)")
+    eval_batch: int = _f(256, "evaluation batch size", ge=1)
+    workers: int = _f(2, "reader worker processes (webdataset, ffcv, dali)", ge=0)
+    demo: DemoConfig = field(default_factory=DemoConfig, metadata={"help": "procedural demo data"})
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(500, "epochs", ge=1)
+    iters_per_epoch: int = _f(500, "steps per epoch", ge=1)
+    max_steps: int | None = _f(None, "stop after this many steps (default: epochs x iters_per_epoch)", ge=1)
+    labeled_batch: int = _f(64, "labeled batch (global; split over ranks)", ge=1)
+    unlabeled_batch: int = _f(64, "unlabeled batch (global; split over ranks)", ge=1)
+    ema_decay: float = _f(0.999, "EMA decay of the evaluated model", ge=0.0, lt=1.0)
+    eval_every: int = _f(500, "steps between evaluations", ge=1)
+    eval_protocol: str = _f("last20", "result: mean of the last 20 evaluations, or best-val checkpoint then test",
+                            choices=("last20", "best_val"))
+    many_above: int | None = _f(None, "many-shot: labeled count > this (default: top third of classes)", ge=0)
+    few_at_most: int | None = _f(None, "few-shot: labeled count <= this (default: bottom third)", ge=0)
+    seed: int = _f(0, "seed of model init, augmentation, sampling and the bank", ge=0)
+    out_dir: str = _f("runs", "parent folder of run directories")
+    checkpoint_every: int = _f(500, "steps between checkpoints", ge=1)
+    keep_checkpoints: int = _f(2, "checkpoints kept", ge=1)
+    resume: str = _f("auto", "auto (newest complete checkpoint in the run dir), none, or a checkpoint path")
+    log_every: int = _f(50, "steps between scalar logs", ge=1)
+    progress: bool = _f(True, "show a progress bar")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", ge=1)
+
+
+@dataclass
+class Config:
+    name: str = _f("run", "run name; the run directory is out_dir/name")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the network"})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "the algorithm"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimiser"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+
+    def validate(self) -> None:
+        """Cross-field checks (single fields are checked when built)."""
+        m = self.method
+        if m.get_num > m.bank_size:
+            raise ConfigError(f"method.get_num ({m.get_num}) must be <= method.bank_size ({m.bank_size})")
+        t = self.train
+        if t.many_above is not None and t.few_at_most is not None and t.few_at_most >= t.many_above:
+            raise ConfigError(f"train.few_at_most ({t.few_at_most}) must be < train.many_above ({t.many_above})")
+        if t.eval_protocol == "best_val" and not self.data.val_split:
+            raise ConfigError("train.eval_protocol=best_val needs data.val_split")
+        for key in ("mean", "std"):
+            v = getattr(self.data, key)
+            if len(v) != 3:
+                raise ConfigError(f"data.{key} must have 3 values (R, G, B), got {v!r}")
+        if any(s <= 0 for s in self.data.std):
+            raise ConfigError(f"data.std must be > 0, got {self.data.std!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.max_steps or self.train.epochs * self.train.iters_per_epoch
+
+
+# ---------------------------------------------------------------------------- building
+def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        value = [_check_value(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        b = meta.get(bound)
+        if b is not None and isinstance(value, (int, float)) and not ok(value, b):
+            raise ConfigError(f"{key}: must be {word} {b}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys under "
+                          f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, tp, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def _merge(base: dict, diff: dict) -> dict:
+    out = dict(base)
+    for k, v in diff.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict, with its ``_base_`` chain merged in."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: _base_ cycle")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    bases = data.pop("_base_", [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, read_yaml(path.parent / base, _seen + (path,)))
+    return _merge(merged, data)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["method.alpha=2", "name=x"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (with its ``_base_`` chain) <- ``key=value`` overrides, validated."""
+    data = read_yaml(path) if path else {}
+    return build_config(_merge(data, parse_overrides(overrides or [])))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back to an equal config)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, help)`` for every leaf key (used by ``--help``)."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,57 @@
+"""The estimate ``N̂`` of the unlabeled class distribution (paper Eq. 6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class UnlabeledCountEstimator:
+    """Keeps ``N̂``, the per-class count of confident unlabeled predictions per step.
+
+    Each step the caller passes the per-class number of unlabeled samples whose aux-head weak
+    prediction passed the threshold (summed over ranks in distributed runs). ``mode="mean"`` keeps
+    the running mean since the first update (the end of warm-up); ``mode="ema"`` an exponential
+    moving average with ``momentum``. Before the first update the estimate is uniform (ones).
+
+    Args:
+        num_classes: ``C``.
+        mode: ``"mean"`` (default, paper) or ``"ema"``.
+        momentum: EMA momentum in [0, 1) for ``mode="ema"``.
+    """
+
+    def __init__(self, num_classes: int, mode: str = "mean", momentum: float = 0.99) -> None:
+        if mode not in ("mean", "ema"):
+            raise ValueError(f"UnlabeledCountEstimator: mode must be 'mean' or 'ema', got {mode!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"UnlabeledCountEstimator: momentum must be in [0, 1), got {momentum!r}")
+        self.num_classes = num_classes
+        self.mode = mode
+        self.momentum = momentum
+        self.steps = 0
+        self._value = torch.ones(num_classes, dtype=torch.float64)
+
+    def update(self, step_counts: torch.Tensor) -> None:
+        """Fold in one step's per-class counts, ``(C,)``."""
+        c = torch.as_tensor(step_counts).detach().to("cpu", torch.float64)
+        if c.shape != (self.num_classes,):
+            raise ValueError(f"UnlabeledCountEstimator.update: counts must have shape ({self.num_classes},), got {tuple(c.shape)}")
+        self.steps += 1
+        if self.mode == "mean":
+            self._value = c.clone() if self.steps == 1 else self._value + (c - self._value) / self.steps
+        else:
+            self._value = c.clone() if self.steps == 1 else self.momentum * self._value + (1 - self.momentum) * c
+
+    def value(self) -> torch.Tensor:
+        """``N̂`` clamped to >= 1 (safe as a denominator), float64 ``(C,)`` on the CPU."""
+        return self._value.clamp_min(1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "momentum": self.momentum, "steps": self.steps, "value": self._value.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["value"].shape != (self.num_classes,):
+            raise ValueError("UnlabeledCountEstimator.load_state_dict: class count mismatch")
+        self.mode, self.momentum, self.steps = state["mode"], state["momentum"], int(state["steps"])
+        self._value = state["value"].to(torch.float64).clone()

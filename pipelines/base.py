@@ -1,0 +1,67 @@
+"""The one contract every input backend honours.
+
+A backend yields, per training step, one :class:`Batch`: a labeled uint8 batch with its labels
+and an unlabeled uint8 batch with the samples' stable indices, already on the training device.
+Augmentation (weak/strong views, normalisation) happens afterwards, on that device, in
+:mod:`pipelines.augment` -- backends hand over raw pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One training step's input.
+
+    Attributes:
+        labeled: uint8 ``(B_L, 3, H, W)`` labeled images.
+        labels: int64 ``(B_L,)`` their class labels.
+        unlabeled: uint8 ``(B_U, 3, H, W)`` unlabeled images.
+        unlabeled_index: int64 ``(B_U,)`` stable index of each unlabeled sample within its split.
+        unlabeled_labels: int64 ``(B_U,)`` true labels of the unlabeled samples when the dataset
+            has them (diagnostics only, never used by the method), else ``None``.
+    """
+
+    labeled: torch.Tensor
+    labels: torch.Tensor
+    unlabeled: torch.Tensor
+    unlabeled_index: torch.Tensor
+    unlabeled_labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch(
+            mv(self.labeled), mv(self.labels), mv(self.unlabeled), mv(self.unlabeled_index),
+            mv(self.unlabeled_labels),
+        )
+
+
+class TrainStream(Protocol):
+    """An infinite, resumable stream of :class:`Batch` for one rank."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Reader position; restoring it makes the stream continue exactly where it stopped."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EvalSource(Protocol):
+    """A finite pass over an evaluation split: yields ``(uint8 (B,3,H,W), int64 (B,))``.
+
+    In distributed runs each rank sees a disjoint part; ranks may receive padded batches with a
+    third element, a bool validity mask, so that every rank runs the same number of steps.
+    """
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
+
+    def __len__(self) -> int: ...

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: sets everything up (scripts/setup.sh), then runs the whole suite.
+#   bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh "${BMB_TEST_EXTRAS:-test}"
+if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then VPY=python; else VPY=.venv/bin/python; fi
+set +e
+"$VPY" -m pytest "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no tests: that is not a failure of the code under test.
+if [[ $rc -eq 5 ]]; then echo "[test] no tests collected"; exit 0; fi
+exit $rc

@@ -1,0 +1,57 @@
+"""Config: YAML diffs, overrides, validation errors that name the key, dump round-trip."""
+
+import pytest
+
+from bmb.config import ConfigError, describe, dump_config, load_config
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("method:\n  alpha: 2.0\ntrain:\n  epochs: 10\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base.yaml\nmethod:\n  put_power: 1\n")
+    cfg = load_config(child, ["train.epochs=3", "method.algorithm=fixmatch", "data.mean=[0.1,0.2,0.3]"])
+    assert cfg.method.alpha == 2.0 and cfg.method.put_power == 1.0 and isinstance(cfg.method.put_power, float)
+    assert cfg.train.epochs == 3 and cfg.method.algorithm == "fixmatch"
+    assert cfg.data.mean == [0.1, 0.2, 0.3]
+    assert cfg.method.threshold == 0.95  # untouched default
+
+
+@pytest.mark.parametrize("override, match", [
+    (["method.betaa=3"], "unknown config key method.betaa"),
+    (["nosuch.x=1"], "unknown config key nosuch"),
+    (["train.epochs=ten"], "train.epochs: expected an integer"),
+    (["train.epochs=0"], "train.epochs: must be >= 1"),
+    (["method.threshold=1.5"], "method.threshold: must be <= 1.0"),
+    (["method.alpha=-1"], "method.alpha: must be >= 0.0"),
+    (["method.algorithm=mixmatch"], "method.algorithm: must be one of bmb, fixmatch"),
+    (["method.use_bank=maybe"], "method.use_bank: expected true/false"),
+    (["method.get_num=300"], r"method.get_num \(300\) must be <= method.bank_size"),
+    (["data.std=[1,0,1]"], "data.std"),
+    (["train.eval_protocol=best_val"], "data.val_split"),
+    (["epochs"], "key=value"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, override)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  alpah: 1\n")
+    with pytest.raises(ConfigError, match="method.alpah"):
+        load_config(bad)
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(None, ["method.alpha=0.5", "name=x", "model.encoder=small"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_every_key_documented():
+    rows = describe()
+    assert len(rows) > 40
+    assert all(help_text for _, _, help_text in rows)

@@ -1,0 +1,168 @@
+"""The balanced memory bank: balance, reversed sampling, overflow, determinism, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from bmb.memory import BalancedMemoryBank
+
+C = 10
+
+
+def lt_probs(gamma: float = 100.0) -> torch.Tensor:
+    mu = (1 / gamma) ** (1 / (C - 1))
+    p = torch.tensor([mu**k for k in range(C)], dtype=torch.float64)
+    return p / p.sum()
+
+
+def stream(bank: BalancedMemoryBank, steps: int = 1000, batch: int = 64, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    p = lt_probs()
+    for _ in range(steps):
+        y = torch.multinomial(p, batch, replacement=True, generator=g)
+        bank.enqueue(torch.randn(batch, 8, generator=g), y)
+
+
+def entropy(counts: torch.Tensor) -> float:
+    q = counts.double() / counts.sum()
+    q = q[q > 0]
+    return float(-(q * q.log()).sum() / math.log(C))
+
+
+def make(beta: float = 3.0, gamma: float = 1.0, seed: int = 0, capacity: int = 128) -> BalancedMemoryBank:
+    return BalancedMemoryBank(capacity, 8, C, put_power=beta, get_power=gamma,
+                              generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def filled() -> dict[float, BalancedMemoryBank]:
+    banks = {}
+    for beta in (0.0, 3.0):
+        banks[beta] = make(beta)
+        stream(banks[beta])
+    return banks
+
+
+def test_bank_is_balanced_with_beta3_and_not_with_beta0(filled):
+    h3, h0 = entropy(filled[3.0].class_counts()), entropy(filled[0.0].class_counts())
+    assert len(filled[3.0]) == 128 and len(filled[0.0]) == 128
+    assert h3 >= 0.93, h3
+    assert h0 < h3 - 0.1, (h0, h3)
+
+
+def test_get_overdraws_rare_classes_and_more_with_larger_gamma(filled):
+    bank = filled[3.0]
+    prior = lt_probs() * 10000  # N-hat: the unlabeled data are long-tailed
+    rare = torch.arange(C - 3, C)
+    share_bank = float(bank.class_counts()[rare].sum()) / len(bank)
+    shares = []
+    for gamma in (0.5, 1.0, 2.0):
+        bank.get_power = gamma
+        drawn = torch.cat([bank.get(64, prior)[1] for _ in range(200)])
+        shares.append(float(torch.isin(drawn, rare).float().mean()))
+    bank.get_power = 1.0
+    assert shares[0] > share_bank, (shares, share_bank)
+    assert shares[0] < shares[1] < shares[2], shares
+
+
+def test_overflow_removes_exactly_the_excess():
+    bank = make(beta=0.0, capacity=100)  # beta 0: every candidate enters
+    g = torch.Generator().manual_seed(3)
+    bank.enqueue(torch.randn(70, 8, generator=g), torch.randint(0, C, (70,), generator=g))
+    assert len(bank) == 70
+    feats = torch.randn(50, 8, generator=g)
+    accepted = bank.enqueue(feats, torch.randint(0, C, (50,), generator=g))
+    assert int(accepted.sum()) == 50 and len(bank) == 100
+    # a batch larger than the capacity alone
+    accepted = bank.enqueue(torch.randn(300, 8, generator=g), torch.randint(0, C, (300,), generator=g))
+    assert len(bank) == 100 and bank.features.shape == (100, 8)
+    assert int(bank.class_counts().sum()) == 100
+
+
+def test_dequeue_removes_majority_classes_first():
+    bank = make(beta=3.0, capacity=20)
+    bank.put_power = 0.0  # fill unconditionally: 18 of class 0, 2 of class 1
+    bank.enqueue(torch.randn(20, 8), torch.tensor([0] * 18 + [1] * 2))
+    bank.put_power = 3.0
+    bank.enqueue(torch.randn(5, 8), torch.full((5,), 2))  # class 2 absent: P_put = 1 for the first
+    counts = bank.class_counts()
+    assert len(bank) == 20 and counts[1] == 2 and counts[2] >= 1 and counts[0] <= 17
+
+
+def test_same_seed_same_bank_and_state_roundtrip():
+    a, b = make(seed=5), make(seed=5)
+    stream(a, steps=50)
+    stream(b, steps=50)
+    assert torch.equal(a.features, b.features) and torch.equal(a.labels, b.labels)
+    sd = a.state_dict()
+    c = make(seed=999)  # different generator state, overwritten by the load
+    c.load_state_dict(sd)
+    prior = torch.arange(1, C + 1).double()
+    for _ in range(5):
+        fa, la = a.get(32, prior)
+        fc, lc = c.get(32, prior)
+        assert torch.equal(fa, fc) and torch.equal(la, lc)
+    x, y = torch.randn(64, 8), torch.randint(0, C, (64,))
+    assert torch.equal(a.enqueue(x, y), c.enqueue(x, y))
+    assert torch.equal(a.features, c.features) and torch.equal(a.labels, c.labels)
+
+
+def test_get_with_replacement_and_small_bank():
+    bank = make(beta=0.0)
+    bank.enqueue(torch.randn(5, 8), torch.arange(5))
+    f, y = bank.get(64, torch.ones(C))
+    assert f.shape == (5, 8) and sorted(y.tolist()) == [0, 1, 2, 3, 4]  # without replacement: all 5
+    f, y = bank.get(64, torch.ones(C), replacement=True)
+    assert f.shape == (64, 8) and set(y.tolist()) <= set(range(5))
+
+
+def test_meta_device_and_no_cuda_calls(monkeypatch):
+    meta = BalancedMemoryBank(16, 4, 3, device="meta")
+    assert len(meta) == 0 and meta.features.device.type == "meta"
+    with pytest.raises(ValueError, match="meta"):
+        meta.enqueue(torch.randn(2, 4), torch.tensor([0, 1]))
+
+    def boom(*a, **k):
+        raise AssertionError("CUDA was called")
+
+    for name in ("is_available", "current_device", "synchronize", "device_count", "_lazy_init"):
+        monkeypatch.setattr(torch.cuda, name, boom)
+    bank = meta.to("cpu")
+    bank.enqueue(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    bank.get(4, torch.ones(3))
+    bank.load_state_dict(bank.state_dict())
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda b: b.enqueue(torch.randn(4, 7), torch.zeros(4, dtype=torch.long)), "shape"),
+    (lambda b: b.enqueue(torch.randn(4, 8), torch.zeros(3, dtype=torch.long)), "labels must have shape"),
+    (lambda b: b.enqueue(torch.randn(4, 8), torch.zeros(4, dtype=torch.int32)), "int64"),
+    (lambda b: b.enqueue(torch.randint(0, 5, (4, 8)), torch.zeros(4, dtype=torch.long)), "floating"),
+    (lambda b: b.enqueue(torch.randn(4, 8), torch.tensor([0, 1, 2, C])), r"\[0, 10\)"),
+    (lambda b: b.enqueue(torch.randn(4, 8), torch.tensor([0, -1, 2, 3])), r"\[0, 10\)"),
+    (lambda b: b.enqueue(torch.full((4, 8), float("nan")), torch.zeros(4, dtype=torch.long)), "NaN"),
+    (lambda b: b.get(0, torch.ones(C)), "n must be"),
+    (lambda b: b.get(4, torch.ones(C + 1)), "class_prior"),
+    (lambda b: b.get(4, -torch.ones(C)), "class_prior"),
+])
+def test_bad_input_raises_and_leaves_state_untouched(call, match):
+    bank = make(beta=0.0)
+    bank.enqueue(torch.randn(10, 8), torch.arange(10))
+    before = bank.state_dict()
+    with pytest.raises(ValueError, match=match):
+        call(bank)
+    after = bank.state_dict()
+    assert torch.equal(before["features"], after["features"]) and torch.equal(before["labels"], after["labels"])
+    assert torch.equal(before["generator"], after["generator"])
+
+
+def test_constructor_and_empty_get_errors():
+    with pytest.raises(ValueError, match="capacity"):
+        BalancedMemoryBank(0, 8, C)
+    with pytest.raises(ValueError, match="put_power"):
+        BalancedMemoryBank(8, 8, C, put_power=-1)
+    with pytest.raises(ValueError, match="get_power"):
+        BalancedMemoryBank(8, 8, C, get_power=-0.5)
+    with pytest.raises(ValueError, match="empty"):
+        make().get(4, torch.ones(C))

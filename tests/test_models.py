@@ -1,0 +1,52 @@
+"""Encoders and heads: shapes, parameter counts, EMA."""
+
+import pytest
+import torch
+
+from bmb.ema import ModelEMA
+from bmb.models import BMBModel, build_encoder
+
+
+@pytest.mark.parametrize("name, kw, size, dim", [
+    ("wrn", {}, 32, 128), ("wrn", {"width": 1}, 32, 64), ("small", {}, 32, 128),
+    ("resnet50", {"stem": "small"}, 32, 2048), ("resnet50", {"stem": "imagenet"}, 64, 2048),
+])
+def test_outputs(name, kw, size, dim):
+    m = BMBModel.build(name, 7, **kw).eval()
+    out = m(torch.randn(2, 3, size, size))
+    assert out.features.shape == (2, dim) and out.base_logits.shape == (2, 7) and out.aux_logits.shape == (2, 7)
+    assert torch.equal(out.aux_logits, m.aux_head(out.features))
+
+
+def test_wrn28_2_has_the_usual_size():
+    n = sum(p.numel() for p in build_encoder("wrn", width=2).parameters())
+    assert 1.40e6 < n < 1.50e6  # WRN-28-2 is ~1.47M parameters
+
+
+def test_resnet50_size():
+    n = sum(p.numel() for p in build_encoder("resnet50", stem="imagenet").parameters())
+    assert 23.4e6 < n < 23.6e6  # ResNet-50 trunk without fc: 23.5M
+
+
+def test_unknown_encoder():
+    with pytest.raises(ValueError, match="unknown encoder 'vit'"):
+        build_encoder("vit")
+
+
+def test_ema_tracks_by_decay():
+    torch.manual_seed(0)
+    m = BMBModel.build("small", 3, width=4)
+    ema = ModelEMA(m, decay=0.9)
+    before = ema.module.aux_head.weight.clone()
+    with torch.no_grad():
+        m.aux_head.weight.add_(1.0)
+    ema.update(m)
+    assert torch.allclose(ema.module.aux_head.weight, 0.9 * before + 0.1 * m.aux_head.weight)
+    m.train()(torch.randn(4, 3, 8, 8))  # BN running stats move
+    ema.update(m)
+    for eb, mb in zip(ema.module.buffers(), m.buffers()):
+        assert torch.equal(eb, mb)
+    sd = ema.state_dict()
+    ema2 = ModelEMA(BMBModel.build("small", 3, width=4), decay=0.5)
+    ema2.load_state_dict(sd)
+    assert ema2.decay == 0.9 and torch.equal(ema2.module.aux_head.weight, ema.module.aux_head.weight)
