@@ -1,0 +1,154 @@
+"""Train BMB (or the FixMatch baseline).
+
+    accelerate launch launch/train.py --config launch/configs/demo.yaml [key=value ...]
+    python launch/train.py --config launch/configs/demo.yaml          # one process, same thing
+
+Overrides use dotted keys, e.g. ``method.algorithm=fixmatch train.seed=1 name=fm-seed1``.
+``--keys`` lists every key with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python launch/train.py` / `accelerate launch launch/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bmb.config import Config, ConfigError, describe, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(
+        prog="launch/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, help="YAML preset (a diff from the defaults), e.g. launch/configs/demo.yaml")
+    ap.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = ap.parse_args(argv)
+    return args, args.overrides
+
+
+def build_data(cfg: Config, rank: int, world: int, device: torch.device):
+    """Training stream, evaluation sources, labeled counts and class names for this rank."""
+    import pipelines
+
+    d = cfg.data
+    if d.dataset == "demo":
+        from pipelines.synthetic import CLASS_NAMES, make_demo
+
+        dm = d.demo
+        dataset = make_demo(dm.num_classes, dm.n1, dm.m1, dm.gamma_l, dm.gamma_u, dm.test_per_class, dm.seed,
+                            size=d.image_size)
+        labeled_counts = torch.bincount(dataset["labeled"].labels, minlength=dm.num_classes)
+        names = list(CLASS_NAMES[: dm.num_classes]) + [f"class-{i}" for i in range(len(CLASS_NAMES), dm.num_classes)]
+        backend, splits = "tensor", set(dataset)
+    else:
+        from pipelines.shard_index import load_manifest
+
+        root = Path(d.dataset)
+        if not (root / "manifest.json").is_file():
+            raise ConfigError(f"data.dataset: {root} is not a dataset directory (no manifest.json); "
+                              "build one with `bmb-shards` or use data.dataset=demo")
+        manifest = load_manifest(root)
+        dataset, backend = root, d.backend
+        labeled_counts = torch.tensor(manifest["splits"]["labeled"]["class_counts"])
+        names = list(manifest["class_names"])
+        splits = set(manifest["splits"])
+    for key, split in (("data.eval_split", d.eval_split), ("data.val_split", d.val_split)):
+        if split is not None and split not in splits:
+            raise ConfigError(f"{key}: the dataset has no split {split!r} (it has {sorted(splits)})")
+
+    options: dict = {}
+    if backend == "tensor":
+        options["on_device"] = device.type == "cuda"
+    elif backend in ("webdataset", "ffcv"):
+        options["num_workers"] = d.workers
+    elif backend == "dali":
+        options["num_threads"] = max(d.workers, 1)
+    if backend != "tensor" and d.crop == "rrc":
+        options["load_size"] = d.load_size
+    t = cfg.train
+    for key, value in (("train.labeled_batch", t.labeled_batch), ("train.unlabeled_batch", t.unlabeled_batch)):
+        if value % world:
+            raise ConfigError(f"{key}={value} is not divisible by the {world} processes")
+    stream = pipelines.build_train_stream(
+        backend, dataset, labeled_batch=t.labeled_batch // world, unlabeled_batch=t.unlabeled_batch // world,
+        seed=t.seed, rank=rank, world_size=world, device=device, **options)
+    evals = {}
+    for split in dict.fromkeys([d.eval_split] + ([d.val_split] if d.val_split else [])):
+        evals[split] = pipelines.build_eval_source(backend, dataset, split, batch_size=d.eval_batch, rank=rank,
+                                                   world_size=world, device=device, **options)
+    return stream, evals, labeled_counts, names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    if args.keys:
+        for key, default, help_text in describe():
+            print(f"{key:28s} {default!s:18s} {help_text}")
+        return 0
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from bmb.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # gloo on CPUs (also under DeepSpeed), NCCL on GPUs
+        backend = "nccl" if torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU") else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
+    accelerator = Accelerator(kwargs_handlers=handlers)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+
+    from bmb.algorithms import build_algorithm
+    from bmb.dist import Collectives
+    from bmb.engine import Trainer
+    from bmb.models import BMBModel
+    from pipelines.augment import ViewMaker
+
+    try:
+        stream, evals, labeled_counts, names = build_data(cfg, rank, world, accelerator.device)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    m = cfg.model
+    model = BMBModel.build(m.encoder, len(names), width=m.width, depth=m.depth, stem=m.stem)
+    me = cfg.method
+    algorithm = build_algorithm(
+        me.algorithm, num_classes=len(names), feat_dim=model.feat_dim, labeled_counts=labeled_counts,
+        threshold=me.threshold, alpha=me.alpha, put_power=me.put_power, get_power=me.get_power,
+        lambda_u=me.lambda_u, lambda_mb=me.lambda_mb, bank_size=me.bank_size, get_num=me.get_num,
+        use_bank=me.use_bank, adaptive=me.adaptive_weights, bank_view=me.bank_view, estimate_mode=me.estimate,
+        anneal_weights=me.anneal_weights, generator=torch.Generator().manual_seed(cfg.train.seed + 7),
+        collectives=Collectives(), device=accelerator.device)
+    views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=me.num_strong,
+                      mean=cfg.data.mean, std=cfg.data.std)
+    run_dir = Path(cfg.train.out_dir) / cfg.name
+    trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir)
+    trainer.fit()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
