@@ -1,0 +1,206 @@
+"""Input pipeline throughput: samples/s delivered *augmented* (labeled weak + unlabeled weak +
+2 strong views), for every installed backend at 32, 64 and 224 px, beside a naive baseline
+(per-sample PIL decode + per-sample augment in DataLoader workers).
+
+    .venv/bin/python benchmarks/bench_pipelines.py [--steps 20] [--sizes 32 64 224]
+
+Prints one markdown table. Synthetic data (smooth images, so PNG/JPEG sizes are realistic):
+32/64 px as lossless PNG shards + arrays + .beton, 224 px as full-res JPEG shards (~320x280)
+read at load_size 256 and random-resized-cropped to 224 on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipelines import build_train_stream
+from pipelines.augment import ViewMaker
+from pipelines.shard_index import build_index, decode_image
+
+BL, BU = 32, 64
+
+
+def smooth_images(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    low = rng.integers(0, 256, (n, 3, h // 8 + 1, w // 8 + 1)).astype(np.float32)
+    up = torch.nn.functional.interpolate(torch.from_numpy(low), size=(h, w), mode="bilinear")
+    noise = torch.randn(up.shape) * 8
+    return (up + noise).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def build_png(root: Path, size: int, n: int, formats: tuple[str, ...]) -> None:
+    from shards.writer import write_dataset
+
+    rng = np.random.default_rng(0)
+    splits = {
+        s: (smooth_images(k, size, size, rng), rng.integers(0, 10, k))
+        for s, k in (("labeled", n // 4), ("unlabeled", n), ("test", 64))
+    }
+    write_dataset(
+        root,
+        name=f"bench{size}",
+        class_names=[str(i) for i in range(10)],
+        splits=splits,
+        formats=formats,
+        shard_size=512,
+        workers=2,
+    )
+
+
+def build_jpeg(root: Path, n: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, k in (("labeled", n // 4), ("unlabeled", n), ("test", 16)):
+        (root / split).mkdir(parents=True)
+        rel = f"{split}/{split}-000000.tar"
+        imgs = smooth_images(k, 280, 320, rng)
+        with tarfile.open(root / rel, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(k):
+                buf = io.BytesIO()
+                Image.fromarray(imgs[i]).save(buf, "JPEG", quality=90)
+                for ext, data in (
+                    ("jpg", buf.getvalue()),
+                    ("cls", str(i % 10).encode()),
+                    ("idx", str(i).encode()),
+                ):
+                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        splits[split] = {
+            "count": k,
+            "shards": [{"file": rel, "count": k, "sha256": ""}],
+            "arrays": None,
+            "ffcv": None,
+        }
+    (root / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "num_classes": 10,
+                "image_size": None,
+                "encoding": "jpg",
+                "splits": splits,
+            }
+        )
+    )
+
+
+class NaiveDataset(Dataset):
+    """One sample per item: PIL decode + its own views, like a torchvision-style pipeline."""
+
+    def __init__(self, root: Path, split: str, size: int, fixed: bool, views: ViewMaker):
+        self.index, self.size, self.fixed, self.views = build_index(root, split), size, fixed, views
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        with open(self.index.shards[self.index.shard[i]], "rb") as f:
+            f.seek(int(self.index.offset[i]))
+            data = f.read(int(self.index.size[i]))
+        hw = (self.size, self.size) if self.fixed else (256, 256)
+        x = torch.from_numpy(decode_image(data, hw, self.fixed)).permute(2, 0, 1)[None]
+        g = torch.Generator().manual_seed(int(i))
+        weak, weak_u, strong = self.views(x, x, g)  # per-sample augment (1-image batches)
+        return weak[0], weak_u[0], strong[0][0], strong[1][0], int(self.index.labels[i])
+
+
+def time_stream(stream, views: ViewMaker, steps: int, warmup: int = 3) -> float:
+    g = torch.Generator().manual_seed(0)
+    it = iter(stream)
+    for _ in range(warmup):
+        b = next(it)
+        views(b.labeled, b.unlabeled, g)
+    t = time.perf_counter()
+    for _ in range(steps):
+        b = next(it)
+        views(b.labeled, b.unlabeled, g)
+    return steps * (BL + BU) / (time.perf_counter() - t)
+
+
+def time_naive(root: Path, size: int, fixed: bool, views: ViewMaker, steps: int) -> float:
+    dl = DataLoader(
+        NaiveDataset(root, "unlabeled", size, fixed, views),
+        batch_size=BL + BU,
+        shuffle=True,
+        num_workers=2,
+        drop_last=True,
+        persistent_workers=True,
+    )
+    it = iter(dl)
+    for _ in range(2):
+        next(it)
+    n = min(steps, len(dl) - 3)
+    t = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n * (BL + BU) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 224])
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    has_ffcv = importlib.util.find_spec("ffcv") is not None
+    has_dali = (
+        importlib.util.find_spec("nvidia") is not None
+        and importlib.util.find_spec("nvidia.dali") is not None
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            root = Path(tmp) / f"d{size}"
+            fixed = size <= 64
+            if fixed:
+                build_png(
+                    root,
+                    size,
+                    4096 if size == 32 else 2048,
+                    ("wds", "arrays") + (("ffcv",) if has_ffcv else ()),
+                )
+                views = ViewMaker(image_size=size)
+            else:
+                build_jpeg(root, 768)
+                views = ViewMaker(image_size=224, crop="rrc")
+            steps = args.steps if fixed else max(4, args.steps // 4)
+            res = {"naive (PIL per sample, 2 workers)": time_naive(root, size, fixed, views, steps)}
+            kw = dict(labeled_batch=BL, unlabeled_batch=BU, device=args.device)
+            cands = {"webdataset (2 workers)": ("webdataset", {"num_workers": 2})}
+            if fixed:
+                cands["tensor"] = ("tensor", {})
+            if has_ffcv and fixed:
+                cands["ffcv (2 threads)"] = ("ffcv", {"num_workers": 2})
+            if has_dali:
+                cands["dali cpu (2 threads)"] = ("dali", {"num_threads": 2})
+            for label, (backend, opts) in cands.items():
+                try:
+                    res[label] = time_stream(
+                        build_train_stream(backend, root, **kw, **opts), views, steps
+                    )
+                except Exception as e:  # report, keep measuring the others
+                    print(f"{label} @ {size}px failed: {e}")
+            base = res["naive (PIL per sample, 2 workers)"]
+            for label, v in res.items():
+                rows.append((size, label, v, v / base))
+    print("\n| px | pipeline | samples/s (augmented) | x naive |\n|---|---|---|---|")
+    for size, label, v, r in rows:
+        print(f"| {size} | {label} | {v:,.0f} | {r:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The ``dali`` backend: ``fn.readers.webdataset`` over the same tar shards.
+
+Decode runs in DALI: ``decoders.image(device="mixed")`` (nvJPEG) when ``device`` is CUDA, else
+a CPU pipeline with ``device_id=None``. Sampling is DALI's own (the reader splits the split's
+samples into ``world_size`` contiguous shards, one per rank, and shuffles within a buffer;
+every rank's stream is infinite, so step counts are equal). Resume uses DALI's pipeline
+checkpointing (``enable_checkpointing``): the reader position is serialized into the state.
+Orders therefore differ from the tensor/webdataset/ffcv backends (same samples, other order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+
+from pipelines.base import Batch
+from pipelines.sampling import check_rank, eval_rank_indices
+from pipelines.shard_index import load_manifest, output_size, split_info
+
+
+def _paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
+    out = []
+    for entry in split_info(root, manifest, split)["shards"]:
+        p = root / entry["file"]
+        if not p.is_file():
+            raise ValueError(f"missing shard {p} (listed in manifest split {split!r})")
+        out.append(str(p))
+    return out
+
+
+def _decode_ascii(batch: Any) -> torch.Tensor:
+    # .cls/.idx are ASCII decimals of a few bytes: parsing B of them is negligible.
+    return torch.tensor([int(bytes(np.asarray(s)).decode()) for s in batch], dtype=torch.int64)
+
+
+def _to_torch(images: Any) -> torch.Tensor:
+    if hasattr(images, "as_cpu"):
+        images = images.as_cpu()
+    arr = np.stack([np.asarray(images[i]) for i in range(len(images))])  # (B, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _pipe(
+    paths: list[str],
+    *,
+    batch_size: int,
+    seed: int,
+    shard_id: int,
+    num_shards: int,
+    shuffle: bool,
+    gpu: bool,
+    fixed: bool,
+    out_hw: tuple[int, int],
+    num_threads: int,
+    prefetch: int,
+    buffer: int,
+    checkpoint: str | None,
+    pad: bool,
+):
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=torch.cuda.current_device() if gpu else None,
+        seed=seed,
+        prefetch_queue_depth=prefetch,
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+    )
+    def pipe():
+        img, cls, idx = fn.readers.webdataset(
+            paths=paths,
+            ext=["png;jpg;jpeg", "cls", "idx"],
+            missing_component_behavior="error",
+            random_shuffle=shuffle,
+            initial_fill=buffer,
+            seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            pad_last_batch=pad,
+            name="reader",
+        )
+        img = fn.decoders.image(img, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if not fixed:
+            img = fn.resize(img, resize_shorter=out_hw[0])
+            img = fn.crop(img, crop=out_hw)
+        return img, cls, idx
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class DaliStream:
+    """Infinite :class:`~pipelines.base.TrainStream` over the tar shards, decoded by DALI.
+
+    Args:
+        root, labeled_batch, unlabeled_batch, seed, rank, world_size, device: as for
+            :func:`pipelines.build_train_stream`.
+        num_threads: DALI CPU threads per stream.
+        load_size: output square size for variable-size (JPEG) datasets.
+        decode_device: ``"cpu"`` or ``"mixed"`` (default: mixed on CUDA devices).
+        prefetch: DALI prefetch queue depth.
+        shuffle_buffer: reader shuffle buffer (samples).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        labeled_batch: int,
+        unlabeled_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        num_threads: int = 2,
+        load_size: int | None = None,
+        decode_device: str | None = None,
+        prefetch: int = 2,
+        shuffle_buffer: int = 1024,
+    ) -> None:
+        check_rank(rank, world_size)
+        root, self.device = Path(root), torch.device(device)
+        manifest = load_manifest(root)
+        gpu = (decode_device or ("mixed" if self.device.type == "cuda" else "cpu")) == "mixed"
+        if gpu and not torch.cuda.is_available():
+            raise ValueError("dali decode_device='mixed' needs a CUDA device")
+        self._cfg = {}
+        for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
+            self._cfg[name] = dict(
+                paths=_paths(root, manifest, name),
+                batch_size=batch,
+                seed=seed + (0 if name == "labeled" else 1),
+                shard_id=rank,
+                num_shards=world_size,
+                shuffle=True,
+                gpu=gpu,
+                fixed=bool(manifest.get("image_size")),
+                out_hw=output_size(manifest, load_size),
+                num_threads=num_threads,
+                prefetch=prefetch,
+                buffer=shuffle_buffer,
+                pad=False,
+            )
+        self._pipes: dict[str, Any] = {}
+        self._checkpoints: dict[str, str | None] = {"labeled": None, "unlabeled": None}
+
+    def _get(self, name: str):
+        if name not in self._pipes:
+            self._pipes[name] = _pipe(**self._cfg[name], checkpoint=self._checkpoints[name])
+        return self._pipes[name]
+
+    def __iter__(self) -> Iterator[Batch]:
+        lab, unl = self._get("labeled"), self._get("unlabeled")
+        d = self.device
+        while True:
+            x_l, y_l, _ = lab.run()
+            x_u, y_u, i_u = unl.run()
+            yield Batch(
+                _to_torch(x_l).to(d),
+                _decode_ascii(y_l).to(d),
+                _to_torch(x_u).to(d),
+                _decode_ascii(i_u).to(d),
+                _decode_ascii(y_u).to(d),
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"backend": "dali", **{n: p.checkpoint() for n, p in self._pipes.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("backend") != "dali":
+            raise ValueError(f"reader state is from backend {state.get('backend')!r}, not 'dali'")
+        self._checkpoints = {n: state.get(n) for n in ("labeled", "unlabeled")}
+        self._pipes = {}
+
+
+class DaliEval:
+    """One in-order pass over a split (an :class:`~pipelines.base.EvalSource`); rank ``r``
+    keeps samples ``r, r + R, ...`` and pads like :class:`~pipelines.tensor.TensorEval`."""
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        num_threads: int = 2,
+        load_size: int | None = None,
+        decode_device: str | None = None,
+    ) -> None:
+        root, self.device = Path(root), torch.device(device)
+        manifest = load_manifest(root)
+        self.n = int(split_info(root, manifest, split)["count"])
+        gpu = (decode_device or ("mixed" if self.device.type == "cuda" else "cpu")) == "mixed"
+        self._idx, self._valid = eval_rank_indices(self.n, rank, world_size)
+        self.batch_size, self.world_size = batch_size, world_size
+        # The reader reads the whole split in order (cheap for eval sizes); each rank keeps its
+        # strided part, so the rank split equals the other backends'.
+        self._cfg = dict(
+            paths=_paths(root, manifest, split),
+            batch_size=batch_size,
+            seed=0,
+            shard_id=0,
+            num_shards=1,
+            shuffle=False,
+            gpu=gpu,
+            fixed=bool(manifest.get("image_size")),
+            out_hw=output_size(manifest, load_size),
+            num_threads=num_threads,
+            prefetch=2,
+            buffer=1,
+            checkpoint=None,
+            pad=True,
+        )
+
+    def __len__(self) -> int:
+        return -(-self._idx.numel() // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        p = _pipe(**self._cfg)
+        total, real = self._idx.numel(), int(self._valid.sum())
+        rank, world, bs = int(self._idx[0]) if total else 0, self.world_size, self.batch_size
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        have, emitted, read = 0, 0, 0
+        first: tuple[torch.Tensor, torch.Tensor] | None = None
+        while read < self.n:
+            x, y, i = p.run()
+            x, y, i = _to_torch(x), _decode_ascii(y), _decode_ascii(i)
+            # pad_last_batch repeats the last sample to fill the final batch: drop those.
+            keep = (i % world == rank) & (torch.arange(len(i)) + read < self.n)
+            read += len(i)
+            xs.append(x[keep])
+            ys.append(y[keep])
+            have += int(keep.sum())
+            while have >= bs or (read >= self.n and have > 0):
+                xb, yb = torch.cat(xs), torch.cat(ys)
+                b = min(bs, have)
+                x, y = xb[:b], yb[:b]
+                xs, ys, have = [xb[b:]], [yb[b:]], have - b
+                if first is None:
+                    first = (x[:1], y[:1])
+                if emitted + b == real and total > real and b < bs:
+                    # This rank has one sample fewer: pad its last batch (marked invalid).
+                    x, y = torch.cat([x, first[0]]), torch.cat([y, first[1]])
+                yield self._emit(x, y, emitted)
+                emitted += len(y)
+        if emitted < total and first is not None:
+            yield self._emit(first[0], first[1], emitted)
+
+    def _emit(self, x: torch.Tensor, y: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        valid = self._valid[start : start + len(y)]
+        x, y = x.to(self.device), y.to(self.device)
+        return (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
+
+
+def build_train(root: Path, **kwargs: Any) -> DaliStream:
+    return DaliStream(root, **kwargs)
+
+
+def build_eval(root: Path, split: str, **kwargs: Any) -> DaliEval:
+    return DaliEval(root, split, **kwargs)

@@ -1,0 +1,336 @@
+"""The ``webdataset`` backend: the tar shards, decoded in DataLoader workers.
+
+Sampling is the tensor backend's (:class:`~pipelines.sampling.IndexStream`: a global per-epoch
+permutation, disjoint equal rank shares, batches running across epochs), applied to the tar
+shards through a header index (:mod:`pipelines.shard_index`): each worker reads its batch's
+samples with one seek each and decodes them. Consequences:
+
+* the same seed gives the same batches as the tensor backend, on any number of workers;
+* every rank has the same (infinite) number of steps, and no rank can starve for shards;
+* resume is exact and O(1): the state is ``(epoch, position)`` of each stream;
+* shuffling is uniform over the whole split even though shards are written in index (class)
+  order -- a shard-streaming reader would need a large shuffle buffer to avoid
+  near-single-class batches on such shards.
+
+Batch ``k`` of a rank is computed by whichever DataLoader worker gets it, so decode runs in
+parallel in ``num_workers`` processes with pinned memory and ``prefetch_factor`` batches queued.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipelines.base import Batch
+from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
+from pipelines.shard_index import (
+    SplitIndex,
+    build_index,
+    decode_image,
+    load_manifest,
+    output_size,
+)
+
+log = logging.getLogger(__name__)
+
+_ON_CORRUPT = ("raise", "skip")
+
+
+class _SampleReader:
+    """Reads and decodes samples of one split; lives in each worker (file handles are lazy)."""
+
+    def __init__(self, index: SplitIndex, out_hw: tuple[int, int], fixed: bool, on_corrupt: str):
+        self.index, self.out_hw, self.fixed, self.on_corrupt = index, out_hw, fixed, on_corrupt
+        self._files: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}  # open files do not travel to workers
+        return state
+
+    def _read(self, i: int) -> bytes:
+        s = int(self.index.shard[i])
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = open(self.index.shards[s], "rb")  # noqa: SIM115
+        f.seek(int(self.index.offset[i]))
+        size = int(self.index.size[i])
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError(
+                f"{self.index.shards[s]}: sample {self.index.keys[i]!r} truncated "
+                f"({len(data)} of {size} bytes)"
+            )
+        return data
+
+    def read_batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Decode samples ``idx``.
+
+        Returns:
+            ``(uint8 (B, 3, H, W), int64 (B,) labels, int64 (B,) indices, skipped)``. With
+            ``on_corrupt="skip"`` an undecodable sample is replaced by a copy of a valid one of
+            the same batch (with that sample's own label and index, so no label is ever wrong).
+        """
+        h, w = self.out_hw
+        out = np.empty((len(idx), h, w, 3), dtype=np.uint8)
+        ok = np.ones(len(idx), dtype=bool)
+        for j, i in enumerate(idx):
+            data = self._read(int(i))
+            try:
+                out[j] = decode_image(data, self.out_hw, self.fixed)
+            except Exception as e:  # PIL raises many types for corrupt data
+                where = f"{self.index.shards[self.index.shard[i]]}: sample {self.index.keys[i]!r}"
+                if self.on_corrupt == "raise":
+                    raise ValueError(f"{where}: cannot decode image ({e})") from e
+                log.warning("skipping corrupt image %s (%s)", where, e)
+                ok[j] = False
+        idx = np.asarray(idx, dtype=np.int64).copy()
+        skipped = int((~ok).sum())
+        if skipped:
+            good = np.nonzero(ok)[0]
+            if good.size == 0:
+                raise ValueError(f"every image of a batch is corrupt (indices {idx.tolist()})")
+            bad = np.nonzero(~ok)[0]
+            src = good[np.arange(bad.size) % good.size]
+            out[bad], idx[bad] = out[src], idx[src]
+        images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+        return images, torch.from_numpy(self.index.labels[idx]), torch.from_numpy(idx), skipped
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+class _TrainBatches(Dataset):
+    """Map-style dataset: item ``k`` is the rank's ``k``-th batch (indices are computed, not
+    stored, so any worker can produce any batch)."""
+
+    def __init__(self, reader: _SampleReader, stream: IndexStream) -> None:
+        self.reader, self.stream = reader, stream
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:  # pragma: no cover - infinite; DataLoader uses the sampler
+        raise TypeError("infinite")
+
+    def indices_of(self, k: int) -> np.ndarray:
+        s = self.stream
+        start = k * s.batch_size
+        s.epoch, s.position = divmod(start, s.per_rank)
+        return s.next_indices().numpy()
+
+    def __getitem__(self, k: int):
+        return self.reader.read_batch(self.indices_of(k))
+
+
+class _FromStep(Sampler[int]):
+    """``start, start + 1, ...`` forever."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        k = self.start
+        while True:
+            yield k
+            k += 1
+
+
+def _loader(ds: Dataset, sampler: Any, num_workers: int, pin: bool, prefetch: int) -> DataLoader:
+    kw: dict[str, Any] = {}
+    if num_workers > 0:
+        kw.update(prefetch_factor=prefetch, persistent_workers=False)
+    return DataLoader(
+        ds, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin, **kw
+    )
+
+
+class WdsStream:
+    """Infinite, resumable :class:`~pipelines.base.TrainStream` over the tar shards.
+
+    Args:
+        root: dataset directory.
+        labeled_batch, unlabeled_batch, seed, rank, world_size, device: as for
+            :func:`pipelines.build_train_stream`.
+        num_workers: decode processes per stream (labeled and unlabeled each get this many).
+        prefetch_factor: batches queued per worker.
+        pin_memory: pin host batches (default: when ``device`` is CUDA).
+        load_size: output square size for variable-size (full-res JPEG) datasets.
+        on_corrupt: ``"raise"`` (default) or ``"skip"`` (counted in :attr:`skipped`, logged).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        labeled_batch: int,
+        unlabeled_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        num_workers: int = 2,
+        prefetch_factor: int = 4,
+        pin_memory: bool | None = None,
+        load_size: int | None = None,
+        on_corrupt: str = "raise",
+    ) -> None:
+        check_rank(rank, world_size)
+        if on_corrupt not in _ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {_ON_CORRUPT}, got {on_corrupt!r}")
+        self.root, self.device = Path(root), torch.device(device)
+        manifest = load_manifest(self.root)
+        out_hw = output_size(manifest, load_size)
+        fixed = bool(manifest.get("image_size"))
+        self.num_workers, self.prefetch = int(num_workers), int(prefetch_factor)
+        self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        self.skipped = 0
+        self._parts = {}
+        for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
+            index = build_index(self.root, name, manifest)
+            stream = IndexStream(
+                len(index), batch, seed=seed, stream=name, rank=rank, world_size=world_size
+            )
+            self._parts[name] = (_SampleReader(index, out_hw, fixed, on_corrupt), stream)
+        self._steps = 0  # batches handed out since construction / restore
+        self._base = {name: (s.epoch, s.position) for name, (_, s) in self._parts.items()}
+
+    def _batch_number(self, name: str) -> int:
+        """Global batch counter of a stream at its current (epoch, position)."""
+        s = self._parts[name][1]
+        epoch, position = self._base[name]
+        consumed = epoch * s.per_rank + position
+        if consumed % s.batch_size:
+            raise ValueError(
+                f"{name}: reader position {consumed} is not a multiple of the batch size "
+                f"{s.batch_size}"
+            )
+        return consumed // s.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        loaders = {}
+        for name, (reader, stream) in self._parts.items():
+            ds = _TrainBatches(
+                reader,
+                IndexStream(
+                    stream.n,
+                    stream.batch_size,
+                    seed=stream.seed,
+                    stream=stream.stream,
+                    rank=stream.rank,
+                    world_size=stream.world_size,
+                ),
+            )
+            start = self._batch_number(name) + self._steps
+            loaders[name] = iter(
+                _loader(ds, _FromStep(start), self.num_workers, self.pin, self.prefetch)
+            )
+        lab, unl = loaders["labeled"], loaders["unlabeled"]
+        while True:
+            x_l, y_l, _, sk_l = next(lab)
+            x_u, y_u, i_u, sk_u = next(unl)
+            self._steps += 1
+            if sk_l or sk_u:
+                self.skipped += sk_l + sk_u
+                log.warning("%d corrupt images skipped so far", self.skipped)
+            d, nb = self.device, True
+            yield Batch(
+                x_l.to(d, non_blocking=nb),
+                y_l.to(d, non_blocking=nb),
+                x_u.to(d, non_blocking=nb),
+                i_u.to(d, non_blocking=nb),
+                y_u.to(d, non_blocking=nb),
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": "webdataset", "skipped": self.skipped}
+        for name, (_, stream) in self._parts.items():
+            total = self._batch_number(name) + self._steps
+            epoch, position = divmod(total * stream.batch_size, stream.per_rank)
+            out[name] = {**stream.state_dict(), "epoch": epoch, "position": position}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("backend") != "webdataset":
+            raise ValueError(
+                f"reader state is from backend {state.get('backend')!r}, not 'webdataset'"
+            )
+        for name, (_, stream) in self._parts.items():
+            stream.load_state_dict(state[name])
+            self._base[name] = (stream.epoch, stream.position)
+        self._steps = 0
+        self.skipped = int(state.get("skipped", 0))
+
+
+class _EvalBatches(Dataset):
+    def __init__(self, reader: _SampleReader, idx: torch.Tensor, valid: torch.Tensor, bs: int):
+        self.reader, self.idx, self.valid, self.bs = reader, idx, valid, bs
+
+    def __len__(self) -> int:
+        return -(-self.idx.numel() // self.bs)
+
+    def __getitem__(self, j: int):
+        sl = slice(j * self.bs, (j + 1) * self.bs)
+        x, y, _, _ = self.reader.read_batch(self.idx[sl].numpy())
+        return x, y, self.valid[sl]
+
+
+class WdsEval:
+    """One pass over a split's shards (an :class:`~pipelines.base.EvalSource`); same batch
+    layout and rank split as :class:`~pipelines.tensor.TensorEval`."""
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        num_workers: int = 2,
+        prefetch_factor: int = 4,
+        pin_memory: bool | None = None,
+        load_size: int | None = None,
+        on_corrupt: str = "raise",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_corrupt not in _ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {_ON_CORRUPT}, got {on_corrupt!r}")
+        manifest = load_manifest(Path(root))
+        index = build_index(Path(root), split, manifest)
+        reader = _SampleReader(
+            index, output_size(manifest, load_size), bool(manifest.get("image_size")), on_corrupt
+        )
+        idx, valid = eval_rank_indices(len(index), rank, world_size)
+        self.device, self.world_size = torch.device(device), world_size
+        pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        self._ds = _EvalBatches(reader, idx, valid, batch_size)
+        self._args = (num_workers, pin, prefetch_factor)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        num_workers, pin, prefetch = self._args
+        loader = _loader(
+            self._ds, range(len(self._ds)), min(num_workers, len(self._ds)), pin, prefetch
+        )
+        for x, y, valid in loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
+
+
+def build_train(root: Path, **kwargs: Any) -> WdsStream:
+    return WdsStream(root, **kwargs)
+
+
+def build_eval(root: Path, split: str, **kwargs: Any) -> WdsEval:
+    return WdsEval(root, split, **kwargs)

@@ -1,0 +1,123 @@
+"""The trainer end to end through launch/train.py: outputs, bad config, signals, exact resume."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from bmb.config import load_config
+from bmb.engine import EXIT_PREEMPTED, Trainer
+from launch import train
+
+TINY = [
+    "model.encoder=small", "model.width=8", "data.demo.n1=40", "data.demo.m1=120", "data.demo.test_per_class=20",
+    "train.labeled_batch=16", "train.unlabeled_batch=16", "train.iters_per_epoch=10", "train.epochs=2",
+    "train.eval_every=5", "train.checkpoint_every=100", "train.log_every=5", "train.progress=false",
+    "train.ema_decay=0.9", "method.warmup_epochs=0", "method.threshold=0.15", "method.bank_size=32",
+    "method.get_num=16", "data.eval_batch=64", "train.threads=1",
+]
+
+
+def run(tmp_path, *extra, name="r"):
+    return train.main(["--config", "launch/configs/demo.yaml", *TINY, f"train.out_dir={tmp_path}", f"name={name}", *extra])
+
+
+@pytest.fixture(autouse=True)
+def _cwd_repo(monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("algorithm", ["bmb", "fixmatch"])
+def test_run_writes_every_output(tmp_path, algorithm, capsys):
+    assert run(tmp_path, f"method.algorithm={algorithm}") == 0
+    d = tmp_path / "r"
+    final = json.loads((d / "final.json").read_text())
+    for key in ("top1", "mean_recall", "per_class_recall", "many", "medium", "few", "steps", "seconds"):
+        assert key in final, key
+    assert final["steps"] == 20 and len(final["per_class_recall"]) == 10 and 0.0 <= final["top1"] <= 1.0
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    # last-20 protocol over 4 evaluations: the mean of all of them
+    assert final["top1"] == pytest.approx(sum(r["top1"] for r in rows) / 4)
+    assert load_config(d / "config.yaml") == load_config("launch/configs/demo.yaml", TINY + [
+        f"train.out_dir={tmp_path}", "name=r", f"method.algorithm={algorithm}"])
+    assert any((d / "tb").iterdir())
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["ckpt-00000020.pt"]
+    out = capsys.readouterr().out
+    assert "| ring-a | 40 |" in out and "mean recall" in out
+    if algorithm == "bmb":
+        assert sum(rows[-1]["bank_class_counts"]) > 0 and sum(rows[-1]["get_class_counts"]) > 0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method.alpah=1", "method.alpah"), ("train.epochs=-3", "train.epochs"),
+    ("data.dataset=/nonexistent/dir", "data.dataset"), ("data.eval_split=val", "data.eval_split"),
+])
+def test_bad_config_fails_before_training(tmp_path, override, key, capsys):
+    assert run(tmp_path, override) == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def state_of(run_dir):
+    sd = torch.load(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=False)
+    return sd
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
+    assert run(tmp_path, name="full") == 0
+    original = Trainer.train_step
+
+    def step_then_signal(self, batch):
+        out = original(self, batch)
+        if self.step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run; the step in flight finishes
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, name="cut")
+    assert exc.value.code == EXIT_PREEMPTED
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt")] == ["ckpt-00000007.pt"]
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run(tmp_path, name="cut") == 0  # resume=auto
+
+    a, b = state_of(tmp_path / "full"), state_of(tmp_path / "cut")
+    assert a["step"] == b["step"] == 20
+    for part in ("model",):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
+    for k in a["ema"]["module"]:
+        assert torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]), k
+    assert torch.equal(a["algorithm"]["bank"]["features"], b["algorithm"]["bank"]["features"])
+    assert torch.equal(a["algorithm"]["bank"]["labels"], b["algorithm"]["bank"]["labels"])
+    assert torch.equal(a["algorithm"]["estimator"]["value"], b["algorithm"]["estimator"]["value"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    fa = json.loads((tmp_path / "full" / "final.json").read_text())
+    fb = json.loads((tmp_path / "cut" / "final.json").read_text())
+    assert fa["top1"] == fb["top1"] and fa["per_class_recall"] == fb["per_class_recall"]
+
+
+def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
+    assert run(tmp_path, "train.checkpoint_every=5", "train.keep_checkpoints=5") == 0
+    ckpts = sorted((tmp_path / "r" / "checkpoints").glob("ckpt-*.pt"))
+    assert [p.name for p in ckpts][-2:] == ["ckpt-00000015.pt", "ckpt-00000020.pt"]
+    data = ckpts[-1].read_bytes()
+    ckpts[-1].write_bytes(data[: len(data) // 2])
+    assert run(tmp_path, "train.checkpoint_every=5", "train.keep_checkpoints=5", "train.epochs=3") == 0
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000020.pt" in out and "from" in out and "step 15" in out
+    final = json.loads((tmp_path / "r" / "final.json").read_text())
+    assert final["steps"] == 30
+
+
+def test_keys_listing(capsys):
+    assert train.main(["--keys"]) == 0
+    out = capsys.readouterr().out
+    assert "method.put_power" in out and "beta" in out
+    cfg = yaml.safe_load(yaml.safe_dump({"a": 1}))
+    assert cfg == {"a": 1}
