@@ -1,0 +1,80 @@
+"""Optional FFCV ``.beton`` output, derived from a split's finished tar shards.
+
+Fields: ``image`` (RGB), ``label`` (int), ``index`` (int); row i is the sample with idx i.
+PNG datasets store raw pixels (lossless); JPEG datasets store JPEG re-encoded by FFCV at
+quality 95 (FFCV cannot keep the original bytes).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FFCV_HINT = "FFCV output needs the ffcv package: pip install 'bmb[ffcv]' (see docs/datasets.md)"
+
+
+def require_ffcv() -> None:
+    """Raise a clear error naming the extra to install when ffcv is not importable."""
+    try:
+        import ffcv  # noqa: F401
+        import ffcv.writer  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native build (numba/opencv)
+        raise RuntimeError(f"{FFCV_HINT} (import failed: {e})") from e
+
+
+class _TarImages:
+    """Indexable ``(image uint8 (H, W, 3), label, index)`` over tar shards (for FFCV's writer)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, ext: str, arrays: Any = None):
+        self.labels, self.arrays = labels, arrays
+        self.where: list[tuple[int, int, int]] = []
+        self.files = [str(f) for f in files]
+        if arrays is None:
+            for fi, f in enumerate(self.files):
+                with tarfile.open(f, "r:") as t:
+                    for m in t:
+                        if m.isfile() and m.name.endswith("." + ext):
+                            self.where.append((fi, m.offset_data, m.size))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        if self.arrays is not None:
+            img = np.asarray(self.arrays[i])
+        else:
+            from PIL import Image
+
+            fi, off, size = self.where[i]
+            with open(self.files[fi], "rb") as f:
+                f.seek(off)
+                data = f.read(size)
+            with Image.open(io.BytesIO(data)) as im:
+                img = np.asarray(im.convert("RGB"))
+        return img, int(self.labels[i]), int(i)
+
+
+def write_beton(
+    path: Path, files: list[Path], labels: np.ndarray, encoding: str, arrays: Any = None
+) -> None:
+    """Write ``path`` (a .beton) holding the samples of ``files`` in index order.
+
+    One FFCV worker: with several, page allocation order (hence the bytes) varies run to run.
+    """
+    require_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    image = (
+        RGBImageField(write_mode="raw")
+        if encoding == "png"
+        else RGBImageField(write_mode="jpg", jpeg_quality=95)
+    )
+    writer = DatasetWriter(
+        str(path), {"image": image, "label": IntField(), "index": IntField()}, num_workers=1
+    )
+    writer.from_indexed_dataset(_TarImages(files, labels, encoding, arrays), chunksize=256)

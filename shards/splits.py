@@ -1,0 +1,131 @@
+"""The paper's semi-supervised split rules, as pure functions of labels (no I/O).
+
+Every function returns indices into the source's train set, in the order the samples are
+written (their stable index within the split is their position in the returned array).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def lt_counts(n_max: int, gamma: float, num_classes: int) -> list[int]:
+    """Per-class sizes of an exponentially long-tailed split (DARP/CoSSL ``make_imb_data``).
+
+    ``mu = (1/gamma)^(1/(C-1))`` in float64, ``n_k = floor(n_max * mu^(k-1))`` for k = 1..C-1
+    and exactly ``floor(n_max / gamma)`` for the last class -- the integer truncation of the
+    reference code, which the paper's numbers depend on.
+
+    Args:
+        n_max: size of the head class (N1 or M1).
+        gamma: imbalance ratio head/tail (>= 1).
+        num_classes: C.
+
+    Returns:
+        C non-increasing counts.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if gamma < 1:
+        raise ValueError(f"imbalance ratio gamma must be >= 1, got {gamma}")
+    if n_max < 0:
+        raise ValueError(f"head-class size must be >= 0, got {n_max}")
+    if num_classes == 1:
+        return [int(n_max / gamma)]
+    mu = np.power(1.0 / gamma, 1.0 / (num_classes - 1))
+    counts = [int(n_max * np.power(mu, i)) for i in range(num_classes - 1)]
+    counts.append(int(n_max / gamma))
+    return counts
+
+
+def cifar_lt_split(
+    labels: np.ndarray,
+    num_classes: int,
+    n1: int,
+    m1: int,
+    gamma_l: float,
+    gamma_u: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint labeled/unlabeled long-tailed subsets (DARP/CoSSL protocol, paper 5.1).
+
+    For each class in label order, the indices of that class are shuffled with a
+    ``np.random.RandomState(seed)`` stream shared across classes (DARP's ``train_split`` after
+    ``np.random.seed(seed)``); the first ``n_k`` become labeled, the next ``m_k`` unlabeled.
+
+    Args:
+        labels: int ``(N,)`` train labels in ``0..num_classes-1``.
+        num_classes: C.
+        n1, m1: head-class sizes of the labeled / unlabeled split.
+        gamma_l, gamma_u: their imbalance ratios.
+        seed: shuffle seed.
+
+    Returns:
+        ``(labeled_idx, unlabeled_idx)``, int64 arrays, grouped by class in label order.
+
+    Raises:
+        ValueError: a class has fewer than ``n_k + m_k`` images.
+    """
+    labels = np.asarray(labels)
+    n = lt_counts(n1, gamma_l, num_classes)
+    m = lt_counts(m1, gamma_u, num_classes)
+    rng = np.random.RandomState(seed)
+    lab: list[np.ndarray] = []
+    unl: list[np.ndarray] = []
+    for k in range(num_classes):
+        idx = np.flatnonzero(labels == k)
+        if len(idx) < n[k] + m[k]:
+            raise ValueError(
+                f"class {k} has {len(idx)} train images, fewer than the {n[k]} labeled + "
+                f"{m[k]} unlabeled the split asks for (lower --n1/--m1 or raise --gamma-*)"
+            )
+        rng.shuffle(idx)
+        lab.append(idx[: n[k]])
+        unl.append(idx[n[k] : n[k] + m[k]])
+    return (
+        np.concatenate(lab).astype(np.int64) if lab else np.zeros(0, np.int64),
+        np.concatenate(unl).astype(np.int64) if unl else np.zeros(0, np.int64),
+    )
+
+
+def prefix_counts(totals: list[int] | np.ndarray, fraction: float, rounding: str) -> list[int]:
+    """Per-class labeled sizes ``floor(p*n_k)`` (ImageNet127) or ``ceil(p*n_k)`` (ImageNet-LT).
+
+    The product is computed in float64 like the authors' Python (``int(n*p)`` /
+    ``math.ceil(n*p)``), so e.g. ``0.1*1300`` floors to 130 as in their files.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
+    if rounding == "floor":
+        return [int(int(t) * fraction) for t in totals]
+    if rounding == "ceil":
+        return [math.ceil(int(t) * fraction) for t in totals]
+    raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
+
+
+def first_per_class(labels: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Indices of the first ``counts[k]`` samples of each class k, in source order.
+
+    Args:
+        labels: int ``(N,)`` labels in source order.
+        counts: per-class number to take.
+
+    Returns:
+        int64 indices, sorted ascending (source order), so labeled images keep their relative
+        order in the source -- the authors' lists are per-class prefixes in list order.
+    """
+    labels = np.asarray(labels)
+    keep = np.zeros(len(labels), dtype=bool)
+    for k, c in enumerate(counts):
+        idx = np.flatnonzero(labels == k)
+        if len(idx) < c:
+            raise ValueError(f"class {k} has {len(idx)} images, fewer than the {c} requested")
+        keep[idx[:c]] = True
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Histogram of ``labels`` over ``0..num_classes-1`` as a list of Python ints."""
+    return [int(c) for c in np.bincount(np.asarray(labels, np.int64), minlength=num_classes)]

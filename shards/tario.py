@@ -1,0 +1,97 @@
+"""Byte-deterministic webdataset tar shards: writing members with fixed metadata, reading back.
+
+``tarfile`` in USTAR format with every header field fixed (mtime 0, uid/gid 0, mode 0o644,
+empty user/group names) so the same samples always give the same bytes, on any machine.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+# Fixed zlib level: PNG bytes depend on it, so it is part of the format (level 6 is zlib's
+# default trade-off; see docs/benchmarks.md "Shard building" for size and speed).
+PNG_COMPRESS_LEVEL = 6
+JPEG_QUALITY = 95
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """Lossless PNG of one RGB uint8 image ``(H, W, 3)``; no timestamps or text chunks."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img), "RGB").save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
+    )
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode PNG/JPEG bytes to RGB uint8 ``(H, W, 3)``."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class TarShardWriter:
+    """Appends webdataset samples to one tar file with fixed member metadata."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        """Write one sample: members ``(ext, bytes)`` become ``<key>.<ext>`` in the given order."""
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def sample_members(index: int, label: int, ext: str, image: bytes) -> tuple[str, list]:
+    """The key and members of sample ``index`` as the format (v1) defines them."""
+    return f"{index:08d}", [
+        (ext, image),
+        ("cls", str(int(label)).encode("ascii")),
+        ("idx", str(int(index)).encode("ascii")),
+    ]
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` per sample of a shard, in file order.
+
+    Raises:
+        ValueError: the file is not a readable tar, naming it.
+    """
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: not a readable tar shard ({e})") from e
+    with tar:
+        key, cur = None, {}
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                k, _, ext = base.partition(".")
+                if k != key:
+                    if key is not None:
+                        yield key, cur
+                    key, cur = k, {}
+                f = tar.extractfile(member)
+                cur[ext] = f.read() if f is not None else b""
+        except tarfile.TarError as e:
+            raise ValueError(f"{path}: corrupt tar shard ({e})") from e
+        if key is not None:
+            yield key, cur
