@@ -73,19 +73,8 @@ class OptimConfig:
 
 
 @dataclass
-class DemoConfig:
-    num_classes: int = _f(10, "classes of the procedural demo data", ge=2)
-    n1: int = _f(200, "labeled images of the largest class", ge=1)
-    m1: int = _f(800, "unlabeled images of the largest class", ge=1)
-    gamma_l: float = _f(20.0, "labeled imbalance ratio", ge=1.0)
-    gamma_u: float = _f(20.0, "unlabeled imbalance ratio", ge=1.0)
-    test_per_class: int = _f(100, "balanced test images per class", ge=1)
-    seed: int = _f(0, "seed of the data generator", ge=0)
-
-
-@dataclass
 class DataConfig:
-    dataset: str = _f("demo", "'demo' (procedural, in memory) or a dataset directory built by `bmb-shards`")
+    dataset: str = _f("", "dataset directory built by `bmb-shards` (e.g. `bmb-shards demo --out data/demo`)")
     backend: str = _f("tensor", "input backend", choices=("tensor", "webdataset", "ffcv", "dali"))
     image_size: int = _f(32, "training resolution", ge=8)
     crop: str = _f("translate", "weak crop: translate (32/64 px) or rrc (random-resized-crop, 224 px)",
@@ -97,7 +86,6 @@ class DataConfig:
     val_split: str | None = _f(None, "split used to pick the best checkpoint (ImageNet-LT: val)")
     eval_batch: int = _f(256, "evaluation batch size", ge=1)
     workers: int = _f(2, "reader worker processes (webdataset, ffcv, dali)", ge=0)
-    demo: DemoConfig = field(default_factory=DemoConfig, metadata={"help": "procedural demo data"})
 
 
 @dataclass
@@ -134,6 +122,9 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks (single fields are checked when built)."""
+        if not self.data.dataset:
+            raise ConfigError("data.dataset is not set: give a dataset directory built by `bmb-shards`, "
+                              "e.g. `bmb-shards demo --out data/demo --formats wds,arrays`")
         m = self.method
         if m.get_num > m.bank_size:
             raise ConfigError(f"method.get_num ({m.get_num}) must be <= method.bank_size ({m.bank_size})")

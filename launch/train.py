@@ -38,28 +38,18 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     """Training stream, evaluation sources, labeled counts and class names for this rank."""
     import pipelines
 
+    from pipelines.shard_index import load_manifest
+
     d = cfg.data
-    if d.dataset == "demo":
-        from pipelines.synthetic import CLASS_NAMES, make_demo
-
-        dm = d.demo
-        dataset = make_demo(dm.num_classes, dm.n1, dm.m1, dm.gamma_l, dm.gamma_u, dm.test_per_class, dm.seed,
-                            size=d.image_size)
-        labeled_counts = torch.bincount(dataset["labeled"].labels, minlength=dm.num_classes)
-        names = list(CLASS_NAMES[: dm.num_classes]) + [f"class-{i}" for i in range(len(CLASS_NAMES), dm.num_classes)]
-        backend, splits = "tensor", set(dataset)
-    else:
-        from pipelines.shard_index import load_manifest
-
-        root = Path(d.dataset)
-        if not (root / "manifest.json").is_file():
-            raise ConfigError(f"data.dataset: {root} is not a dataset directory (no manifest.json); "
-                              "build one with `bmb-shards` or use data.dataset=demo")
-        manifest = load_manifest(root)
-        dataset, backend = root, d.backend
-        labeled_counts = torch.tensor(manifest["splits"]["labeled"]["class_counts"])
-        names = list(manifest["class_names"])
-        splits = set(manifest["splits"])
+    root = Path(d.dataset)
+    if not (root / "manifest.json").is_file():
+        raise ConfigError(f"data.dataset: {root} is not a dataset directory (no manifest.json); build one "
+                          "with `bmb-shards`, e.g. `bmb-shards demo --out data/demo --formats wds,arrays`")
+    manifest = load_manifest(root)
+    dataset, backend = root, d.backend
+    labeled_counts = torch.tensor(manifest["splits"]["labeled"]["class_counts"])
+    names = list(manifest["class_names"])
+    splits = set(manifest["splits"])
     for key, split in (("data.eval_split", d.eval_split), ("data.val_split", d.val_split)):
         if split is not None and split not in splits:
             raise ConfigError(f"{key}: the dataset has no split {split!r} (it has {sorted(splits)})")

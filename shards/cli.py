@@ -1,6 +1,6 @@
 """``bmb-shards`` / ``python -m shards``: build the paper's long-tailed SSL datasets as shards.
 
-Commands: ``cifar-lt``, ``imagenet127``, ``imagenet-lt``, ``subset-lt`` (build), ``verify`` and
+Commands: ``cifar-lt``, ``imagenet127``, ``imagenet-lt``, ``subset-lt``, ``demo`` (build), ``verify`` and
 ``info`` (inspect). Exit status: 0 ok, 1 ``verify`` found a problem, 2 bad input, 130
 interrupted (re-run the same command to resume).
 """
@@ -206,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="recorded only (the split is not random)")
     _add_output(p)
 
+    p = sub.add_parser(
+        "demo", help="the embedded procedural demo data (long-tailed rings, no download)"
+    )
+    p.add_argument("--num-classes", type=int, default=10, help="classes (default 10)")
+    p.add_argument("--n1", type=int, default=200, help="labeled images of the head class (200)")
+    p.add_argument("--m1", type=int, default=800, help="unlabeled images of the head class (800)")
+    p.add_argument("--gamma-l", type=float, default=20.0, help="labeled imbalance ratio (20)")
+    p.add_argument("--gamma-u", type=float, default=20.0, help="unlabeled imbalance ratio (20)")
+    p.add_argument("--test-per-class", type=int, default=100, help="balanced test set (100/class)")
+    p.add_argument("--size", type=int, default=32, help="image side in px (32)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (0)")
+    _add_output(p)
+
     p = sub.add_parser("verify", help="re-hash every file and re-count samples")
     p.add_argument("dir", type=Path, help="dataset directory")
     p = sub.add_parser("info", help="print a dataset's summary")
@@ -298,6 +311,20 @@ def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
             return None
         return build_imagenet_lt(
             opts, a.imagenet_root, a.split_lists, a.labeled_ratio, a.max_side, a.seed
+        )
+    if a.command == "demo":
+        from shards.demo import class_names, make_demo
+        from shards.writer import DEFAULT_SHARD_SIZE, write_dataset
+
+        params = {"num_classes": a.num_classes, "n1": a.n1, "m1": a.m1, "gamma_l": a.gamma_l,
+                  "gamma_u": a.gamma_u, "test_per_class": a.test_per_class, "size": a.size}
+        return write_dataset(
+            a.out, name="demo", class_names=class_names(a.num_classes),
+            splits=make_demo(**params, seed=a.seed), formats=a.formats,
+            source={"kind": "procedural-demo", "path": None, "checksum": None},
+            split_rule={"rule": "demo-lt", **params}, seed=a.seed,
+            shard_size=a.shard_size or DEFAULT_SHARD_SIZE["png"], workers=a.workers,
+            progress=not a.no_progress, overwrite=a.overwrite,
         )
     raise AssertionError(a.command)
 

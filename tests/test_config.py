@@ -4,13 +4,15 @@ import pytest
 
 from bmb.config import ConfigError, describe, dump_config, load_config
 
+DS = ["data.dataset=some/dir"]  # the one key without a usable default
+
 
 def test_defaults_yaml_and_overrides(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("method:\n  alpha: 2.0\ntrain:\n  epochs: 10\n")
     child = tmp_path / "child.yaml"
     child.write_text("_base_: base.yaml\nmethod:\n  put_power: 1\n")
-    cfg = load_config(child, ["train.epochs=3", "method.algorithm=fixmatch", "data.mean=[0.1,0.2,0.3]"])
+    cfg = load_config(child, DS + ["train.epochs=3", "method.algorithm=fixmatch", "data.mean=[0.1,0.2,0.3]"])
     assert cfg.method.alpha == 2.0 and cfg.method.put_power == 1.0 and isinstance(cfg.method.put_power, float)
     assert cfg.train.epochs == 3 and cfg.method.algorithm == "fixmatch"
     assert cfg.data.mean == [0.1, 0.2, 0.3]
@@ -30,10 +32,11 @@ def test_defaults_yaml_and_overrides(tmp_path):
     (["data.std=[1,0,1]"], "data.std"),
     (["train.eval_protocol=best_val"], "data.val_split"),
     (["epochs"], "key=value"),
+    (["data.dataset="], "data.dataset is not set"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(None, override)
+        load_config(None, DS + override)
 
 
 def test_bad_file(tmp_path):
@@ -42,11 +45,11 @@ def test_bad_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method:\n  alpah: 1\n")
     with pytest.raises(ConfigError, match="method.alpah"):
-        load_config(bad)
+        load_config(bad, DS)
 
 
 def test_dump_roundtrip(tmp_path):
-    cfg = load_config(None, ["method.alpha=0.5", "name=x", "model.encoder=small"])
+    cfg = load_config(None, DS + ["method.alpha=0.5", "name=x", "model.encoder=small"])
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
 

@@ -11,9 +11,10 @@ import yaml
 from bmb.config import load_config
 from bmb.engine import EXIT_PREEMPTED, Trainer
 from launch import train
+from shards import cli as shards_cli
 
 TINY = [
-    "model.encoder=small", "model.width=8", "data.demo.n1=40", "data.demo.m1=120", "data.demo.test_per_class=20",
+    "model.encoder=small", "model.width=8",
     "train.labeled_batch=16", "train.unlabeled_batch=16", "train.iters_per_epoch=10", "train.epochs=2",
     "train.eval_every=5", "train.checkpoint_every=100", "train.log_every=5", "train.progress=false",
     "train.ema_decay=0.9", "method.warmup_epochs=0", "method.threshold=0.15", "method.bank_size=32",
@@ -21,17 +22,32 @@ TINY = [
 ]
 
 
-def run(tmp_path, *extra, name="r"):
-    return train.main(["--config", "launch/configs/demo.yaml", *TINY, f"train.out_dir={tmp_path}", f"name={name}", *extra])
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "launch", "configs", "demo.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _cwd_repo(monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """A small demo dataset built through the CLI, as a user would."""
+    out = tmp_path_factory.mktemp("data") / "demo"
+    code = shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--test-per-class", "20",
+                            "--formats", "wds,arrays", "--workers", "1", "--no-progress"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def run(demo_data):
+    def _run(tmp_path, *extra, name="r"):
+        return train.main(["--config", CONFIG, *TINY, f"data.dataset={demo_data}", f"train.out_dir={tmp_path}",
+                           f"name={name}", *extra])
+
+    _run.dataset = demo_data
+    return _run
 
 
 @pytest.mark.parametrize("algorithm", ["bmb", "fixmatch"])
-def test_run_writes_every_output(tmp_path, algorithm, capsys):
+def test_run_writes_every_output(run, tmp_path, algorithm, capsys):
     assert run(tmp_path, f"method.algorithm={algorithm}") == 0
     d = tmp_path / "r"
     final = json.loads((d / "final.json").read_text())
@@ -42,8 +58,8 @@ def test_run_writes_every_output(tmp_path, algorithm, capsys):
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     # last-20 protocol over 4 evaluations: the mean of all of them
     assert final["top1"] == pytest.approx(sum(r["top1"] for r in rows) / 4)
-    assert load_config(d / "config.yaml") == load_config("launch/configs/demo.yaml", TINY + [
-        f"train.out_dir={tmp_path}", "name=r", f"method.algorithm={algorithm}"])
+    assert load_config(d / "config.yaml") == load_config(CONFIG, TINY + [
+        f"data.dataset={run.dataset}", f"train.out_dir={tmp_path}", "name=r", f"method.algorithm={algorithm}"])
     assert any((d / "tb").iterdir())
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["ckpt-00000020.pt"]
     out = capsys.readouterr().out
@@ -56,7 +72,7 @@ def test_run_writes_every_output(tmp_path, algorithm, capsys):
     ("method.alpah=1", "method.alpah"), ("train.epochs=-3", "train.epochs"),
     ("data.dataset=/nonexistent/dir", "data.dataset"), ("data.eval_split=val", "data.eval_split"),
 ])
-def test_bad_config_fails_before_training(tmp_path, override, key, capsys):
+def test_bad_config_fails_before_training(run, tmp_path, override, key, capsys):
     assert run(tmp_path, override) == 2
     assert key in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()
@@ -67,7 +83,7 @@ def state_of(run_dir):
     return sd
 
 
-def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_resume_is_exact(run, tmp_path, monkeypatch):
     assert run(tmp_path, name="full") == 0
     original = Trainer.train_step
 
@@ -102,7 +118,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
     assert fa["top1"] == fb["top1"] and fa["per_class_recall"] == fb["per_class_recall"]
 
 
-def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
+def test_truncated_checkpoint_is_skipped(run, tmp_path, capsys):
     assert run(tmp_path, "train.checkpoint_every=5", "train.keep_checkpoints=5") == 0
     ckpts = sorted((tmp_path / "r" / "checkpoints").glob("ckpt-*.pt"))
     assert [p.name for p in ckpts][-2:] == ["ckpt-00000015.pt", "ckpt-00000020.pt"]
