@@ -157,6 +157,8 @@ class BMB(Algorithm):
         bank_view: ``"strong"`` (default) or ``"weak"``: which view's features enter the bank.
         estimate_mode: ``"mean"`` or ``"ema"`` for N̂.
         anneal_weights: authors' optional ``w' = 1 - (t/T)(1 - w)``.
+        bank_check_every: every this many bank updates, compare a checksum of the bank across
+            ranks and raise if they differ (0: never). Costs one tiny all-gather.
         generator: generator of the bank (seed it identically on every rank).
         collectives: cross-rank operations (default: single process).
         device: where the bank lives.
@@ -169,7 +171,8 @@ class BMB(Algorithm):
                  get_power: float = 0.75, lambda_u: float = 1.0, lambda_mb: float = 0.25,
                  bank_size: int = 128, get_num: int = 64, use_bank: bool = True,
                  adaptive: bool = True, bank_view: str = "strong", estimate_mode: str = "mean",
-                 anneal_weights: bool = False, generator: torch.Generator | None = None,
+                 anneal_weights: bool = False, bank_check_every: int = 0,
+                 generator: torch.Generator | None = None,
                  collectives: Collectives | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__()
         if bank_view not in ("strong", "weak"):
@@ -189,6 +192,8 @@ class BMB(Algorithm):
         self.bank = BalancedMemoryBank(bank_size, feat_dim, num_classes, put_power=put_power,
                                        get_power=get_power, generator=generator, device=device)
         self.estimator = UnlabeledCountEstimator(num_classes, mode=estimate_mode)
+        self.bank_check_every = bank_check_every
+        self.bank_updates = 0
         self.last_get_labels: torch.Tensor | None = None  # for the get histogram (paper Fig. 7)
 
     def _weights(self, counts: torch.Tensor, progress: float) -> torch.Tensor:
@@ -232,16 +237,11 @@ class BMB(Algorithm):
     def _bank_step(self, out: StepOutputs, aux_head: nn.Module, stats: dict) -> torch.Tensor:
         """Get (from the bank as it was before this step), then enqueue this step's candidates."""
         loss = out.labels.new_zeros((), dtype=torch.float32)
-        if len(self.bank) > 0:
-            world, rank = self.coll.world_size, self.coll.rank
-            feats, labels = self.bank.get(self.get_num * world, self.estimator.value())
-            # One global draw; each rank trains on its own disjoint slice of it.
-            per = feats.shape[0] // world
-            if per > 0:
-                feats, labels = feats[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
-                self.last_get_labels = labels.detach()
-                logits = aux_head(feats.to(out.labels.device).detach())
-                loss = F.cross_entropy(logits.float(), labels.to(out.labels.device))
+        feats, labels = self.bank_slice()
+        if labels.numel() > 0:
+            self.last_get_labels = labels.detach()
+            logits = aux_head(feats.to(out.labels.device).detach())
+            loss = F.cross_entropy(logits.float(), labels.to(out.labels.device))
         # Candidates: features with the aux head's own confident hard label on the same view.
         src = out.unlabeled_strong if self.bank_view == "strong" else out.unlabeled_weak
         _, hard, valid = confident_targets(src.aux_logits, self.threshold)
@@ -252,11 +252,43 @@ class BMB(Algorithm):
         keep = packed[:, -1] > 0.5
         self.bank.enqueue(packed[keep, :-2].to(self.bank.device), packed[keep, -2].long().to(self.bank.device))
         stats["bank_candidates"] = keep.float().sum()
+        self.bank_updates += 1
+        if self.bank_check_every and self.bank_updates % self.bank_check_every == 0:
+            self.check_bank_in_sync()
         return loss
 
+    def bank_slice(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of one global draw of ``get_num x world`` items from the bank.
+
+        Every rank draws the same global sample (identical bank and generator) and keeps its own
+        disjoint slice, so the ranks together train on ``get_num x world`` distinct items.
+        Returns empty tensors while the bank is empty.
+        """
+        world, rank = self.coll.world_size, self.coll.rank
+        if len(self.bank) == 0:
+            return self.bank.features[:0], self.bank.labels[:0]
+        feats, labels = self.bank.get(self.get_num * world, self.estimator.value())
+        per = feats.shape[0] // world
+        return feats[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
+
+    def check_bank_in_sync(self) -> None:
+        """Raise if the bank (checksum), its generator or N-hat differ between ranks."""
+        fingerprint = torch.cat([
+            self.bank.checksum().cpu(),
+            self.bank.generator.get_state().to(torch.float64),
+            self.estimator.value(),
+        ])
+        if not self.coll.all_equal(fingerprint.to(self.labeled_counts.device)):
+            raise RuntimeError(
+                f"memory bank diverged across ranks after {self.bank_updates} updates (rank "
+                f"{self.coll.rank}: {len(self.bank)} items, checksum {self.bank.checksum().tolist()}); "
+                "every rank must see the same gathered candidates and the same bank generator seed")
+
     def extra_state(self) -> dict[str, Any]:
-        return {"bank": self.bank.state_dict(), "estimator": self.estimator.state_dict()}
+        return {"bank": self.bank.state_dict(), "estimator": self.estimator.state_dict(),
+                "bank_updates": self.bank_updates}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.bank.load_state_dict(state["bank"])
         self.estimator.load_state_dict(state["estimator"])
+        self.bank_updates = int(state.get("bank_updates", 0))

@@ -130,6 +130,12 @@ class Trainer:
 
         optimizer = build_optimizer(cfg, model.parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        ds = getattr(accelerator.state, "deepspeed_plugin", None)
+        # ZeRO partitions the optimizer state: every rank saves and restores its own part.
+        self.deepspeed = ds is not None
+        if self.deepspeed and ds.deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            # We feed batches ourselves (no DataLoader for Accelerate to read the size from).
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = max(cfg.train.labeled_batch // accelerator.num_processes, 1)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.algorithm.to(self.device)
         self.ema = ModelEMA(self.raw_model, cfg.train.ema_decay)
@@ -154,6 +160,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _rank_state(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict(), "aug_gen": self.aug_gen.get_state(),
+                "optimizer": self.optimizer.state_dict() if self.deepspeed else None,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
 
@@ -167,7 +174,8 @@ class Trainer:
             state = {
                 "step": self.step, "world_size": self.coll.world_size, "config": config_to_dict(self.cfg),
                 "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "algorithm": self.algorithm.extra_state(), "history": self.history,
                 "get_hist": self.get_hist.clone(), "rank0": self._rank_state(),
             }
@@ -195,9 +203,16 @@ class Trainer:
         if main["world_size"] != self.coll.world_size:
             raise ValueError(f"checkpoint step {main['step']} was written by {main['world_size']} processes, "
                              f"this run has {self.coll.world_size}; resume with the same number")
-        self.raw_model.load_state_dict(main["model"])
+        self.raw_model.load_state_dict(main["model"])  # before the optimizer: ZeRO refreshes its masters from it
         self.ema.load_state_dict(main["ema"])
-        self.optimizer.load_state_dict(main["optimizer"])
+        if self.deepspeed:
+            folder, step = self.ckpt_dir if mode == "auto" else Path(mode).parent, main["step"]
+            parts = [main["rank0"]["optimizer"]] + [
+                torch.load(ckpt.rank_path(folder, step, r), map_location="cpu", weights_only=False)["optimizer"]
+                for r in range(1, self.coll.world_size)]
+            self.optimizer.load_state_dict(parts)
+        else:
+            self.optimizer.load_state_dict(main["optimizer"])
         self.scheduler.load_state_dict(main["scheduler"])
         self.algorithm.load_extra_state(main["algorithm"])
         self.history = list(main["history"])
@@ -247,9 +262,11 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate_split(self, source: Iterable) -> dict[str, EvalResult]:
-        """Confusion matrices of the EMA aux head, EMA base head and raw aux head, summed over ranks."""
+        """Confusion matrices of the EMA aux and base heads and of the non-EMA model's evaluated
+        head, summed over ranks."""
         c = len(self.class_names)
-        cms = {k: ConfusionMatrix(c) for k in ("ema_aux", "ema_base", "raw_aux")}
+        raw_head = "raw_" + self.algorithm.eval_head
+        cms = {k: ConfusionMatrix(c) for k in ("ema_aux", "ema_base", raw_head)}
         ema, raw = self.ema.module.eval(), self.raw_model.eval()
         for item in source:
             images, labels = item[0], item[1]
@@ -259,7 +276,8 @@ class Trainer:
                 e, r = ema(x), raw(x)
             cms["ema_aux"].update(e.aux_logits.argmax(-1), labels, valid)
             cms["ema_base"].update(e.base_logits.argmax(-1), labels, valid)
-            cms["raw_aux"].update(r.aux_logits.argmax(-1), labels, valid)
+            raw_logits = r.aux_logits if raw_head == "raw_aux" else r.base_logits
+            cms[raw_head].update(raw_logits.argmax(-1), labels, valid)
         results = {}
         for k, cm in cms.items():
             cm.matrix = self.coll.all_reduce_sum(cm.matrix.to(self.device)).cpu()
@@ -281,8 +299,9 @@ class Trainer:
                         **{f"{prefix}{g}": v for g, v in main.groups.items()}})
             if not prefix:
                 other = "ema_base" if head == "ema_aux" else "ema_aux"
+                raw = "raw_" + self.algorithm.eval_head
                 row.update({f"{other}_top1": res[other].top1, f"{other}_mean_recall": res[other].mean_recall,
-                            "raw_aux_top1": res["raw_aux"].top1, "raw_aux_mean_recall": res["raw_aux"].mean_recall})
+                            f"{raw}_top1": res[raw].top1, f"{raw}_mean_recall": res[raw].mean_recall})
         bank = getattr(self.algorithm, "bank", None)
         if bank is not None:
             row["bank_class_counts"] = bank.class_counts().cpu().tolist()

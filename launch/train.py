@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         threshold=me.threshold, alpha=me.alpha, put_power=me.put_power, get_power=me.get_power,
         lambda_u=me.lambda_u, lambda_mb=me.lambda_mb, bank_size=me.bank_size, get_num=me.get_num,
         use_bank=me.use_bank, adaptive=me.adaptive_weights, bank_view=me.bank_view, estimate_mode=me.estimate,
-        anneal_weights=me.anneal_weights, generator=torch.Generator().manual_seed(cfg.train.seed + 7),
+        anneal_weights=me.anneal_weights, bank_check_every=me.bank_check_every,
+        generator=torch.Generator().manual_seed(cfg.train.seed + 7),
         collectives=Collectives(), device=accelerator.device)
     views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=me.num_strong,
                       mean=cfg.data.mean, std=cfg.data.std)

@@ -1,0 +1,128 @@
+"""The real entry point under `accelerate launch` with 2 CPU processes: DeepSpeed ZeRO-2 trains
+and resumes; a DDP run stopped by SIGTERM and resumed ends bitwise equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from shards import cli as shards_cli
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+TINY = ["model.width=8", "train.labeled_batch=16", "train.unlabeled_batch=16", "train.iters_per_epoch=10",
+        "train.eval_every=5", "train.log_every=1", "train.progress=false", "train.threads=1",
+        "method.warmup_epochs=0", "method.threshold=0.15", "method.bank_size=32", "method.get_num=8",
+        "method.bank_check_every=5", "train.ema_decay=0.9"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("d") / "demo"
+    assert shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--test-per-class", "20",
+                            "--formats", "wds,arrays", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+def launch_cmd(launcher_args: list[str], data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [*ACCELERATE, *launcher_args, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--main_process_port", str(_port()), str(REPO / "launch" / "train.py"),
+            "--config", str(REPO / "launch" / "configs" / "demo.yaml"), *TINY,
+            f"data.dataset={data}", f"train.out_dir={out}", f"name={name}", *extra]
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_deepspeed_zero2_trains_and_resumes(data, tmp_path):
+    pytest.importorskip("deepspeed")
+    cfg = ["--config_file", str(REPO / "launch" / "accelerate" / "deepspeed_zero2.yaml")]
+    env = cpu_env()  # DeepSpeed picks its CPU accelerator itself; the script asks Accelerate for gloo
+    first = run(launch_cmd(cfg, data, tmp_path, "ds", "train.epochs=1"), env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = run(launch_cmd(cfg, data, tmp_path, "ds", "train.epochs=2"), env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "[resume] from" in second.stdout and "at step 10" in second.stdout
+    final = json.loads((tmp_path / "ds" / "final.json").read_text())
+    assert final["steps"] == 20
+    ck = torch.load(tmp_path / "ds" / "checkpoints" / "ckpt-00000020.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "ds" / "checkpoints" / "ckpt-00000020.rank1.pt", weights_only=False)
+    # ZeRO-2: each rank saved its own optimizer partition
+    assert "single_partition_of_fp32_groups" in ck["rank0"]["optimizer"]
+    assert "single_partition_of_fp32_groups" in r1["optimizer"]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    assert len(losses) == 20 and all(l == l and l < 100 for l in losses)  # noqa: E741
+
+
+def _workers_of(launcher: subprocess.Popen) -> list[psutil.Process]:
+    procs = psutil.Process(launcher.pid).children(recursive=True)
+    return [p for p in procs if any("launch/train.py" in a for a in p.cmdline())]
+
+
+def test_ddp_sigterm_resume_is_bitwise_exact(data, tmp_path):
+    env = cpu_env(ACCELERATE_USE_CPU="true")
+    multi = ["--multi_gpu"]  # with ACCELERATE_USE_CPU this is MULTI_CPU over gloo
+    full = run(launch_cmd(multi, data, tmp_path, "full", "train.epochs=3"), env)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+
+    cut = subprocess.Popen(launch_cmd(multi, data, tmp_path, "cut", "train.epochs=3"), env=env, cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "cut" / "train.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and cut.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    assert cut.poll() is None, "the run ended before it could be interrupted"
+    for p in _workers_of(cut):  # what SLURM does: signal every task
+        p.send_signal(signal.SIGTERM)
+    output, _ = cut.communicate(timeout=300)
+    assert cut.returncode != 0
+    assert "stopped at step" in output, output[-3000:]
+    mains = sorted(p for p in (tmp_path / "cut" / "checkpoints").glob("ckpt-*.pt") if ".rank" not in p.name)
+    step = int(mains[-1].stem.split("-")[1])
+    assert 0 < step < 30
+
+    resumed = run(launch_cmd(multi, data, tmp_path, "cut", "train.epochs=3"), env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stdout
+
+    a = torch.load(tmp_path / "full" / "checkpoints" / "ckpt-00000030.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "ckpt-00000030.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]["module"]:
+        assert torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]), k
+    for k in ("features", "labels", "generator"):
+        assert torch.equal(a["algorithm"]["bank"][k], b["algorithm"]["bank"][k]), k
+    assert torch.equal(a["algorithm"]["estimator"]["value"], b["algorithm"]["estimator"]["value"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    shutil.rmtree(tmp_path / "full")
