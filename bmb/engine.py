@@ -412,6 +412,8 @@ class Trainer:
         from bmb.protocols import select_result
 
         result = select_result(self.history, self.cfg.train.eval_protocol, val_split=self.cfg.data.val_split)
+        if self.device.type == "cuda":
+            result["max_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         result.update({"steps": self.step, "seconds": self.history[-1]["seconds"] if self.history else 0.0,
                        "algorithm": self.cfg.method.algorithm, "name": self.cfg.name,
                        "labeled_counts": self.labeled_counts.tolist(), "class_names": self.class_names,

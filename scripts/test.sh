@@ -3,7 +3,8 @@
 #   bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "${BMB_TEST_EXTRAS:-test}"
+# Every optional backend is installed and tested (CPU paths); BMB_TEST_EXTRAS=test for a quick set-up.
+bash scripts/setup.sh "${BMB_TEST_EXTRAS:-test,ffcv,dali,deepspeed,slurm}"
 if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then VPY=python; else VPY=.venv/bin/python; fi
 set +e
 "$VPY" -m pytest "$@"

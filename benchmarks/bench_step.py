@@ -1,0 +1,88 @@
+"""Training-step cost of BMB against FixMatch, measured in the same process.
+
+    python benchmarks/bench_step.py [--encoder wrn] [--size 32] [--steps 20] [--blocks 4]
+
+Both algorithms run the real `Trainer.train_step` (augmentation on the device, one forward of
+labeled weak + unlabeled weak + 2 strong views, losses, backward, optimizer, EMA) on the same
+random uint8 data; BMB additionally fills/queries its memory bank every step (threshold 0.01 and
+beta 0, so every candidate is offered and the bank stays full: the bank's worst case). Steps alternate in blocks between the two
+trainers to cancel drift. Prints ms/step for each and BMB's overhead in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from accelerate import Accelerator
+
+from bmb.algorithms import build_algorithm
+from bmb.config import load_config
+from bmb.engine import Trainer
+from bmb.models import BMBModel
+from pipelines.augment import ViewMaker
+from pipelines.tensor import ArraySplit, TensorStream
+
+
+def make_trainer(algorithm: str, args, acc: Accelerator, data: dict) -> Trainer:
+    cfg = load_config(None, [
+        "data.dataset=unused", f"model.encoder={args.encoder}", f"method.algorithm={algorithm}",
+        "method.warmup_epochs=0", "method.threshold=0.01", f"train.labeled_batch={args.batch}",
+        f"train.unlabeled_batch={args.batch}", f"data.image_size={args.size}",
+        f"method.bank_size={args.bank}", f"method.get_num={args.bank // 2}", "train.progress=false"])
+    torch.manual_seed(0)
+    model = BMBModel.build(args.encoder, args.classes, stem="small")
+    counts = torch.bincount(data["labeled"].labels, minlength=args.classes)
+    alg = build_algorithm(algorithm, num_classes=args.classes, feat_dim=model.feat_dim, labeled_counts=counts,
+                          threshold=0.01, put_power=0.0, bank_size=args.bank, get_num=args.bank // 2,
+                          generator=torch.Generator().manual_seed(1), device=acc.device)
+    stream = TensorStream(data["labeled"], data["unlabeled"], labeled_batch=args.batch, unlabeled_batch=args.batch,
+                          device=acc.device)
+    views = ViewMaker(image_size=args.size, num_strong=2)
+    return Trainer(cfg, acc, model, alg, stream, views, {}, counts, [str(i) for i in range(args.classes)],
+                   "/tmp/bench_step_unused")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoder", default="wrn", choices=["wrn", "resnet50", "small"])
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--bank", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10, help="steps per block")
+    ap.add_argument("--blocks", type=int, default=4, help="alternating blocks per algorithm")
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    args = ap.parse_args()
+    acc = Accelerator(mixed_precision=args.mixed_precision)
+    g = torch.Generator().manual_seed(0)
+    n = 4 * args.batch
+    data = {s: ArraySplit(torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8, generator=g),
+                          torch.randint(0, args.classes, (n,), generator=g)) for s in ("labeled", "unlabeled")}
+    trainers = {a: make_trainer(a, args, acc, data) for a in ("fixmatch", "bmb")}
+    iters = {a: iter(t.stream) for a, t in trainers.items()}
+    sync = torch.cuda.synchronize if acc.device.type == "cuda" else (lambda: None)
+    for a, t in trainers.items():  # warm-up (and fill the bank)
+        for _ in range(3):
+            t.train_step(next(iters[a]))
+    times = {a: 0.0 for a in trainers}
+    for _ in range(args.blocks):
+        for a, t in trainers.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                t.train_step(next(iters[a]))
+            sync()
+            times[a] += time.perf_counter() - t0
+    ms = {a: 1e3 * v / (args.steps * args.blocks) for a, v in times.items()}
+    print(f"device={acc.device} encoder={args.encoder} size={args.size} batch={args.batch}+{args.batch}x3 "
+          f"threads={torch.get_num_threads()} bank={len(trainers['bmb'].algorithm.bank)}/{args.bank}")
+    print("| encoder | px | FixMatch ms/step | BMB ms/step | BMB overhead |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| {args.encoder} | {args.size} | {ms['fixmatch']:.1f} | {ms['bmb']:.1f} | "
+          f"{100 * (ms['bmb'] / ms['fixmatch'] - 1):+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU check in one go (what docs/benchmarks.md's GPU rows come from):
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]
+# 1. the tests marked `gpu`; 2. batched augmentation on the GPU; 3. BMB vs FixMatch step time
+# (WRN-28-2 @32, ResNet-50 @64 and @224, bf16) = the trainer's consumption rate; 4. input
+# pipelines with GPU rows; 5. the ImageNet127-64 1% preset on a synthetic stand-in of the same
+# shape (127 classes, 64 px), a few hundred steps of BMB and of FixMatch.
+set -uo pipefail
+OUT=${1:-${OUT:-gpu_out}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+log() { echo; echo "=== $*"; }
+log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
+log "gpu tests"; timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+log "augment"; timeout 80 "$PY" benchmarks/bench_augment.py --device cuda --seconds 2 --repeats 2 2>&1 | tail -12 | tee "$OUT/augment.txt"
+: > "$OUT/step.txt"
+for spec in "wrn 32 64" "resnet50 64 64" "resnet50 224 64"; do
+    set -- $spec
+    log "step $1 $2"
+    timeout 70 "$PY" benchmarks/bench_step.py --encoder "$1" --size "$2" --batch "$3" --mixed-precision bf16 --steps 10 --blocks 3 \
+        2>&1 | grep -v WARNING | tail -4 | tee -a "$OUT/step.txt"
+done
+log "pipelines"; timeout 100 "$PY" benchmarks/bench_pipelines.py --device cuda --steps 10 --sizes 32 64 2>&1 | tail -30 | tee "$OUT/pipelines.txt"
+log "imagenet127-64 1% stand-in"
+DATA=/tmp/in127-standin
+"$PY" -m shards demo --out "$DATA" --num-classes 127 --size 64 --n1 400 --m1 2000 --gamma-l 286 --gamma-u 286 \
+    --test-per-class 20 --formats wds,arrays --workers 8 --no-progress | tail -3
+for algo in bmb fixmatch; do
+    timeout 100 "$PY" launch/train.py --config launch/configs/imagenet127_1p_64.yaml data.dataset=$DATA \
+        method.algorithm=$algo train.max_steps=200 train.eval_every=200 train.checkpoint_every=200 \
+        train.progress=false name=in127-$algo train.out_dir=/tmp/gpu_runs 2>&1 | grep -E "done|top-1|error" | tee -a "$OUT/in127.txt"
+    "$PY" -c "import json; f=json.load(open('/tmp/gpu_runs/in127-$algo/final.json')); print('$algo', 'steps', f['steps'], 'seconds', round(f['seconds'],1), 'steps/s', round(f['steps']/f['seconds'],2), 'gpu GiB', round(f.get('max_gpu_memory_gib', 0), 2))" | tee -a "$OUT/in127.txt"
+done
