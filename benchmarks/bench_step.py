@@ -32,14 +32,15 @@ def make_trainer(algorithm: str, args, acc: Accelerator, data: dict) -> Trainer:
         f"train.unlabeled_batch={args.batch}", f"data.image_size={args.size}",
         f"method.bank_size={args.bank}", f"method.get_num={args.bank // 2}", "train.progress=false"])
     torch.manual_seed(0)
-    model = BMBModel.build(args.encoder, args.classes, stem="small")
+    full_res = args.size >= 128  # the 224 px recipe: ImageNet stem, random-resized-crop from 256
+    model = BMBModel.build(args.encoder, args.classes, stem="imagenet" if full_res else "small")
     counts = torch.bincount(data["labeled"].labels, minlength=args.classes)
     alg = build_algorithm(algorithm, num_classes=args.classes, feat_dim=model.feat_dim, labeled_counts=counts,
                           threshold=0.01, put_power=0.0, bank_size=args.bank, get_num=args.bank // 2,
                           generator=torch.Generator().manual_seed(1), device=acc.device)
     stream = TensorStream(data["labeled"], data["unlabeled"], labeled_batch=args.batch, unlabeled_batch=args.batch,
                           device=acc.device)
-    views = ViewMaker(image_size=args.size, num_strong=2)
+    views = ViewMaker(image_size=args.size, num_strong=2, crop="rrc" if full_res else "translate")
     return Trainer(cfg, acc, model, alg, stream, views, {}, counts, [str(i) for i in range(args.classes)],
                    "/tmp/bench_step_unused")
 
@@ -58,7 +59,8 @@ def main() -> None:
     acc = Accelerator(mixed_precision=args.mixed_precision)
     g = torch.Generator().manual_seed(0)
     n = 4 * args.batch
-    data = {s: ArraySplit(torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8, generator=g),
+    load = 256 if args.size >= 128 else args.size  # readers deliver 256 px squares for the 224 px recipe
+    data = {s: ArraySplit(torch.randint(0, 256, (n, 3, load, load), dtype=torch.uint8, generator=g),
                           torch.randint(0, args.classes, (n,), generator=g)) for s in ("labeled", "unlabeled")}
     trainers = {a: make_trainer(a, args, acc, data) for a in ("fixmatch", "bmb")}
     iters = {a: iter(t.stream) for a, t in trainers.items()}

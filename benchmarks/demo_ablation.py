@@ -97,7 +97,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         dirs = list(pool.map(lambda j: run_one(j[0], j[1], args.out, args.data, args.extra), jobs))
     results: dict[str, list[dict[str, float]]] = {}
-    for (variant, seed), d in zip(jobs, dirs):
+    for (variant, _seed), d in zip(jobs, dirs):
         results.setdefault(variant, []).append(summarize(d))
     print(f"\nseeds {args.seeds}; values are mean ± std over seeds (%, entropy in [0, 1])\n")
     print("| variant | mean recall | rarest-3 recall | bank entropy | per-seed mean recall |")

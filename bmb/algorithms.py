@@ -14,8 +14,9 @@ Unlabeled terms (and the bank, and the N̂ estimate) are off during warm-up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,9 @@ class Algorithm(nn.Module):
 
     def forward(self, out: StepOutputs, aux_head: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called once the optimizer step is queued: state updates that may wait for the device."""
 
     def extra_state(self) -> dict[str, Any]:
         """Non-parameter state (bank, N̂ ...) saved in checkpoints."""
@@ -191,7 +195,8 @@ class BMB(Algorithm):
         self.register_buffer("labeled_counts", counts.to(torch.float32), persistent=False)
         self.bank = BalancedMemoryBank(bank_size, feat_dim, num_classes, put_power=put_power,
                                        get_power=get_power, generator=generator, device=device)
-        self.estimator = UnlabeledCountEstimator(num_classes, mode=estimate_mode)
+        self.estimator = UnlabeledCountEstimator(num_classes, mode=estimate_mode, device=device)
+        self._pending: torch.Tensor | None = None  # this step's bank candidates, enqueued in after_step
         self.bank_check_every = bank_check_every
         self.bank_updates = 0
         self.last_get_labels: torch.Tensor | None = None  # for the get histogram (paper Fig. 7)
@@ -218,8 +223,9 @@ class BMB(Algorithm):
         stats: dict[str, torch.Tensor] = {}
         aux_u, bank_loss = zero, zero
         if out.unlabeled_on:
-            step_counts = torch.bincount(hard_a[mask_a], minlength=self.num_classes).float()
-            self.estimator.update(self.coll.all_reduce_sum(step_counts).cpu())
+            # Weighted bincount rather than hard_a[mask_a]: boolean indexing would wait for the GPU.
+            step_counts = torch.bincount(hard_a, weights=mask_a.float(), minlength=self.num_classes)
+            self.estimator.update(self.coll.all_reduce_sum(step_counts))
             w_u = self._weights(self.estimator.value(), out.progress).to(dev)
             logp = F.log_softmax(out.unlabeled_strong.aux_logits.float(), dim=-1)  # (K*B_U, C)
             soft_ce = -(p_a.repeat(k, 1) * logp).sum(-1)
@@ -235,27 +241,37 @@ class BMB(Algorithm):
         return stats
 
     def _bank_step(self, out: StepOutputs, aux_head: nn.Module, stats: dict) -> torch.Tensor:
-        """Get (from the bank as it was before this step), then enqueue this step's candidates."""
+        """Loss on items drawn from the bank as it was before this step; stash this step's
+        candidates for :meth:`after_step`.
+
+        Nothing here waits for the device (no boolean indexing, no host reads), so the backward
+        pass can be queued while the GPU still runs the forward.
+        """
         loss = out.labels.new_zeros((), dtype=torch.float32)
         feats, labels = self.bank_slice()
         if labels.numel() > 0:
             self.last_get_labels = labels.detach()
             logits = aux_head(feats.to(out.labels.device).detach())
             loss = F.cross_entropy(logits.float(), labels.to(out.labels.device))
-        # Candidates: features with the aux head's own confident hard label on the same view.
+        # Candidates: features with the aux head's own confident hard label on the same view,
+        # packed as (features | label | valid) for one fixed-shape gather across ranks.
         src = out.unlabeled_strong if self.bank_view == "strong" else out.unlabeled_weak
         _, hard, valid = confident_targets(src.aux_logits, self.threshold)
-        feats = src.features.detach().float()
-        # One fused, fixed-shape gather (features | label | valid): all_gather needs equal shapes.
-        packed = torch.cat([feats, hard[:, None].float(), valid[:, None].float()], dim=1)
-        packed = self.coll.all_gather_cat(packed)
+        self._pending = torch.cat([src.features.detach().float(), hard[:, None].float(), valid[:, None].float()], 1)
+        stats["bank_candidates"] = valid.float().sum() * self.coll.world_size
+        return loss
+
+    def after_step(self) -> None:
+        """Gather every rank's candidates and enqueue them (identically on every rank)."""
+        if self._pending is None:
+            return
+        packed = self.coll.all_gather_cat(self._pending)
+        self._pending = None
         keep = packed[:, -1] > 0.5
         self.bank.enqueue(packed[keep, :-2].to(self.bank.device), packed[keep, -2].long().to(self.bank.device))
-        stats["bank_candidates"] = keep.float().sum()
         self.bank_updates += 1
         if self.bank_check_every and self.bank_updates % self.bank_check_every == 0:
             self.check_bank_in_sync()
-        return loss
 
     def bank_slice(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of one global draw of ``get_num x world`` items from the bank.
@@ -276,7 +292,7 @@ class BMB(Algorithm):
         fingerprint = torch.cat([
             self.bank.checksum().cpu(),
             self.bank.generator.get_state().to(torch.float64),
-            self.estimator.value(),
+            self.estimator.value().cpu(),
         ])
         if not self.coll.all_equal(fingerprint.to(self.labeled_counts.device)):
             raise RuntimeError(

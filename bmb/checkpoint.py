@@ -82,6 +82,6 @@ def load_complete(folder: str | Path, rank: int = 0, warn=print) -> tuple[dict, 
 def prune(folder: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (main and rank files)."""
     ckpts = list_checkpoints(folder)
-    for step, path in ckpts[: max(len(ckpts) - keep, 0)]:
+    for step, _ in ckpts[: max(len(ckpts) - keep, 0)]:
         for p in Path(folder).glob(f"ckpt-{step:08d}.*"):
             p.unlink(missing_ok=True)

@@ -150,7 +150,7 @@ class Trainer:
             many, few = (d_many if many is None else many), (d_few if few is None else few)
         self.groups = shot_groups(self.labeled_counts, many, few)
         self.thresholds = (many, few)
-        self.get_hist = torch.zeros(len(class_names), dtype=torch.long)
+        self.get_hist = torch.zeros(len(class_names), dtype=torch.long, device=self.device)
         self.tb = None
 
     @property
@@ -177,7 +177,7 @@ class Trainer:
                 "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "algorithm": self.algorithm.extra_state(), "history": self.history,
-                "get_hist": self.get_hist.clone(), "rank0": self._rank_state(),
+                "get_hist": self.get_hist.cpu().clone(), "rank0": self._rank_state(),
             }
             ckpt.atomic_save(state, ckpt.main_path(self.ckpt_dir, self.step))
             ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
@@ -216,7 +216,7 @@ class Trainer:
         self.scheduler.load_state_dict(main["scheduler"])
         self.algorithm.load_extra_state(main["algorithm"])
         self.history = list(main["history"])
-        self.get_hist = main["get_hist"].clone()
+        self.get_hist = main["get_hist"].to(self.device).clone()
         rs = main["rank0"] if self.coll.rank == 0 else mine
         self.stream.load_state_dict(rs["stream"])
         self.aug_gen.set_state(rs["aug_gen"])
@@ -251,10 +251,11 @@ class Trainer:
         self.acc.backward(losses["loss"])
         self.optimizer.step()
         self.scheduler.step()
+        self.algorithm.after_step()
         self.ema.update(self.raw_model)
         got = getattr(self.algorithm, "last_get_labels", None)
         if got is not None:
-            self.get_hist += torch.bincount(got.cpu(), minlength=self.get_hist.numel())
+            self.get_hist += torch.bincount(got, minlength=self.get_hist.numel())
             self.algorithm.last_get_labels = None
         self.step += 1
         return losses
@@ -305,7 +306,7 @@ class Trainer:
         bank = getattr(self.algorithm, "bank", None)
         if bank is not None:
             row["bank_class_counts"] = bank.class_counts().cpu().tolist()
-            row["get_class_counts"] = self.get_hist.tolist()
+            row["get_class_counts"] = self.get_hist.cpu().tolist()
             row["nhat"] = self.algorithm.estimator.value().tolist()
         return row
 
@@ -338,17 +339,18 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
-        running: dict[str, float] = {}
+        running: dict[str, torch.Tensor] = {}  # summed on the device; read every log_every steps
         it = iter(self.stream)
         with _Signals() as sig:
             while self.step < total:
                 losses = self.train_step(next(it))
                 for k, v in losses.items():
-                    running[k] = running.get(k, 0.0) + float(v.detach())
+                    v = v.detach().float().to(self.device)
+                    running[k] = running[k] + v if k in running else v
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.train.log_every == 0:
-                    avg = {k: v / cfg.train.log_every for k, v in running.items()}
+                    avg = {k: float(v) / cfg.train.log_every for k, v in running.items()}
                     running = {}
                     if bar is not None:
                         bar.set_postfix(loss=f"{avg['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2g}")

@@ -19,9 +19,11 @@ class UnlabeledCountEstimator:
         num_classes: ``C``.
         mode: ``"mean"`` (default, paper) or ``"ema"``.
         momentum: EMA momentum in [0, 1) for ``mode="ema"``.
+        device: where the estimate lives (the training device: updates then never wait for it).
     """
 
-    def __init__(self, num_classes: int, mode: str = "mean", momentum: float = 0.99) -> None:
+    def __init__(self, num_classes: int, mode: str = "mean", momentum: float = 0.99,
+                 device: torch.device | str = "cpu") -> None:
         if mode not in ("mean", "ema"):
             raise ValueError(f"UnlabeledCountEstimator: mode must be 'mean' or 'ema', got {mode!r}")
         if not 0.0 <= momentum < 1.0:
@@ -30,11 +32,12 @@ class UnlabeledCountEstimator:
         self.mode = mode
         self.momentum = momentum
         self.steps = 0
-        self._value = torch.ones(num_classes, dtype=torch.float64)
+        self.device = torch.device(device)
+        self._value = torch.ones(num_classes, dtype=torch.float64, device=self.device)
 
     def update(self, step_counts: torch.Tensor) -> None:
         """Fold in one step's per-class counts, ``(C,)``."""
-        c = torch.as_tensor(step_counts).detach().to("cpu", torch.float64)
+        c = torch.as_tensor(step_counts).detach().to(self.device, torch.float64)
         if c.shape != (self.num_classes,):
             raise ValueError(f"UnlabeledCountEstimator.update: counts must have shape ({self.num_classes},), got {tuple(c.shape)}")
         self.steps += 1
@@ -44,14 +47,14 @@ class UnlabeledCountEstimator:
             self._value = c.clone() if self.steps == 1 else self.momentum * self._value + (1 - self.momentum) * c
 
     def value(self) -> torch.Tensor:
-        """``N̂`` clamped to >= 1 (safe as a denominator), float64 ``(C,)`` on the CPU."""
+        """``N̂`` clamped to >= 1 (safe as a denominator), float64 ``(C,)`` on ``device``."""
         return self._value.clamp_min(1.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "momentum": self.momentum, "steps": self.steps, "value": self._value.clone()}
+        return {"mode": self.mode, "momentum": self.momentum, "steps": self.steps, "value": self._value.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["value"].shape != (self.num_classes,):
             raise ValueError("UnlabeledCountEstimator.load_state_dict: class count mismatch")
         self.mode, self.momentum, self.steps = state["mode"], state["momentum"], int(state["steps"])
-        self._value = state["value"].to(torch.float64).clone()
+        self._value = state["value"].to(self.device, torch.float64).clone()

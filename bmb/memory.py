@@ -229,9 +229,11 @@ class BalancedMemoryBank:
         if prior.shape != (self.num_classes,):
             raise ValueError(f"BalancedMemoryBank.get: class_prior must have shape ({self.num_classes},), "
                              f"got {tuple(prior.shape)}")
-        prior = prior.to(self.device, torch.float64)
-        if not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()):
+        # Value checks read the tensor on the host: done for host tensors only, so that a prior
+        # living on the GPU (the trainer's N-hat) never makes the step wait for the device.
+        if prior.device.type == "cpu" and (not bool(torch.isfinite(prior).all()) or bool((prior < 0).any())):
             raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
+        prior = prior.to(self.device, torch.float64)
         weights = prior.clamp_min(1.0).pow(-self.get_power)[self._labels]  # (len,)
         if replacement:
             cdf = weights.cumsum(0)

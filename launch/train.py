@@ -37,7 +37,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     """Training stream, evaluation sources, labeled counts and class names for this rank."""
     import pipelines
-
     from pipelines.shard_index import load_manifest
 
     d = cfg.data
@@ -129,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         lambda_u=me.lambda_u, lambda_mb=me.lambda_mb, bank_size=me.bank_size, get_num=me.get_num,
         use_bank=me.use_bank, adaptive=me.adaptive_weights, bank_view=me.bank_view, estimate_mode=me.estimate,
         anneal_weights=me.anneal_weights, bank_check_every=me.bank_check_every,
-        generator=torch.Generator().manual_seed(cfg.train.seed + 7),
+        # On the training device, so that the bank's draws never copy across; seeded alike on
+        # every rank, so that every rank makes the same enqueue/dequeue/get decisions.
+        generator=torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 7),
         collectives=Collectives(), device=accelerator.device)
     views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=me.num_strong,
                       mean=cfg.data.mean, std=cfg.data.std)

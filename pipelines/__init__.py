@@ -47,7 +47,15 @@ BACKENDS = tuple(_MODULES)
 _TRAIN_OPTIONS: dict[str, frozenset[str]] = {
     "tensor": frozenset({"mmap", "on_device"}),
     "webdataset": frozenset(
-        {"num_workers", "prefetch_factor", "pin_memory", "load_size", "on_corrupt"}
+        {
+            "num_workers",
+            "prefetch_factor",
+            "pin_memory",
+            "load_size",
+            "on_corrupt",
+            "order",  # "index" (seek per sample, default) or "stream" (sequential shards)
+            "shuffle_buffer",  # order="stream" only
+        }
     ),
     "ffcv": frozenset({"num_workers", "order", "os_cache", "load_size"}),
     "dali": frozenset({"num_threads", "load_size", "decode_device", "prefetch", "shuffle_buffer"}),

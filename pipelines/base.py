@@ -8,8 +8,9 @@ Augmentation (weak/strong views, normalisation) happens afterwards, on that devi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 

@@ -14,6 +14,11 @@ samples with one seek each and decodes them. Consequences:
 
 Batch ``k`` of a rank is computed by whichever DataLoader worker gets it, so decode runs in
 parallel in ``num_workers`` processes with pinned memory and ``prefetch_factor`` batches queued.
+
+That is the default, ``order="index"``. Where random access is slow (network filesystems,
+object stores) ``order="stream"`` reads every shard front to back instead, shards split by
+global DataLoader worker, with a shuffle buffer (:mod:`pipelines.wds_stream`); its batches
+differ from the tensor backend's and its resume is exact only under the same worker layout.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.base import Batch
+from pipelines.base import Batch, TrainStream
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import (
     SplitIndex,
@@ -261,6 +266,10 @@ class WdsStream:
             raise ValueError(
                 f"reader state is from backend {state.get('backend')!r}, not 'webdataset'"
             )
+        if state.get("order", "index") != "index":
+            raise ValueError(
+                f"reader state is from webdataset order {state['order']!r}, not 'index'"
+            )
         for name, (_, stream) in self._parts.items():
             stream.load_state_dict(state[name])
             self._base[name] = (stream.epoch, stream.position)
@@ -328,7 +337,28 @@ class WdsEval:
             yield (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
 
 
-def build_train(root: Path, **kwargs: Any) -> WdsStream:
+_ORDERS = ("index", "stream")
+
+
+def build_train(
+    root: Path, *, order: str = "index", shuffle_buffer: int | None = None, **kwargs: Any
+) -> TrainStream:
+    """The training stream: ``order="index"`` (default, :class:`WdsStream`: seek per sample,
+    exact tensor-backend batches) or ``order="stream"``
+    (:class:`~pipelines.wds_stream.WdsShardStream`: shards read sequentially per worker with a
+    shuffle buffer of ``shuffle_buffer`` samples, default 1000)."""
+    if order not in _ORDERS:
+        raise ValueError(f"webdataset order must be one of {_ORDERS}, got {order!r}")
+    if order == "stream":
+        from pipelines.wds_stream import DEFAULT_SHUFFLE_BUFFER, WdsShardStream
+
+        buffer = DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer
+        return WdsShardStream(root, shuffle_buffer=buffer, **kwargs)
+    if shuffle_buffer is not None:
+        raise ValueError(
+            f"shuffle_buffer={shuffle_buffer} only applies to order='stream' (order='index' "
+            "samples a uniform permutation)"
+        )
     return WdsStream(root, **kwargs)
 
 

@@ -60,6 +60,7 @@ def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
     for _ in range(40):
         alg(random_outputs(g, 8), head)
+        alg.after_step()
     feats, labels = alg.bank_slice()
     full_f, full_y = alg.bank.get(alg.get_num * world, alg.estimator.value())  # the same draw again
     torch.save({"bank": alg.bank.state_dict(), "nhat": alg.estimator.value(), "steps": alg.estimator.steps,
@@ -92,6 +93,7 @@ def _diverge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             if step == 1 and rank == 1:
                 alg.bank.generator.manual_seed(12345)  # a bug that desynchronises one rank
             alg(random_outputs(g, 8), head)
+            alg.after_step()
     except RuntimeError as e:
         message = str(e)
     with open(f"{out_dir}/rank{rank}.txt", "w") as f:

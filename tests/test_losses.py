@@ -90,7 +90,8 @@ def test_bank_loss_trains_only_the_aux_head():
     x = torch.randn(4, 3, 16, 16)
     o = model(x)
     step = StepOutputs(torch.tensor([0, 1, 2, 0]), o, o, o)
-    alg(step, model.aux_head)  # first step fills the bank (threshold 0: every candidate is confident)
+    alg(step, model.aux_head)
+    alg.after_step()  # the step's candidates enter the bank (threshold 0: all are confident)
     assert len(alg.bank) == 4
     model.zero_grad()
     o = model(x)
@@ -113,6 +114,7 @@ def test_bank_features_are_detached_inside_the_step():
     with torch.no_grad():
         o = model(x)
     alg(StepOutputs(torch.tensor([0, 1, 2, 0]), o, o, o), model.aux_head)
+    alg.after_step()
     # With the step's inputs detached, the only path to any parameter is the bank loss.
     o = ModelOutput(*(t.detach() for t in model(x)))
     losses = alg(StepOutputs(torch.tensor([0, 1, 2, 0]), o, o, o), model.aux_head)
@@ -133,9 +135,11 @@ def test_warmup_turns_unlabeled_terms_off():
                     torch.ones(2, 2))
     for a in (alg, fm):
         off = a(StepOutputs(labels, lab, weak, strong, unlabeled_on=False), torch.nn.Identity())
+        a.after_step()
         supervised = off["base_l"] + off.get("aux_l", 0.0)
         assert off["loss"].item() == pytest.approx(float(supervised), rel=1e-6)
         on = a(StepOutputs(labels, lab, weak, strong, unlabeled_on=True), torch.nn.Identity())
+        a.after_step()
         assert on["loss"].item() > off["loss"].item() + 1.0
     assert alg.estimator.steps == 1  # N-hat only updated after warm-up
     assert len(alg.bank) == 2  # bank only filled after warm-up

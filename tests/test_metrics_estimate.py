@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from bmb.estimate import UnlabeledCountEstimator
-from bmb.metrics import ConfusionMatrix, group_recall, mean_recall, per_class_recall, shot_groups, top1
+from bmb.metrics import (
+    ConfusionMatrix,
+    group_recall,
+    mean_recall,
+    per_class_recall,
+    shot_groups,
+    top1,
+)
 
 
 def test_recall_by_hand():

@@ -179,6 +179,7 @@ def test_finalize_writes_the_protocol_result(tmp_path: Path):
         thresholds=(20, 4),
         run_dir=tmp_path,
         log=lambda *_: None,
+        device=torch.device("cpu"),
     )
     Trainer.finalize(fake)
     final = json.loads((tmp_path / "final.json").read_text())

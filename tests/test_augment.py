@@ -1,0 +1,325 @@
+"""Batched weak/strong views: shapes, content, per-sample randomness, determinism, PIL parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+
+from pipelines import augment as A
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Small tensors, shared 2-core machine: extra threads only add contention.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return torch.device(name)
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (n, 3, size, size): smooth colour fields + noise, so every op changes pixels."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randint(0, 256, (n, 3, 4, 4), generator=g).float()
+    x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    x = x + torch.randn(x.shape, generator=g) * 20
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def _gen(seed: int = 0, device: str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- shapes, dtypes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shapes_dtypes_devices(device):
+    dev = _device(device)
+    x = _images(6, 32).to(dev)
+    g = _gen()
+    assert A.weak_view(x, g).shape == (6, 3, 32, 32)
+    assert A.weak_view(x, g, out_size=24).shape == (6, 3, 24, 24)
+    assert A.weak_view(x, g, crop="rrc", out_size=20).shape == (6, 3, 20, 20)
+    s = A.strong_view(x, g, crop="rrc", out_size=28)
+    assert s.shape == (6, 3, 28, 28) and s.dtype == torch.uint8 and s.device.type == dev.type
+    for v in (A.weak_view(x, g), A.strong_view(x, g), A.center_crop(x, 16)):
+        assert v.dtype == torch.uint8 and v.device.type == dev.type
+    assert A.center_crop(x, 16).shape == (6, 3, 16, 16)
+    z = A.normalize(x, A.CIFAR10_MEAN, A.CIFAR10_STD)
+    assert z.dtype == torch.float32 and z.shape == x.shape and z.device.type == dev.type
+
+    vm = A.ViewMaker(image_size=32, num_strong=3)
+    wl, wu, strong = vm(x[:2], x, g)
+    assert wl.shape == (2, 3, 32, 32) and wu.shape == (6, 3, 32, 32)
+    assert len(strong) == 3 and all(s.shape == (6, 3, 32, 32) for s in strong)
+    assert all(t.dtype == torch.float32 and t.device.type == dev.type for t in (wl, wu, *strong))
+
+
+def test_rrc_viewmaker_and_eval():
+    x = _images(4, 40)
+    vm = A.ViewMaker(image_size=32, crop="rrc", num_strong=1)
+    wl, wu, (s,) = vm(x[:1], x, _gen())
+    assert wl.shape == (1, 3, 32, 32) and wu.shape == s.shape == (4, 3, 32, 32)
+    ev = vm.eval(x)
+    torch.testing.assert_close(ev, A.normalize(x[..., 4:36, 4:36], vm.mean, vm.std))
+
+
+def test_normalize_values():
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    z = A.normalize(x, (0.5, 0.2, 1.0), (0.5, 0.1, 2.0))
+    torch.testing.assert_close(z.view(3), torch.tensor([-1.0, 0.0, 0.0]))
+
+
+# ----------------------------------------------------------------------------- weak view content
+
+
+def test_weak_without_translation_is_identity_or_mirror_per_sample():
+    x = _images(64, 16)
+    y = A.weak_view(x, _gen(3), translate=0.0)
+    same = (y == x).flatten(1).all(1)
+    mirrored = (y == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    # Per-sample flips, not one decision per batch.
+    assert 10 < int(mirrored.sum()) < 54
+
+
+@pytest.mark.parametrize("size,translate", [(16, 0.125), (12, 0.5)])
+def test_weak_is_a_reflect_padded_shift_of_the_input(size, translate):
+    x = _images(12, size)
+    y = A.weak_view(x, _gen(1), translate=translate)
+    p = round(translate * size)
+    padded = F.pad(x.float(), (p, p, p, p), mode="reflect")
+    shifts = set()
+    for i in range(len(x)):
+        hits = [
+            (f, a, b)
+            for f in (0, 1)
+            for a in range(2 * p + 1)
+            for b in range(2 * p + 1)
+            if torch.equal(
+                (padded[i].flip(-1) if f else padded[i])[:, a : a + size, b : b + size],
+                y[i].float(),
+            )
+        ]
+        assert hits, f"sample {i} is not a flipped/shifted crop of its input"
+        shifts.add(hits[0][1:])
+    assert len(shifts) > 3  # per-sample shifts
+
+
+def test_rrc_full_crop_is_a_resize():
+    x = _images(8, 24)
+    y = A.weak_view(x, _gen(), crop="rrc", out_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    ref = F.interpolate(x.float(), size=(16, 16), mode="bilinear", align_corners=False)
+    ref = (ref + 0.5).floor()
+    for i in range(len(x)):
+        err = min((y[i].float() - r).abs().max() for r in (ref[i], ref[i].flip(-1)))
+        assert err <= 1, f"sample {i}: max error {err}"
+
+
+def test_rrc_of_constant_image_is_constant():
+    x = torch.full((5, 3, 30, 30), 77, dtype=torch.uint8)
+    assert bool((A.weak_view(x, _gen(), crop="rrc", out_size=20) == 77).all())
+
+
+# ----------------------------------------------------------------------------- RandAugment
+
+
+def _pil_reference(name: str, im: Image.Image, m: float) -> Image.Image:
+    w, h = im.size
+    if name == "identity":
+        return im
+    if name == "autocontrast":
+        return ImageOps.autocontrast(im)
+    if name == "equalize":
+        return ImageOps.equalize(im)
+    if name == "solarize":
+        return ImageOps.solarize(im, m)
+    if name == "posterize":
+        return ImageOps.posterize(im, int(m))
+    if name in ("color", "contrast", "brightness", "sharpness"):
+        return getattr(ImageEnhance, name.capitalize())(im).enhance(m)
+    if name == "rotate":
+        return im.rotate(m)
+    # PIL's affine maps output (x, y) to input (a x + b y + c, d x + e y + f) from the top-left
+    # corner; ours act about the centre.
+    if name == "shear_x":
+        return im.transform(im.size, Image.Transform.AFFINE, (1, m, -m * h / 2, 0, 1, 0))
+    if name == "shear_y":
+        return im.transform(im.size, Image.Transform.AFFINE, (1, 0, 0, m, 1, -m * w / 2))
+    if name == "translate_x":
+        return im.transform(im.size, Image.Transform.AFFINE, (1, 0, round(m * w), 0, 1, 0))
+    if name == "translate_y":
+        return im.transform(im.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, round(m * h)))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", A.OPS)
+def test_each_op_matches_pil(name):
+    n, size = 12, 20
+    x = _images(n, size, seed=5)
+    lo, hi = A.MAGNITUDE_RANGES.get(name, (0.0, 0.0))
+    mags = torch.linspace(lo, hi, n)
+    if name == "posterize":
+        mags = torch.tensor([4, 5, 6, 7, 8, 4, 5, 6, 7, 8, 4, 8], dtype=torch.float32)
+    if name == "rotate":  # exact multiples of 90 degrees first, then arbitrary angles
+        mags = torch.tensor([90.0, -90.0, 180.0, 0.0, *torch.linspace(-30, 30, n - 4).tolist()])
+    ops = torch.full((n, 1), A.OPS.index(name))
+    out = A.apply_rand_augment(x, ops, mags[:, None]).permute(0, 2, 3, 1).numpy().astype(int)
+    arr = x.permute(0, 2, 3, 1).numpy()
+    ref = np.stack(
+        [
+            np.asarray(_pil_reference(name, Image.fromarray(arr[i]), float(mags[i])))
+            for i in range(n)
+        ]
+    ).astype(int)
+    diff = np.abs(out - ref)
+    if name in ("rotate", "shear_x", "shear_y"):
+        # Nearest-neighbour: a source point exactly on a pixel boundary may round either way.
+        assert (diff[:4] == 0).all() if name == "rotate" else True
+        assert (diff > 0).mean() < 0.02, f"{name}: {(diff > 0).mean():.3%} pixels differ"
+    else:
+        assert diff.max() == 0, f"{name}: max |ours - PIL| = {diff.max()}"
+
+
+def test_sampled_ops_and_magnitudes_cover_the_documented_ranges():
+    ops, mags = A.sample_rand_augment(20000, _gen(), num_ops=2)
+    assert ops.shape == mags.shape == (20000, 2)
+    counts = torch.bincount(ops.flatten(), minlength=len(A.OPS))
+    assert counts.min() > 0.8 * 40000 / len(A.OPS)  # every op, roughly uniformly
+    for i, name in enumerate(A.OPS):
+        m = mags[ops == i]
+        lo, hi = A.MAGNITUDE_RANGES.get(name, (0.0, 0.0))
+        assert m.min() >= lo and m.max() <= hi, name
+        if name == "posterize":
+            assert set(m.unique().tolist()) == {4.0, 5.0, 6.0, 7.0, 8.0}
+        elif name in A.MAGNITUDE_RANGES:
+            assert m.min() < lo + 0.05 * (hi - lo) and m.max() > hi - 0.05 * (hi - lo), name
+
+
+def test_each_sample_gets_its_own_ops():
+    x = _images(48, 16, seed=2)
+    ops, mags = A.sample_rand_augment(48, _gen(7), num_ops=2)
+    assert len(ops[:, 0].unique()) >= 8  # not one choice per batch
+    batched = A.apply_rand_augment(x, ops, mags)
+    # Grouping by op must not mix samples up: batched == one sample at a time.
+    for i in range(48):
+        single = A.apply_rand_augment(x[i : i + 1], ops[i : i + 1], mags[i : i + 1])
+        assert torch.equal(batched[i], single[0]), f"sample {i} ({ops[i].tolist()})"
+
+
+def test_strong_views_of_one_image_all_differ():
+    x = _images(1, 32).expand(32, -1, -1, -1).contiguous()
+    y = A.strong_view(x, _gen(4))
+    assert len({bytes(v.numpy()) for v in y}) == 32
+
+
+def test_cutout_is_one_gray_square_per_sample():
+    x = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    y = A.cutout(x, _gen(), size=0.5)
+    sides = []
+    for i in range(64):
+        gray = (y[i] == 127).all(0)
+        assert bool(((y[i] == 127) | (y[i] == 200)).all())
+        rows, cols = gray.any(1).nonzero(), gray.any(0).nonzero()
+        if len(rows):
+            r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+            assert bool(gray[r0:r1, c0:c1].all()) and int(gray.sum()) == (r1 - r0) * (c1 - c0)
+            assert r1 - r0 <= 16 and c1 - c0 <= 16
+            sides.append(max(int(r1 - r0), int(c1 - c0)))
+    assert len(sides) > 48 and len(set(sides)) > 5  # random size per sample
+    assert torch.equal(A.cutout(x, _gen(), size=0.0), x)
+
+
+# ----------------------------------------------------------------------------- determinism, range
+
+
+def test_same_seed_same_views_other_seed_other_views():
+    x = _images(16, 32)
+    vm = A.ViewMaker(image_size=32)
+    a = vm(x[:8], x, _gen(11))
+    b = vm(x[:8], x, _gen(11))
+    c = vm(x[:8], x, _gen(12))
+    for t, u, v in zip([a[0], a[1], *a[2]], [b[0], b[1], *b[2]], [c[0], c[1], *c[2]]):
+        assert torch.equal(t, u)
+        assert not torch.equal(t, v)
+
+
+@pytest.mark.parametrize("crop", ["translate", "rrc"])
+def test_views_are_finite_and_in_range(crop):
+    x = _images(32, 32)
+    x[0] = 0
+    x[1] = 255
+    vm = A.ViewMaker(
+        image_size=24 if crop == "rrc" else 32, crop=crop, mean=A.CIFAR10_MEAN, std=A.CIFAR10_STD
+    )
+    mean, std = torch.tensor(vm.mean).view(1, 3, 1, 1), torch.tensor(vm.std).view(1, 3, 1, 1)
+    lo, hi = (0 - mean) / std - 1e-5, (1 - mean) / std + 1e-5
+    wl, wu, strong = vm(x, x, _gen())
+    for t in (wl, wu, *strong):
+        assert bool(torch.isfinite(t).all())
+        assert bool(((t >= lo) & (t <= hi)).all())
+
+
+def test_bad_input_raises_value_error():
+    x = _images(2, 16)
+    g = _gen()
+    with pytest.raises(ValueError, match="uint8"):
+        A.weak_view(x.float(), g)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        A.strong_view(x[:, :1], g)
+    with pytest.raises(ValueError, match="crop"):
+        A.weak_view(x, g, crop="random")
+    with pytest.raises(ValueError, match="out_size"):
+        A.weak_view(x, g, out_size=20)
+    with pytest.raises(ValueError, match="out_size"):
+        A.center_crop(x, 17)
+    with pytest.raises(ValueError, match="translate"):
+        A.weak_view(x, g, translate=1.5)
+    with pytest.raises(ValueError, match="mean"):
+        A.normalize(x, (0.5, 0.5), (0.5, 0.5))
+    with pytest.raises(ValueError, match="generator"):
+        A.weak_view(x, 0)
+    with pytest.raises(ValueError, match="ops"):
+        A.apply_rand_augment(x, torch.full((2, 1), 14), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="crop"):
+        A.ViewMaker(image_size=32, crop="center")
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_images_with_a_cpu_generator_match_cpu():
+    _device("cuda")
+    x = _images(64, 32)
+    for crop, size in (("translate", 32), ("rrc", 24)):
+        vm = A.ViewMaker(image_size=size, crop=crop)
+        ref = vm(x[:16], x, _gen(5))
+        out = vm(x[:16].cuda(), x.cuda(), _gen(5))
+        for r, o in zip([ref[0], ref[1], *ref[2]], [out[0], out[1], *out[2]]):
+            assert o.is_cuda
+            # Same parameters; float rounding (FMA) may move a value by one level or a
+            # nearest-neighbour tie by one pixel, nothing more.
+            diff = (o.cpu() - r).abs()
+            assert (diff > 1e-4).float().mean() < 0.01, f"{crop}: {(diff > 1e-4).float().mean()}"
+
+
+@pytest.mark.gpu
+def test_cuda_generator_is_deterministic():
+    _device("cuda")
+    x = _images(32, 32).cuda()
+    a = A.strong_view(x, _gen(3, "cuda"))
+    b = A.strong_view(x, _gen(3, "cuda"))
+    assert a.is_cuda and torch.equal(a, b)
