@@ -87,6 +87,10 @@ class DataConfig:
     val_split: str | None = _f(None, "split used to pick the best checkpoint (ImageNet-LT: val)")
     eval_batch: int = _f(256, "evaluation batch size", ge=1)
     workers: int = _f(2, "reader worker processes (webdataset, ffcv, dali)", ge=0)
+    order: str = _f("index", "webdataset: index (seek per sample, exact resume, same batches as tensor) or "
+                    "stream (shards split by global worker id, read front to back: for network storage)",
+                    choices=("index", "stream"))
+    shuffle_buffer: int = _f(1000, "webdataset order=stream: per-worker shuffle buffer (samples)", ge=1)
 
 
 @dataclass

@@ -56,7 +56,11 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     options: dict = {}
     if backend == "tensor":
         options["on_device"] = device.type == "cuda"
-    elif backend in ("webdataset", "ffcv"):
+    elif backend == "webdataset":
+        options.update(num_workers=d.workers, order=d.order)
+        if d.order == "stream":
+            options["shuffle_buffer"] = d.shuffle_buffer
+    elif backend == "ffcv":
         options["num_workers"] = d.workers
     elif backend == "dali":
         options["num_threads"] = max(d.workers, 1)
@@ -69,10 +73,11 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     stream = pipelines.build_train_stream(
         backend, dataset, labeled_batch=t.labeled_batch // world, unlabeled_batch=t.unlabeled_batch // world,
         seed=t.seed, rank=rank, world_size=world, device=device, **options)
+    eval_options = {k: v for k, v in options.items() if k not in ("order", "shuffle_buffer")}  # train-only
     evals = {}
     for split in dict.fromkeys([d.eval_split] + ([d.val_split] if d.val_split else [])):
         evals[split] = pipelines.build_eval_source(backend, dataset, split, batch_size=d.eval_batch, rank=rank,
-                                                   world_size=world, device=device, **options)
+                                                   world_size=world, device=device, **eval_options)
     return stream, evals, labeled_counts, names
 
 

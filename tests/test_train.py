@@ -137,3 +137,12 @@ def test_keys_listing(capsys):
     assert "method.put_power" in out and "beta" in out
     cfg = yaml.safe_load(yaml.safe_dump({"a": 1}))
     assert cfg == {"a": 1}
+
+
+@pytest.mark.parametrize("order", ["index", "stream"])
+def test_trains_from_the_tar_shards(run, tmp_path, order):
+    # The same run through the webdataset backend (both reading orders) instead of the arrays.
+    assert run(tmp_path, "data.backend=webdataset", f"data.order={order}", "data.workers=0",
+               "train.epochs=1", name=order) == 0
+    final = json.loads((tmp_path / order / "final.json").read_text())
+    assert final["steps"] == 10 and len(final["per_class_recall"]) == 10
