@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+JITTER = 0.09  # log-std of the per-sample ring frequency: how much neighbouring classes overlap
 CLASS_NAMES = ("ring-a", "ring-b", "ring-c", "ring-d", "ring-e", "ring-f", "ring-g", "ring-h", "ring-i", "ring-j")
 
 
@@ -39,7 +40,7 @@ def render(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.n
     n = labels.shape[0]
     # Radial frequency (cycles across the image) grows geometrically with the class index; the
     # per-sample jitter makes neighbouring classes overlap.
-    freq = 1.6 * 1.18 ** labels.astype(np.float64) * np.exp(0.07 * rng.standard_normal(n))
+    freq = 1.6 * 1.18 ** labels.astype(np.float64) * np.exp(JITTER * rng.standard_normal(n))
     # Ring profile: odd classes square-ish waves, even classes sine waves (a second, weaker cue).
     sharp = np.where(labels % 2 == 1, 4.0, 1.0)
     cy, cx = (rng.random(n) - 0.5) * 0.5, (rng.random(n) - 0.5) * 0.5
@@ -59,8 +60,8 @@ def render(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.n
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
-def make_demo(num_classes: int = 10, n1: int = 200, m1: int = 800, gamma_l: float = 20.0,
-              gamma_u: float = 20.0, test_per_class: int = 100, seed: int = 0, size: int = 32
+def make_demo(num_classes: int = 10, n1: int = 200, m1: int = 800, gamma_l: float = 100.0,
+              gamma_u: float = 100.0, test_per_class: int = 100, seed: int = 0, size: int = 32
               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The demo splits ``labeled``, ``unlabeled`` (long-tailed) and ``test`` (balanced).
 

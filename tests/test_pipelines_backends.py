@@ -344,3 +344,28 @@ def test_full_res_jpeg_gives_load_size_squares(tmp_path):
     m = b.unlabeled.float().mean(dim=(2, 3))
     want = torch.tensor(colours, dtype=torch.float32)[b.unlabeled_index]
     assert torch.allclose(m, want, atol=4)
+
+
+GPU_OPTIONS = {
+    "tensor": {"on_device": True},
+    "webdataset": {"num_workers": 0},
+    "ffcv": {"num_workers": 1},
+    "dali": {"num_threads": 1, "decode_device": "mixed"},  # nvJPEG/GPU decode path
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", installed_backends())
+def test_gpu_batches_are_on_the_device_and_lossless(dataset, backend):
+    root, arrays = dataset
+    stream = build_train_stream(backend, root, labeled_batch=4, unlabeled_batch=8, seed=3, device="cuda",
+                                **GPU_OPTIONS[backend])
+    it = iter(stream)
+    x_u, y_u = arrays["unlabeled"]
+    for _ in range(5):
+        b = next(it)
+        assert b.labeled.is_cuda and b.unlabeled.is_cuda and b.labels.is_cuda
+        i = b.unlabeled_index.cpu().numpy()
+        assert np.array_equal(b.unlabeled.permute(0, 2, 3, 1).cpu().numpy(), x_u[i])
+        assert np.array_equal(b.unlabeled_labels.cpu().numpy(), y_u[i])
