@@ -50,3 +50,13 @@ def test_ema_tracks_by_decay():
     ema2 = ModelEMA(BMBModel.build("small", 3, width=4), decay=0.5)
     ema2.load_state_dict(sd)
     assert ema2.decay == 0.9 and torch.equal(ema2.module.aux_head.weight, ema.module.aux_head.weight)
+
+
+@pytest.mark.parametrize("name, kw, size", [("wrn", {}, 32), ("small", {}, 32), ("resnet50", {"stem": "small"}, 32)])
+def test_every_parameter_gets_a_gradient(name, kw, size):
+    # DDP (without find_unused_parameters) fails on parameters that get no gradient.
+    m = BMBModel.build(name, 5, **kw).train()
+    out = m(torch.randn(2, 3, size, size))
+    (out.base_logits.sum() + out.aux_logits.sum()).backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert missing == []

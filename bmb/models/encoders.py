@@ -23,7 +23,11 @@ def _init(module: nn.Module) -> None:
 class _WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, activate_before_residual: bool) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin, momentum=0.001)
+        # Width-changing blocks other than the network's first feed the raw input to both paths
+        # (FixMatch's WRN); their pre-activation would be computed and thrown away, leaving
+        # parameters without gradients, which DDP rejects. Such blocks have no bn1.
+        pre_activate = cin == cout or activate_before_residual
+        self.bn1 = nn.BatchNorm2d(cin, momentum=0.001) if pre_activate else None
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout, momentum=0.001)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -32,12 +36,9 @@ class _WideBlock(nn.Module):
         self.activate_before_residual = activate_before_residual
 
     def forward(self, x):
-        o = self.act(self.bn1(x))
         if self.shortcut is None:
-            return x + self.conv2(self.act(self.bn2(self.conv1(o))))
-        # Changing width: FixMatch's WRN feeds the pre-activated input to both paths only in the
-        # first block of the network; elsewhere both paths see the raw input.
-        src = o if self.activate_before_residual else x
+            return x + self.conv2(self.act(self.bn2(self.conv1(self.act(self.bn1(x))))))
+        src = self.act(self.bn1(x)) if self.bn1 is not None else x
         return self.shortcut(src) + self.conv2(self.act(self.bn2(self.conv1(src))))
 
 
