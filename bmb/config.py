@@ -39,6 +39,7 @@ class ModelConfig:
     depth: int = _f(28, "wrn depth (6n+4)", ge=10)
     stem: str = _f("small", "resnet50 stem: small (3x3 s1, 32/64 px) or imagenet (7x7 s2 + max-pool, 224 px)",
                    choices=("small", "imagenet"))
+    sync_bn: bool = _f(False, "multi-GPU: batch-norm statistics over all ranks' batches (SyncBatchNorm; CUDA only)")
 
 
 @dataclass

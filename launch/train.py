@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = cfg.model
     model = BMBModel.build(m.encoder, len(names), width=m.width, depth=m.depth, stem=m.stem)
+    if m.sync_bn and world > 1 and accelerator.device.type == "cuda":
+        # Without it each rank normalises with its own B/world samples' statistics.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     me = cfg.method
     algorithm = build_algorithm(
         me.algorithm, num_classes=len(names), feat_dim=model.feat_dim, labeled_counts=labeled_counts,
