@@ -22,6 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.report import bank_entropy  # noqa: E402
 
 VARIANTS = {  # name -> overrides on launch/configs/demo.yaml
     "fixmatch": ["method.algorithm=fixmatch"],
@@ -52,14 +55,6 @@ def run_one(variant: str, seed: int, out: Path, data: Path, extra: list[str]) ->
     return run_dir
 
 
-def entropy(counts: list[int]) -> float:
-    total = sum(counts)
-    if total == 0:
-        return float("nan")
-    ps = [c / total for c in counts if c > 0]
-    return -sum(p * math.log(p) for p in ps) / math.log(len(counts))
-
-
 def summarize(run_dir: Path) -> dict[str, float]:
     final = json.loads((run_dir / "final.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +63,7 @@ def summarize(run_dir: Path) -> dict[str, float]:
     bank = rows[-1].get("bank_class_counts")
     return {"mean_recall": 100 * final["mean_recall"],
             "rare3": 100 * sum(final["per_class_recall"][k] for k in rare) / 3,
-            "bank_entropy": entropy(bank) if bank else float("nan"),
+            "bank_entropy": bank_entropy(bank) if bank else float("nan"),
             "seconds": final["seconds"]}
 
 

@@ -189,7 +189,8 @@ class Trainer:
         if mode == "none":
             return False
         if mode == "auto":
-            found = ckpt.load_complete(self.ckpt_dir, self.coll.rank, warn=self.log)
+            folder = self.ckpt_dir
+            found = ckpt.load_complete(folder, self.coll.rank, warn=self.log)
             if found is None:
                 return False
             main, mine = found
@@ -197,18 +198,20 @@ class Trainer:
             path = Path(mode)
             if not path.is_file():
                 raise FileNotFoundError(f"train.resume: checkpoint file not found: {path}")
-            found = ckpt.load_complete(path.parent, self.coll.rank, warn=self.log)
+            folder = path.parent
             main = torch.load(path, map_location="cpu", weights_only=False)
-            mine = found[1] if found and found[0]["step"] == main["step"] else None
+            mine = None
+            if self.coll.rank > 0:
+                mine = torch.load(ckpt.rank_path(folder, main["step"], self.coll.rank), map_location="cpu",
+                                  weights_only=False)
         if main["world_size"] != self.coll.world_size:
             raise ValueError(f"checkpoint step {main['step']} was written by {main['world_size']} processes, "
                              f"this run has {self.coll.world_size}; resume with the same number")
         self.raw_model.load_state_dict(main["model"])  # before the optimizer: ZeRO refreshes its masters from it
         self.ema.load_state_dict(main["ema"])
         if self.deepspeed:
-            folder, step = self.ckpt_dir if mode == "auto" else Path(mode).parent, main["step"]
             parts = [main["rank0"]["optimizer"]] + [
-                torch.load(ckpt.rank_path(folder, step, r), map_location="cpu", weights_only=False)["optimizer"]
+                torch.load(ckpt.rank_path(folder, main["step"], r), map_location="cpu", weights_only=False)["optimizer"]
                 for r in range(1, self.coll.world_size)]
             self.optimizer.load_state_dict(parts)
         else:

@@ -4,7 +4,6 @@ disjoint, and a 2-process step with batch B/2 per rank equals a 1-process step w
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,16 +14,13 @@ from torch import nn
 from bmb.algorithms import BMB, StepOutputs
 from bmb.dist import Collectives
 from bmb.models import BMBModel, ModelOutput
+from tests.ports import free_port
 
 pytestmark = pytest.mark.dist
 
 C, D = 5, 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int) -> None:

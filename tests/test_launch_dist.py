@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from shards import cli as shards_cli
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -38,17 +39,11 @@ def data(tmp_path_factory) -> Path:
 
 def launch_cmd(launcher_args: list[str], data: Path, out: Path, name: str, *extra: str) -> list[str]:
     return [*ACCELERATE, *launcher_args, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--main_process_port", str(_port()), str(REPO / "launch" / "train.py"),
+            "--main_process_port", str(free_port()), str(REPO / "launch" / "train.py"),
             "--config", str(REPO / "launch" / "configs" / "demo.yaml"), *TINY,
             f"data.dataset={data}", f"train.out_dir={out}", f"name={name}", *extra]
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess:

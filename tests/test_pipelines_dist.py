@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
 from tests.test_pipelines_backends import FFCV, SIZES, write_fixture
 
 pytestmark = pytest.mark.dist
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.dist
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, root: str, backend: str, opts: dict, port: int, out: str) -> None:
@@ -65,7 +61,7 @@ def _worker(rank: int, root: str, backend: str, opts: dict, port: int, out: str)
 def run_two_ranks(root: Path, backend: str, opts: dict, out: Path, timeout: float = 90) -> list:
     ctx = mp.start_processes(
         _worker,
-        args=(str(root), backend, opts, _free_port(), str(out)),
+        args=(str(root), backend, opts, free_port(), str(out)),
         nprocs=WORLD,
         join=False,
         start_method="spawn",

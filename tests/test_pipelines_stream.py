@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.multiprocessing as mp
 
 from pipelines import build_train_stream
 from pipelines.wds_stream import ShardOrder, shuffled
+from tests.ports import free_port
 from tests.test_pipelines_backends import _corrupt_png
 
 SIZES = {"labeled": 32, "unlabeled": 64, "test": 8}
@@ -345,10 +345,6 @@ def test_manifest_with_fewer_samples_than_the_shard(dataset, tmp_path):
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, root: str, port: int, out: str) -> None:
@@ -392,7 +388,7 @@ def test_two_ranks_disjoint_shards_cover_the_epoch(dataset, tmp_path):
     out = tmp_path / "out.json"
     ctx = mp.start_processes(
         _rank_main,
-        args=(str(root), _free_port(), str(out)),
+        args=(str(root), free_port(), str(out)),
         nprocs=WORLD,
         join=False,
         start_method="spawn",
