@@ -2,6 +2,9 @@
 
     python benchmarks/bench_step.py [--encoder wrn] [--size 32] [--steps 20] [--blocks 4]
 
+With ``--audit-syncs`` (CUDA only) it instead lists every place where a training step makes the
+host wait for the GPU (CUDA's sync debug mode, attributed to the project's own source lines).
+
 Both algorithms run the real `Trainer.train_step` (augmentation on the device, one forward of
 labeled weak + unlabeled weak + 2 strong views, losses, backward, optimizer, EMA) on the same
 random uint8 data; BMB additionally fills/queries its memory bank every step (threshold 0.01 and
@@ -13,6 +16,11 @@ from __future__ import annotations
 
 import argparse
 import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -37,12 +45,48 @@ def make_trainer(algorithm: str, args, acc: Accelerator, data: dict) -> Trainer:
     counts = torch.bincount(data["labeled"].labels, minlength=args.classes)
     alg = build_algorithm(algorithm, num_classes=args.classes, feat_dim=model.feat_dim, labeled_counts=counts,
                           threshold=0.01, put_power=0.0, bank_size=args.bank, get_num=args.bank // 2,
-                          generator=torch.Generator().manual_seed(1), device=acc.device)
+                          generator=torch.Generator(device=acc.device).manual_seed(1), device=acc.device)
     stream = TensorStream(data["labeled"], data["unlabeled"], labeled_batch=args.batch, unlabeled_batch=args.batch,
                           device=acc.device)
     views = ViewMaker(image_size=args.size, num_strong=2, crop="rrc" if full_res else "translate")
     return Trainer(cfg, acc, model, alg, stream, views, {}, counts, [str(i) for i in range(args.classes)],
                    "/tmp/bench_step_unused")
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def audit_syncs(trainer: Trainer, batches: Iterator, steps: int) -> Counter:
+    """Where ``steps`` training steps make the host wait for the GPU.
+
+    Runs under ``torch.cuda.set_sync_debug_mode("warn")`` and attributes each synchronising CUDA
+    call to the innermost line of this project's code on the Python stack.
+
+    Returns:
+        ``Counter`` of ``"path:line in function"`` -> number of synchronisations.
+    """
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if f.filename.startswith(str(_ROOT)) and "/.venv/" not in f.filename
+                and not f.filename.endswith("bench_step.py")]
+        where = ours[-1] if ours else traceback.extract_stack()[-2]
+        sites[f"{Path(where.filename).relative_to(_ROOT) if ours else where.filename}:{where.lineno} "
+              f"in {where.name}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                trainer.train_step(next(batches))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sites
 
 
 def main() -> None:
@@ -55,6 +99,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
     ap.add_argument("--blocks", type=int, default=4, help="alternating blocks per algorithm")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--audit-syncs", action="store_true",
+                    help="list the host-GPU synchronisations of a step instead of timing (CUDA only)")
     args = ap.parse_args()
     acc = Accelerator(mixed_precision=args.mixed_precision)
     g = torch.Generator().manual_seed(0)
@@ -68,6 +114,15 @@ def main() -> None:
     for a, t in trainers.items():  # warm-up (and fill the bank)
         for _ in range(3):
             t.train_step(next(iters[a]))
+    if args.audit_syncs:
+        if acc.device.type != "cuda":
+            ap.error("--audit-syncs needs CUDA")
+        for a, t in trainers.items():
+            sites = audit_syncs(t, iters[a], args.steps)
+            print(f"{a}: {sum(sites.values()) / args.steps:.1f} host-GPU syncs per step")
+            for where, n in sites.most_common():
+                print(f"  {n / args.steps:5.1f}/step  {where}")
+        return
     times = {a: 0.0 for a in trainers}
     for _ in range(args.blocks):
         for a, t in trainers.items():

@@ -199,13 +199,21 @@ class BMB(Algorithm):
         self._pending: torch.Tensor | None = None  # this step's bank candidates, enqueued in after_step
         self.bank_check_every = bank_check_every
         self.bank_updates = 0
-        self.last_get_labels: torch.Tensor | None = None  # for the get histogram (paper Fig. 7)
+        self.last_get: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels, valid): get histogram
 
     def _weights(self, counts: torch.Tensor, progress: float) -> torch.Tensor:
+        """Adaptive (optionally annealed) class weights, on ``counts``' device."""
         if not self.adaptive:
-            return torch.ones(self.num_classes)
+            return torch.ones(self.num_classes, device=counts.device)
         w = adaptive_weights(counts, self.alpha)
         return annealed_weights(w, progress) if self.anneal else w
+
+    def _labeled_counts_on(self, device: torch.device) -> torch.Tensor:
+        """``N^L`` on ``device``, copied once: a host-to-device copy every step would make the
+        host wait for the GPU."""
+        if self.labeled_counts.device != device:
+            self.labeled_counts = self.labeled_counts.to(device)
+        return self.labeled_counts
 
     def forward(self, out: StepOutputs, aux_head: nn.Module) -> dict[str, torch.Tensor]:
         dev = out.labels.device
@@ -215,7 +223,7 @@ class BMB(Algorithm):
         base_u, mask_b = fixmatch_unlabeled_loss(out.unlabeled_weak.base_logits,
                                                  out.unlabeled_strong.base_logits, self.threshold)
         # --- aux head, labeled: weights from the true labeled counts
-        w_l = self._weights(self.labeled_counts, out.progress).to(dev)
+        w_l = self._weights(self._labeled_counts_on(dev), out.progress)
         aux_l = (w_l[out.labels] * F.cross_entropy(out.labeled.aux_logits.float(), out.labels, reduction="none")).mean()
         # --- aux head, unlabeled: soft targets, mask and class from the aux head's weak view
         p_a, hard_a, mask_a = confident_targets(out.unlabeled_weak.aux_logits, self.threshold)
@@ -224,9 +232,10 @@ class BMB(Algorithm):
         aux_u, bank_loss = zero, zero
         if out.unlabeled_on:
             # Weighted bincount rather than hard_a[mask_a]: boolean indexing would wait for the GPU.
-            step_counts = torch.bincount(hard_a, weights=mask_a.float(), minlength=self.num_classes)
+            # (scatter_add_, not bincount, which on CUDA reads the maximum label on the host.)
+            step_counts = torch.zeros(self.num_classes, device=dev).scatter_add_(0, hard_a, mask_a.float())
             self.estimator.update(self.coll.all_reduce_sum(step_counts))
-            w_u = self._weights(self.estimator.value(), out.progress).to(dev)
+            w_u = self._weights(self.estimator.value().to(dev), out.progress)
             logp = F.log_softmax(out.unlabeled_strong.aux_logits.float(), dim=-1)  # (K*B_U, C)
             soft_ce = -(p_a.repeat(k, 1) * logp).sum(-1)
             aux_u = ((mask_a.float() * w_u[hard_a]).repeat(k) * soft_ce).mean()
@@ -237,7 +246,7 @@ class BMB(Algorithm):
         stats.update({"loss": total, "base_l": base_l.detach(), "base_u": base_u.detach(),
                       "aux_l": aux_l.detach(), "aux_u": aux_u.detach(), "mb": bank_loss.detach(),
                       "mask_base": mask_b.float().mean(), "mask_aux": mask_a.float().mean(),
-                      "bank_size": torch.tensor(float(len(self.bank)))})
+                      "bank_size": self.bank.size.float()})
         return stats
 
     def _bank_step(self, out: StepOutputs, aux_head: nn.Module, stats: dict) -> torch.Tensor:
@@ -247,12 +256,13 @@ class BMB(Algorithm):
         Nothing here waits for the device (no boolean indexing, no host reads), so the backward
         pass can be queued while the GPU still runs the forward.
         """
-        loss = out.labels.new_zeros((), dtype=torch.float32)
-        feats, labels = self.bank_slice()
-        if labels.numel() > 0:
-            self.last_get_labels = labels.detach()
-            logits = aux_head(feats.to(out.labels.device).detach())
-            loss = F.cross_entropy(logits.float(), labels.to(out.labels.device))
+        dev = out.labels.device
+        feats, labels, valid = self.bank_slice()
+        labels, valid = labels.to(dev), valid.to(dev)
+        self.last_get = (labels, valid)
+        # Fixed shape: invalid rows (while the bank holds fewer items) are masked out of the mean.
+        ce = F.cross_entropy(aux_head(feats.to(dev).detach()).float(), labels, reduction="none")
+        loss = (ce * valid).sum() / valid.sum().clamp_min(1)
         # Candidates: features with the aux head's own confident hard label on the same view,
         # packed as (features | label | valid) for one fixed-shape gather across ranks.
         src = out.unlabeled_strong if self.bank_view == "strong" else out.unlabeled_weak
@@ -265,27 +275,27 @@ class BMB(Algorithm):
         """Gather every rank's candidates and enqueue them (identically on every rank)."""
         if self._pending is None:
             return
-        packed = self.coll.all_gather_cat(self._pending)
+        packed = self.coll.all_gather_cat(self._pending).to(self.bank.device)
         self._pending = None
-        keep = packed[:, -1] > 0.5
-        self.bank.enqueue(packed[keep, :-2].to(self.bank.device), packed[keep, -2].long().to(self.bank.device))
+        self.bank.enqueue(packed[:, :-2], packed[:, -2].long(), valid=packed[:, -1] > 0.5)
         self.bank_updates += 1
         if self.bank_check_every and self.bank_updates % self.bank_check_every == 0:
             self.check_bank_in_sync()
 
-    def bank_slice(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def bank_slice(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of one global draw of ``get_num x world`` items from the bank.
 
-        Every rank draws the same global sample (identical bank and generator) and keeps its own
-        disjoint slice, so the ranks together train on ``get_num x world`` distinct items.
-        Returns empty tensors while the bank is empty.
+        Every rank draws the same global sample (identical bank and generator) and keeps every
+        ``world``-th row starting at its rank, so the ranks together train on ``get_num x world``
+        distinct items, and while the bank is short the valid rows (drawn first) spread evenly.
+
+        Returns:
+            features ``(get_num, D)``, labels ``(get_num,)`` and bool ``valid (get_num,)``
+            (:meth:`BalancedMemoryBank.draw`): fixed shapes, no host sync.
         """
         world, rank = self.coll.world_size, self.coll.rank
-        if len(self.bank) == 0:
-            return self.bank.features[:0], self.bank.labels[:0]
-        feats, labels = self.bank.get(self.get_num * world, self.estimator.value())
-        per = feats.shape[0] // world
-        return feats[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
+        feats, labels, valid = self.bank.draw(self.get_num * world, self.estimator.value())
+        return feats[rank::world], labels[rank::world], valid[rank::world]
 
     def check_bank_in_sync(self) -> None:
         """Raise if the bank (checksum), its generator or N-hat differ between ranks."""

@@ -22,6 +22,13 @@ class Collectives:
         on = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if on else 1
         self.rank = dist.get_rank(group) if on else 0
+        # Host-side flags go over gloo on CPU tensors: a flag on a NCCL group would be a GPU tensor,
+        # and reading it back would make the host wait for all queued GPU work. Every rank builds
+        # its Collectives at the same point, as ``new_group`` requires.
+        self.host_group = group
+        if self.world_size > 1 and "gloo" not in str(dist.get_backend(group)).lower():
+            ranks = None if group is None else dist.get_process_group_ranks(group)
+            self.host_group = dist.new_group(ranks=ranks, backend="gloo")
 
     @property
     def active(self) -> bool:
@@ -49,3 +56,12 @@ class Collectives:
             return True
         gathered = self.all_gather_cat(tensor.reshape(1, -1))
         return bool((gathered == gathered[:1]).all())
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (a host-side collective: it never
+        waits for the GPU)."""
+        if not self.active:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.host_group)
+        return bool(t.item() > 0)

@@ -256,10 +256,11 @@ class Trainer:
         self.scheduler.step()
         self.algorithm.after_step()
         self.ema.update(self.raw_model)
-        got = getattr(self.algorithm, "last_get_labels", None)
-        if got is not None:
-            self.get_hist += torch.bincount(got, minlength=self.get_hist.numel())
-            self.algorithm.last_get_labels = None
+        got = getattr(self.algorithm, "last_get", None)
+        if got is not None:  # (labels, valid) of the items drawn from the bank this step
+            labels, valid = got
+            self.get_hist.scatter_add_(0, labels.to(self.device), valid.to(self.device, torch.long))
+            self.algorithm.last_get = None
         self.step += 1
         return losses
 
@@ -381,8 +382,7 @@ class Trainer:
 
     def _agree_stop(self, received: int | None) -> bool:
         """All ranks stop at the same step if any rank got a signal."""
-        flag = torch.tensor([0.0 if received is None else 1.0], device=self.device)
-        return bool(self.coll.all_reduce_sum(flag).item() > 0)
+        return self.coll.any_true(received is not None)
 
     # ------------------------------------------------------------------ outputs
     def _log_scalars(self, prefix: str, values: dict[str, float]) -> None:

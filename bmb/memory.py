@@ -21,6 +21,16 @@ at a time, and it errs towards balance.
 All randomness comes from the ``generator`` passed in; it may live on another device than the
 bank (e.g. a CPU generator for a CUDA bank): random numbers are drawn on the generator's device
 and moved.
+
+**No host synchronisation.** ``enqueue`` and :meth:`BalancedMemoryBank.draw` work on fixed
+shapes: the number of items is a device tensor, empty slots carry the sentinel label ``C``,
+candidates arrive with a validity mask instead of being filtered, and every call draws a fixed
+number of random numbers (``B`` for the accept test and ``capacity + B`` for the dequeue race
+per ``enqueue``; ``capacity`` per ``draw``). So on a GPU the training step never waits for the
+device, and the random stream does not depend on the data. Value checks that would read device
+memory (label range, NaN) run only for CPU inputs; on other devices non-finite candidates are
+rejected instead. ``len(bank)``, :attr:`features`, :meth:`get` and :meth:`state_dict` do read
+the size from the device: they are for inspection, tests and checkpoints, not the hot path.
 """
 
 from __future__ import annotations
@@ -71,37 +81,57 @@ class BalancedMemoryBank:
         self.device = torch.device(device)
         self.dtype = dtype
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        # Preallocated slots; the first ``_size`` hold items. Overflow refills freed slots in place,
-        # so a step writes only the accepted rows instead of re-concatenating the whole bank.
-        self._buf_feats = torch.zeros(capacity, feat_dim, device=self.device, dtype=dtype)  # (cap, D)
-        self._buf_labels = torch.zeros(capacity, device=self.device, dtype=torch.long)  # (cap,)
-        self._size = 0
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Empty buffers on ``self.device``.
+
+        Slots ``[0, size)`` hold the items (the occupied slots are always a prefix); the others
+        carry the sentinel label ``C``. One extra scratch row at the end receives the writes of
+        rejected candidates, so that a step writes with one fixed-shape ``index_copy_``.
+        """
+        cap = self.capacity
+        self._buf_feats = torch.zeros(cap + 1, self.feat_dim, device=self.device, dtype=self.dtype)
+        self._buf_labels = torch.full((cap + 1,), self.num_classes, device=self.device, dtype=torch.long)
+        self._size = torch.zeros((), device=self.device, dtype=torch.long)  # a device tensor: no sync
+        self._slots = torch.arange(cap, device=self.device)
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
+        """Number of stored items (reads the size from the device: not for the hot path)."""
+        return 0 if self.device.type == "meta" else int(self._size)
+
+    @property
+    def size(self) -> torch.Tensor:
+        """Number of stored items as an int64 scalar tensor on the bank's device (no sync)."""
         return self._size
 
     @property
-    def _feats(self) -> torch.Tensor:
-        return self._buf_feats[: self._size]
+    def _labels_all(self) -> torch.Tensor:
+        """Labels of all ``capacity`` slots, the sentinel ``C`` where empty, ``(capacity,)``."""
+        return self._buf_labels[: self.capacity]
 
-    @property
-    def _labels(self) -> torch.Tensor:
-        return self._buf_labels[: self._size]
+    def _counts_with_empty(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per-class counts of ``labels`` with the sentinel class ``C`` last, int64 ``(C + 1,)``.
+
+        ``scatter_add_`` instead of ``bincount``: CUDA's bincount reads the maximum on the host.
+        """
+        counts = torch.zeros(self.num_classes + 1, device=labels.device, dtype=torch.long)
+        return counts.scatter_add_(0, labels, torch.ones_like(labels))
 
     def class_counts(self) -> torch.Tensor:
-        """Number of stored items per class, int64 ``(C,)``."""
-        return torch.bincount(self._labels, minlength=self.num_classes)
+        """Number of stored items per class, int64 ``(C,)`` on the bank's device."""
+        return self._counts_with_empty(self._labels_all)[: self.num_classes]
 
     @property
     def features(self) -> torch.Tensor:
         """Stored features ``(n, D)`` (read only)."""
-        return self._feats
+        return self._buf_feats[: len(self)]
 
     @property
     def labels(self) -> torch.Tensor:
         """Stored pseudo labels ``(n,)`` (read only)."""
-        return self._labels
+        return self._buf_labels[: len(self)]
 
     def put_probability(self, counts: torch.Tensor | None = None) -> torch.Tensor:
         """``P_put(k)`` for every class given class counts (default: the bank's), float ``(C,)``."""
@@ -115,23 +145,23 @@ class BalancedMemoryBank:
         """
         n = len(self)
         pos = torch.arange(1, n + 1, device=self.device, dtype=torch.float64)
-        f = self._feats.to(torch.float64)
+        f = self.features.to(torch.float64)
         return torch.stack(
             [torch.tensor(float(n), device=self.device, dtype=torch.float64),
              (f.sum(dim=1) * pos).sum(),
-             (self._labels.to(torch.float64) * pos).sum()]
+             (self.labels.to(torch.float64) * pos).sum()]
         )
 
     # ------------------------------------------------------------------ randomness
     def _rand(self, n: int) -> torch.Tensor:
         """``n`` uniforms in (0, 1) from the bank's generator, on the bank's device, float64."""
         u = torch.rand(n, generator=self.generator, device=self.generator.device, dtype=torch.float64)
-        return u.clamp_min_(torch.finfo(torch.float64).tiny).to(self.device)
+        return u.clamp_min_(torch.finfo(torch.float64).tiny).to(self.device, non_blocking=True)
 
-    def _weighted_without_replacement(self, weights: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of ``k`` items drawn without replacement, P ∝ ``weights`` (exponential race)."""
-        keys = -torch.log(self._rand(weights.shape[0])) / weights  # Exp(1)/w: smallest k win
-        return torch.topk(keys, k, largest=False, sorted=True).indices
+    def _race_keys(self, weights: torch.Tensor) -> torch.Tensor:
+        """Exponential-race keys ``Exp(1) / w``: the ``k`` smallest are a draw of ``k`` items without
+        replacement with P ∝ ``w``. Zero weights give ``inf`` (never drawn)."""
+        return -torch.log(self._rand(weights.shape[0])) / weights
 
     # ------------------------------------------------------------------ validation
     def _check_real_device(self, op: str) -> None:
@@ -139,7 +169,7 @@ class BalancedMemoryBank:
             raise ValueError(f"BalancedMemoryBank.{op}: the bank is on the meta device (shapes only); "
                              "move it to a real device first with .to(device)")
 
-    def _check_items(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check_items(self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None) -> None:
         if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[1] != self.feat_dim:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"BalancedMemoryBank.enqueue: features must have shape (B, {self.feat_dim}), got {shape}")
@@ -150,6 +180,13 @@ class BalancedMemoryBank:
             raise ValueError(f"BalancedMemoryBank.enqueue: labels must have shape ({features.shape[0]},), got {shape}")
         if labels.dtype != torch.long:
             raise ValueError(f"BalancedMemoryBank.enqueue: labels must be int64 (torch.long), got {labels.dtype}")
+        if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != labels.shape
+                                  or valid.dtype != torch.bool):
+            what = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+            raise ValueError(f"BalancedMemoryBank.enqueue: valid must be a bool tensor of shape "
+                             f"({labels.shape[0]},), got {what}")
+        if labels.device.type != "cpu" or features.device.type != "cpu":
+            return  # value checks would wait for the device; see the module docstring
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(
                 f"BalancedMemoryBank.enqueue: labels must be in [0, {self.num_classes}), got values in "
@@ -159,72 +196,85 @@ class BalancedMemoryBank:
             raise ValueError("BalancedMemoryBank.enqueue: features contain NaN or Inf")
 
     # ------------------------------------------------------------------ the method
-    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Offer candidates to the bank; dequeue exactly the excess on overflow.
+
+        Fixed shapes throughout, so nothing here waits for the device (module docstring).
 
         Args:
             features: float ``(B, D)`` candidate features (stored detached).
             labels: int64 ``(B,)`` their hard pseudo labels.
+            valid: optional bool ``(B,)``: only these are candidates; the others never enter
+                and do not count towards the ranks of later candidates.
 
         Returns:
             bool ``(B,)``: which candidates were accepted (before any dequeue).
         """
         self._check_real_device("enqueue")
-        self._check_items(features, labels)
+        self._check_items(features, labels, valid)
+        c, cap = self.num_classes, self.capacity
         features = features.detach().to(self.device, self.dtype)
         labels = labels.to(self.device)
         b = labels.shape[0]
         if b == 0:
             return torch.zeros(0, dtype=torch.bool, device=self.device)
+        ok = torch.ones(b, dtype=torch.bool, device=self.device) if valid is None else valid.to(self.device)
+        if self.device.type != "cpu":
+            ok = ok & torch.isfinite(features).all(dim=1)
+        lab = torch.where(ok, labels, c)  # non-candidates take the sentinel class
 
-        counts = self.class_counts()
+        counts = self._counts_with_empty(self._labels_all)  # (C + 1,)
         # Rank of each candidate among the same-class candidates before it in this batch.
-        onehot = torch.nn.functional.one_hot(labels, self.num_classes)  # (B, C)
-        rank = (onehot.cumsum(0) - onehot).gather(1, labels[:, None]).squeeze(1)  # (B,)
-        eff = (counts[labels] + rank).to(torch.float64)
-        p_put = ((counts.min().to(torch.float64) + 1.0) / (eff + 1.0)).pow(self.put_power)
-        accept = self._rand(b) < p_put
+        onehot = (lab[:, None] == torch.arange(c + 1, device=self.device)).long()  # (B, C + 1)
+        rank = (onehot.cumsum(0) - onehot).gather(1, lab[:, None]).squeeze(1)  # (B,)
+        eff = (counts[lab] + rank).to(torch.float64)
+        p_put = ((counts[:c].min().to(torch.float64) + 1.0) / (eff + 1.0)).pow(self.put_power)
+        accept = ok & (self._rand(b) < p_put)
 
-        new_idx = accept.nonzero().squeeze(1)
-        a, n = new_idx.numel(), self._size
-        excess = n + a - self.capacity
-        if excess <= 0:
-            self._buf_feats[n:n + a] = features[new_idx]
-            self._buf_labels[n:n + a] = labels[new_idx]
-            self._size = n + a
-            return accept
-        # Overflow: remove exactly `excess` items from (stored + accepted), majority classes first.
-        union_labels = torch.cat([self._labels, labels[new_idx]])  # (n + a,)
-        union_counts = torch.bincount(union_labels, minlength=self.num_classes)
-        weights = 1.0 - self.put_probability(union_counts)[union_labels] + _REMOVE_EPS
-        dropped = torch.zeros(n + a, dtype=torch.bool, device=self.device)
-        dropped[self._weighted_without_replacement(weights, excess)] = True
-        # Freed slots (dropped stored items, then the empty tail) take the surviving new items.
-        free = torch.cat([dropped[:n].nonzero().squeeze(1),
-                          torch.arange(n, self.capacity, device=self.device)])
-        survivors = new_idx[~dropped[n:]]
-        self._buf_feats[free] = features[survivors]
-        self._buf_labels[free] = labels[survivors]
-        self._size = self.capacity
+        # Overflow: remove exactly `excess` items of (stored + accepted), majority classes first,
+        # by an exponential race over all capacity + B slots (empty/rejected ones weigh 0).
+        union = torch.cat([self._labels_all, torch.where(accept, labels, c)])  # (cap + B,)
+        union_counts = self._counts_with_empty(union)
+        p_keep = torch.cat([self.put_probability(union_counts[:c]), union_counts.new_ones(1).double()])
+        weights = (1.0 - p_keep + _REMOVE_EPS)[union] * (union < c)
+        excess = (self._size + accept.sum() - cap).clamp_min(0)
+        order = torch.argsort(self._race_keys(weights), stable=True)
+        removed = torch.zeros(cap + b, dtype=torch.bool, device=self.device)
+        removed[order] = torch.arange(cap + b, device=self.device) < excess
+        # Freed slots (removed stored items, then the empty tail) take the surviving new items in
+        # order. When the bank overflows they match one to one; otherwise nothing is removed and
+        # the free slots are the empty tail. Rejected candidates are written to the scratch row.
+        free = (self._slots >= self._size) | removed[:cap]
+        free_rank = free.cumsum(0) - 1
+        slot_of_rank = torch.full((cap + 1,), cap, device=self.device, dtype=torch.long)
+        slot_of_rank.scatter_(0, torch.where(free, free_rank, cap), self._slots)  # [cap] is a dummy
+        survive = accept & ~removed[cap:]
+        new_rank = (survive.cumsum(0) - 1).clamp_(0, cap)
+        target = torch.where(survive, slot_of_rank[new_rank], cap)
+        self._buf_feats.index_copy_(0, target, features)
+        self._buf_labels.index_copy_(0, target, labels)
+        self._buf_labels[cap] = c  # the scratch row is never an item
+        self._size = torch.clamp(self._size + accept.sum(), max=cap)
         return accept
 
-    def get(self, n: int, class_prior: torch.Tensor, replacement: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw items, over-drawing classes that ``class_prior`` says are rare.
+    def draw(self, n: int, class_prior: torch.Tensor, replacement: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ``n`` items with a validity mask: the fixed-shape, sync-free form of :meth:`get`.
 
         Args:
-            n: number of items wanted. Without replacement at most ``len(self)`` are returned.
+            n: rows wanted (>= 1).
             class_prior: float ``(C,)`` estimated unlabeled class counts ``N̂`` (clamped to >= 1).
-            replacement: draw with replacement (exactly ``n`` items).
+            replacement: draw with replacement.
 
         Returns:
-            features ``(m, D)`` and labels ``(m,)``, ``m = n`` or ``min(n, len(self))``.
+            features ``(n, D)``, labels ``(n,)`` (0 in invalid rows) and bool ``valid (n,)``.
+            Without replacement the valid rows come first, ``min(n, len(self))`` of them, in the
+            order drawn; with replacement all rows are valid unless the bank is empty.
         """
         self._check_real_device("get")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"BalancedMemoryBank.get: n must be an integer >= 1, got {n!r}")
-        if len(self) == 0:
-            raise ValueError("BalancedMemoryBank.get: the bank is empty (enqueue items first)")
         prior = torch.as_tensor(class_prior)
         if prior.shape != (self.num_classes,):
             raise ValueError(f"BalancedMemoryBank.get: class_prior must have shape ({self.num_classes},), "
@@ -234,25 +284,57 @@ class BalancedMemoryBank:
         if prior.device.type == "cpu" and (not bool(torch.isfinite(prior).all()) or bool((prior < 0).any())):
             raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
         prior = prior.to(self.device, torch.float64)
-        weights = prior.clamp_min(1.0).pow(-self.get_power)[self._labels]  # (len,)
+        labels_all = self._labels_all
+        # Per-slot weight; empty slots (sentinel label) weigh 0.
+        class_w = torch.cat([prior.clamp_min(1.0).pow(-self.get_power), prior.new_zeros(1)])
+        weights = class_w[labels_all]  # (cap,)
         if replacement:
             cdf = weights.cumsum(0)
-            idx = torch.searchsorted(cdf, self._rand(n) * cdf[-1]).clamp_max_(len(self) - 1)
+            idx = torch.searchsorted(cdf, self._rand(n) * cdf[-1])
+            idx = torch.minimum(idx, (self._size - 1).clamp_min(0))
+            valid = (self._size > 0).expand(n)
         else:
-            idx = self._weighted_without_replacement(weights, min(n, len(self)))
-        return self._feats[idx], self._labels[idx]
+            keys = self._race_keys(weights)
+            k = min(n, self.capacity)
+            idx = torch.topk(keys, k, largest=False, sorted=True).indices
+            valid = torch.isfinite(keys[idx])
+            if k < n:  # more wanted than slots exist: pad with invalid rows
+                idx = torch.cat([idx, idx.new_zeros(n - k)])
+                valid = torch.cat([valid, valid.new_zeros(n - k)])
+        labels = torch.where(valid, labels_all[idx], 0)
+        return self._buf_feats[idx], labels, valid
+
+    def get(self, n: int, class_prior: torch.Tensor, replacement: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw items, over-drawing classes that ``class_prior`` says are rare.
+
+        :meth:`draw` without its invalid rows (which reads the mask on the host).
+
+        Args:
+            n: number of items wanted. Without replacement at most ``len(self)`` are returned.
+            class_prior: float ``(C,)`` estimated unlabeled class counts ``N̂`` (clamped to >= 1).
+            replacement: draw with replacement (exactly ``n`` items).
+
+        Returns:
+            features ``(m, D)`` and labels ``(m,)``, ``m = n`` or ``min(n, len(self))``.
+        """
+        if self.device.type != "meta" and len(self) == 0:
+            raise ValueError("BalancedMemoryBank.get: the bank is empty (enqueue items first)")
+        feats, labels, valid = self.draw(n, class_prior, replacement)
+        return feats[valid], labels[valid]
 
     # ------------------------------------------------------------------ persistence
     def to(self, device: torch.device | str) -> BalancedMemoryBank:
         """Move the stored tensors (not the generator) to ``device``; returns self."""
+        was_meta = self._buf_feats.device.type == "meta"
         self.device = torch.device(device)
-        if self._buf_feats.device.type == "meta":
-            self._buf_feats = torch.zeros(self.capacity, self.feat_dim, device=self.device, dtype=self.dtype)
-            self._buf_labels = torch.zeros(self.capacity, device=self.device, dtype=torch.long)
-            self._size = 0
+        if was_meta:
+            self._allocate()
         else:
             self._buf_feats = self._buf_feats.to(self.device)
             self._buf_labels = self._buf_labels.to(self.device)
+            self._size = self._size.to(self.device)
+            self._slots = self._slots.to(self.device)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,8 +345,8 @@ class BalancedMemoryBank:
             "num_classes": self.num_classes,
             "put_power": self.put_power,
             "get_power": self.get_power,
-            "features": self._feats.detach().cpu().clone(),
-            "labels": self._labels.cpu().clone(),
+            "features": self.features.detach().cpu().clone(),
+            "labels": self.labels.cpu().clone(),
             "generator": self.generator.get_state(),
         }
 
@@ -278,11 +360,13 @@ class BalancedMemoryBank:
         if feats.shape[0] > self.capacity or feats.shape[0] != labels.shape[0]:
             raise ValueError("BalancedMemoryBank.load_state_dict: stored items exceed capacity or "
                              "features/labels lengths differ")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"BalancedMemoryBank.load_state_dict: labels must be in [0, {self.num_classes})")
         self.put_power = float(state["put_power"])
         self.get_power = float(state["get_power"])
-        self._size = int(feats.shape[0])
-        self._buf_feats.zero_()
-        self._buf_labels.zero_()
-        self._buf_feats[: self._size] = feats.to(self.device, self.dtype)
-        self._buf_labels[: self._size] = labels.to(self.device, torch.long)
+        n = int(feats.shape[0])
+        self._allocate()
+        self._buf_feats[:n] = feats.to(self.device, self.dtype)
+        self._buf_labels[:n] = labels.to(self.device, torch.long)
+        self._size.fill_(n)
         self.generator.set_state(state["generator"])

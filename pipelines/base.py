@@ -15,6 +15,19 @@ from typing import Any, Protocol
 import torch
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait for the GPU.
+
+    A plain ``cpu_tensor.to("cuda")`` synchronises the stream (the host waits for all queued
+    GPU work); a CPU tensor therefore goes through pinned memory and an asynchronous copy, which
+    the caching host allocator keeps alive until the copy has run.
+    """
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class Batch:
     """One training step's input.

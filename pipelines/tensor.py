@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.base import Batch
+from pipelines.base import Batch, to_device
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 
 
@@ -57,16 +57,16 @@ class ArraySplit:
         Returns:
             ``(uint8 (B, 3, H, W) contiguous, int64 (B,))`` on ``device``.
         """
-        idx_src = idx.to(self.images.device)
+        idx_src = to_device(idx, self.images.device)
         # Gather in the storage's own layout (contiguous NHWC rows for mmapped arrays: one
         # memcpy per sample), then make NCHW contiguous on the target device, where it is cheap.
         images = self.images[idx_src]
-        labels = self.labels[idx.to(self.labels.device)]
+        labels = self.labels[to_device(idx, self.labels.device)]
         target = torch.device(device)
         if target.type == "cuda" and images.device.type == "cpu":
             images = images.pin_memory()
         images = images.to(target, non_blocking=True).contiguous()
-        return images, labels.to(target, non_blocking=True)
+        return images, to_device(labels, target)
 
 
 def _split_paths(root: Path, split: str) -> tuple[Path, Path]:
@@ -182,7 +182,7 @@ class TensorStream:
         ui = self._unl.next_indices()
         x_l, y_l = self.labeled.take(li, self.device)
         x_u, y_u = self.unlabeled.take(ui, self.device)
-        return Batch(x_l, y_l, x_u, ui.to(self.device), y_u)
+        return Batch(x_l, y_l, x_u, to_device(ui, self.device), y_u)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -238,4 +238,4 @@ class TensorEval:
             if self.world_size == 1:
                 yield images, labels
             else:
-                yield images, labels, self._valid[start : start + self.batch_size].to(self.device)
+                yield images, labels, to_device(self._valid[start : start + self.batch_size], self.device)

@@ -29,6 +29,13 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
 
 
+def _finish() -> None:
+    """Tear down only once every rank is done: a rank exiting while another still talks to it
+    can abort the other's gloo threads."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def spawn(fn, world: int, *args) -> None:
     mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
@@ -57,11 +64,13 @@ def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for _ in range(40):
         alg(random_outputs(g, 8), head)
         alg.after_step()
-    feats, labels = alg.bank_slice()
-    full_f, full_y = alg.bank.get(alg.get_num * world, alg.estimator.value())  # the same draw again
+    state = alg.bank.generator.get_state()
+    feats, labels, valid = alg.bank_slice()
+    alg.bank.generator.set_state(state)
+    full_f, full_y, full_v = alg.bank.draw(alg.get_num * world, alg.estimator.value())  # the same draw again
     torch.save({"bank": alg.bank.state_dict(), "nhat": alg.estimator.value(), "steps": alg.estimator.steps,
-                "slice": feats, "full": full_f}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+                "slice": feats, "valid": valid, "full": full_f, "full_valid": full_v}, f"{out_dir}/rank{rank}.pt")
+    _finish()
 
 
 def test_banks_identical_nhat_summed_slices_disjoint(tmp_path):
@@ -74,7 +83,9 @@ def test_banks_identical_nhat_summed_slices_disjoint(tmp_path):
     assert torch.equal(r0["nhat"], r1["nhat"]) and r0["steps"] == 40
     # Each rank's `get` slice is its own half of one global draw: disjoint, together the draw.
     assert r0["slice"].shape == r1["slice"].shape == (4, D)
-    assert torch.equal(r0["full"], r1["full"])
+    assert torch.equal(r0["full"], r1["full"]) and bool(r0["full_valid"].all() and r0["valid"].all())
+    # Rank r keeps rows r, r + world, ...: together the slices are exactly the global draw.
+    assert torch.equal(r0["slice"], r0["full"][0::2]) and torch.equal(r1["slice"], r1["full"][1::2])
     assert not (r0["slice"][:, None, :] == r1["slice"][None, :, :]).all(-1).any()
 
 
@@ -94,7 +105,7 @@ def _diverge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         message = str(e)
     with open(f"{out_dir}/rank{rank}.txt", "w") as f:
         f.write(message)
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_divergence_is_detected(tmp_path):
@@ -167,7 +178,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
     torch.save({"loss": loss / world, "grads": grads, "nhat": alg.estimator.value(),
                 "mb": losses["mb"]}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_two_processes_half_batch_equal_one_process_full_batch(tmp_path):

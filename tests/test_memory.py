@@ -166,3 +166,56 @@ def test_constructor_and_empty_get_errors():
         BalancedMemoryBank(8, 8, C, get_power=-0.5)
     with pytest.raises(ValueError, match="empty"):
         make().get(4, torch.ones(C))
+
+
+# ----------------------------------------------------------------------------- fixed shapes
+def test_invalid_candidates_never_enter_and_do_not_count():
+    bank = make(beta=0.0, capacity=16)
+    x, y = torch.randn(12, 8), torch.arange(12) % C
+    valid = torch.arange(12) % 3 == 0
+    accept = bank.enqueue(x, y, valid=valid)
+    assert torch.equal(accept, valid)  # beta 0 accepts every candidate, and only candidates
+    assert torch.equal(bank.features, x[valid]) and torch.equal(bank.labels, y[valid])
+    # With balancing on, the invalid rows must not raise the ranks of the valid ones: a class-0
+    # candidate behind ten invalid class-0 rows is decided as if it came first.
+    a, b = make(beta=3.0, seed=5), make(beta=3.0, seed=5)
+    a.enqueue(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
+    b.enqueue(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
+    lab = torch.zeros(11, dtype=torch.long)
+    got_a = a.enqueue(torch.randn(11, 8), lab, valid=torch.arange(11) == 10)
+    got_b = b.enqueue(torch.randn(11, 8), lab, valid=torch.arange(11) == 0)
+    assert bool(got_a[10]) and bool(got_b[0])  # P_put = ((0 + 1) / (0 + 1))^3 = 1 for each
+
+
+def test_random_consumption_does_not_depend_on_the_data():
+    """Fixed shapes: the generator advances by the same amount whatever the candidates are, so
+    no host decision on data-dependent sizes is ever needed."""
+    states = []
+    for seed, frac in ((1, 0.0), (2, 0.5), (3, 1.0)):
+        bank = make(beta=2.0, capacity=32, seed=0)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(6):
+            y = torch.randint(0, C, (24,), generator=g)
+            bank.enqueue(torch.randn(24, 8, generator=g), y, valid=torch.rand(24, generator=g) < frac)
+            bank.draw(16, torch.rand(C, generator=g) * 50)
+        states.append(bank.generator.get_state())
+    assert all(torch.equal(states[0], s) for s in states[1:])
+
+
+def test_draw_has_fixed_shapes_and_get_is_draw_without_invalid_rows():
+    bank = make(beta=0.0, capacity=32)
+    f, y, v = bank.draw(8, torch.ones(C))
+    assert f.shape == (8, 8) and y.shape == (8,) and not v.any()  # empty bank: nothing valid
+    bank.enqueue(torch.randn(5, 8), torch.arange(5))
+    for n, replacement in ((3, False), (8, False), (40, False), (8, True)):
+        state = bank.generator.get_state()
+        f, y, v = bank.draw(n, torch.arange(1, C + 1).double(), replacement=replacement)
+        assert f.shape == (n, 8) and y.shape == v.shape == (n,)
+        valid = n if replacement else min(n, 5)
+        assert int(v.sum()) == valid and bool(v[:valid].all())  # valid rows come first
+        assert bool((y[~v] == 0).all())  # invalid rows carry a safe label
+        bank.generator.set_state(state)
+        gf, gy = bank.get(n, torch.arange(1, C + 1).double(), replacement=replacement)
+        assert torch.equal(gf, f[v]) and torch.equal(gy, y[v])
+        rows = (f[v][:, None, :] == bank.features[None]).all(-1)
+        assert bool((rows.sum(1) == 1).all()) and bool((y[v] == bank.labels[rows.float().argmax(1)]).all())
