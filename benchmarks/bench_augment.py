@@ -9,10 +9,17 @@ Both produce, per unlabeled sample, one weak + two strong views, normalised floa
   (no torchvision); it is a benchmark baseline only, never used by the library.
 - ``batched``: :class:`pipelines.augment.ViewMaker` on uint8 batches taken from a tensor in
   device memory (the tensor backend's path), in the main process.
+- ``batched, W worker processes``: the same batched ViewMaker, but spread over the cores the
+  way the baseline is: a ``DataLoader`` with one worker process per core and
+  ``batch_size=None``, whose dataset's ``__getitem__`` draws ``--batch`` random indices from
+  the uint8 image tensor and returns their views (1 torch thread and its own seeded
+  generator per worker). The views reach the main process through shared memory, as the
+  baseline's do; with ``--device cuda`` they are then copied to the GPU like the baseline's.
 
-Both run in one process pinned to the same cores (``--cores``, default: all the process may
-use): the baseline with one worker per core; the batched path with 1 thread (using one core
-of the set) and with one thread per core. Best of ``--repeats`` timed windows each.
+All run in one process pinned to the same cores (``--cores``, default: all the process may
+use): the baseline with one worker per core; the batched path in-process with 1 thread
+(using one core of the set) and with one thread per core, and in one worker per core. Best
+of ``--repeats`` timed windows each.
 
     python benchmarks/bench_augment.py                     # CPU, 32 and 64 px, batch 64
     python benchmarks/bench_augment.py --batch 256 --sizes 32
@@ -181,6 +188,53 @@ def bench_batched(
         torch.set_num_threads(args.workers)
 
 
+class _BatchedViews(Dataset):
+    """Each item: the ViewMaker views of ``batch`` random images (a worker-side batch)."""
+
+    def __init__(self, images: torch.Tensor, batch: int):
+        self.images = images  # (N, 3, H, W) uint8, shared with the workers by fork
+        self.batch = batch
+        self.vm = ViewMaker(image_size=images.shape[-1], mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        self.gen = torch.Generator().manual_seed(0)  # replaced per worker (_init_batched_worker)
+
+    def __len__(self) -> int:
+        return 10**9  # an endless stream of batches, as a long training run sees them
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        idx = torch.randint(len(self.images), (self.batch,), generator=self.gen)
+        _, weak, strong = self.vm(self.images[:0], self.images[idx], self.gen)
+        return (weak, *strong)
+
+
+def _init_batched_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    torch.set_num_threads(1)
+    info.dataset.gen = torch.Generator().manual_seed(info.seed % 2**63)
+
+
+def bench_batched_workers(
+    images: np.ndarray, args: argparse.Namespace, device: torch.device
+) -> float:
+    """ViewMaker in ``args.workers`` DataLoader worker processes, 1 thread each, on the CPU."""
+    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    loader = DataLoader(
+        _BatchedViews(data, args.batch),
+        batch_size=None,
+        num_workers=args.workers,
+        persistent_workers=True,
+        prefetch_factor=4,
+        worker_init_fn=_init_batched_worker,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+
+    def step() -> int:
+        views = [v.to(device, non_blocking=True) for v in next(batches)]
+        return views[0].shape[0]
+
+    return _timed(step, args, device)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -233,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             max(bench_batched(images, args, device, t) for _ in range(args.repeats))
             for t in threads
         ]
-        rows.append((size, pil, batched))
+        workers = max(bench_batched_workers(images, args, device) for _ in range(args.repeats))
+        rows.append((size, pil, [*batched, workers]))
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -247,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     head = "".join(
         f" batched on {args.device}, {t} thread{'s' * (t > 1)} | speed-up |" for t in threads
     )
+    head += f" batched, {args.workers} worker processes | speed-up |"
     print(f"| px | batch | per-sample PIL, {args.workers} workers |{head}")
-    print("|---:|---:|---:|" + "---:|---:|" * len(threads))
+    print("|---:|---:|---:|" + "---:|---:|" * (len(threads) + 1))
     for size, pil, batched in rows:
         cells = "".join(f" {b:,.0f} | {b / pil:.1f}x |" for b in batched)
         print(f"| {size} | {args.batch} | {pil:,.0f} |{cells}")

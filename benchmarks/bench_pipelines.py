@@ -57,7 +57,7 @@ def build_png(root: Path, size: int, n: int, formats: tuple[str, ...]) -> None:
     )
 
 
-def build_jpeg(root: Path, n: int) -> None:
+def build_jpeg(root: Path, n: int, ffcv: bool = False) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -78,11 +78,17 @@ def build_jpeg(root: Path, n: int) -> None:
                     info = tarfile.TarInfo(f"{i:08d}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
+        beton = None
+        if ffcv and split != "test":
+            from shards.ffcv_out import write_beton
+
+            write_beton(root / f"{split}.beton", [root / rel], np.arange(k) % 10, "jpg")
+            beton = {"file": f"{split}.beton", "sha256": ""}
         splits[split] = {
             "count": k,
             "shards": [{"file": rel, "count": k, "sha256": ""}],
             "arrays": None,
-            "ffcv": None,
+            "ffcv": beton,
         }
     (root / "manifest.json").write_text(
         json.dumps(
@@ -153,7 +159,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 224])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="where batches are delivered and augmented")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="decode workers/threads of every pipeline, the naive one included")
     args = ap.parse_args()
     torch.set_num_threads(2)
     has_ffcv = importlib.util.find_spec("ffcv") is not None
@@ -175,18 +183,20 @@ def main() -> None:
                 )
                 views = ViewMaker(image_size=size)
             else:
-                build_jpeg(root, 768)
+                build_jpeg(root, 768, ffcv=has_ffcv)
                 views = ViewMaker(image_size=224, crop="rrc")
             steps = args.steps if fixed else max(4, args.steps // 4)
             res = {"naive (PIL per sample, 2 workers)": time_naive(root, size, fixed, views, steps)}
             kw = dict(labeled_batch=BL, unlabeled_batch=BU, device=args.device)
-            cands = {"webdataset (2 workers)": ("webdataset", {"num_workers": 2})}
+            w = args.workers
+            cands = {f"webdataset ({w} workers)": ("webdataset", {"num_workers": w})}
             if fixed:
                 cands["tensor"] = ("tensor", {})
-            if has_ffcv and fixed:
-                cands["ffcv (2 threads)"] = ("ffcv", {"num_workers": 2})
+            if has_ffcv:
+                cands[f"ffcv ({w} threads)"] = ("ffcv", {"num_workers": w})
             if has_dali:
-                cands["dali cpu (2 threads)"] = ("dali", {"num_threads": 2})
+                where = "gpu" if args.device.startswith("cuda") else "cpu"
+                cands[f"dali {where} ({w} threads)"] = ("dali", {"num_threads": w})
             for label, (backend, opts) in cands.items():
                 try:
                     res[label] = time_stream(

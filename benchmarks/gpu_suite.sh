@@ -3,8 +3,9 @@
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
 # 1. the tests marked `gpu`; 2. batched augmentation on the GPU; 3. BMB vs FixMatch step time
 # (WRN-28-2 @32, ResNet-50 @64 and @224, bf16) = the trainer's consumption rate; 4. input
-# pipelines with GPU rows; 5. the ImageNet127-64 1% preset on a synthetic stand-in of the same
-# shape (127 classes, 64 px), a few hundred steps of BMB and of FixMatch.
+# pipelines with GPU rows; 5. with IN127=1, the ImageNet127-64 1% preset on a synthetic stand-in
+# of the same shape (127 classes, 64 px), a few hundred steps of BMB and of FixMatch.
+# Before 3, `bench_step.py --audit-syncs` lists every host-GPU synchronisation of a step.
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}
 mkdir -p "$OUT"
@@ -14,15 +15,19 @@ log() { echo; echo "=== $*"; }
 log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
 log "gpu tests"; timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-log "augment"; timeout 80 "$PY" benchmarks/bench_augment.py --device cuda --seconds 2 --repeats 2 2>&1 | tail -12 | tee "$OUT/augment.txt"
+log "host-GPU syncs per training step"; timeout 120 "$PY" benchmarks/bench_step.py --encoder wrn --size 32 --mixed-precision bf16 \
+    --steps 4 --audit-syncs 2>&1 | grep -v WARNING | tail -20 | tee "$OUT/syncs.txt"
 : > "$OUT/step.txt"
 for spec in "wrn 32 64" "resnet50 64 64" "resnet50 224 64"; do
     set -- $spec
     log "step $1 $2"
-    timeout 70 "$PY" benchmarks/bench_step.py --encoder "$1" --size "$2" --batch "$3" --mixed-precision bf16 --steps 10 --blocks 3 \
+    timeout 70 "$PY" benchmarks/bench_step.py --encoder "$1" --size "$2" --batch "$3" --mixed-precision bf16 --steps 10 --blocks 4 \
         2>&1 | grep -v WARNING | tail -4 | tee -a "$OUT/step.txt"
 done
-log "pipelines"; timeout 100 "$PY" benchmarks/bench_pipelines.py --device cuda --steps 10 --sizes 32 64 2>&1 | tail -30 | tee "$OUT/pipelines.txt"
+log "augment"; timeout 80 "$PY" benchmarks/bench_augment.py --device cuda --seconds 2 --repeats 1 2>&1 | tail -12 | tee "$OUT/augment.txt"
+log "pipelines"; timeout 150 "$PY" benchmarks/bench_pipelines.py --device cuda --steps 10 --workers "${WORKERS:-12}" \
+    --sizes ${PIPELINE_SIZES:-32 64 224} 2>&1 | tail -30 | tee "$OUT/pipelines.txt"
+[ "${IN127:-0}" = 1 ] || exit 0
 log "imagenet127-64 1% stand-in"
 DATA=/tmp/in127-standin
 "$PY" -m shards demo --out "$DATA" --num-classes 127 --size 64 --n1 400 --m1 2000 --gamma-l 286 --gamma-u 286 \

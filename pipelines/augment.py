@@ -2,8 +2,10 @@
 
 Every function takes a whole uint8 batch ``(N, 3, H, W)`` on any device (CPU or CUDA) and a
 ``torch.Generator``; each sample gets its own random parameters, and the work is done with
-batched tensor ops -- there is no Python loop over samples (Python loops run over the
-``num_ops`` op slots and the four groups of RandAugment ops only).
+batched tensor ops -- there is no Python loop over samples. Python loops run over the
+``num_ops`` op slots and the seven kernels of RandAugment ops only, and, on the CPU, over
+blocks of a few views in the random-resized crop (so that its float intermediates stay in
+cache; one block on other devices).
 
 Randomness: every parameter is drawn on the generator's device (a CPU generator may drive CUDA
 images) in an order that never depends on the pixel values, then moved to the images' device.
@@ -46,6 +48,23 @@ kernel, truncating blends): the tests check them bit-exact against PIL, per op.
 Geometric ops sample nearest-neighbour and fill with black, as PIL's ``rotate``/``transform``
 do by default; shears act about the image centre (PIL's act about the top-left corner, which
 also shifts the image -- translation is a separate op already).
+
+Implementation, tuned for one CPU thread (the same code runs on CUDA): pixels stay uint8
+wherever the arithmetic allows, and most work is a handful of passes over the batch.
+
+- translate crop: a row gather. Each output row is one contiguous window of the source row
+  extended by one period of its reflection, which also holds the mirror image (see
+  :func:`_translate_crop`); no padded or flipped copy of the batch.
+- random-resized crop: separable bilinear -- a gather of whole uint8 source rows, a vertical
+  blend, a gather of columns, a horizontal blend; equal to ``grid_sample`` (bilinear, border,
+  ``align_corners=False``) up to float rounding, i.e. at most one level.
+- RandAugment: per op slot, the samples are sorted by op (one row permutation) and each group
+  of ops runs in place on its contiguous run: posterize and solarize as uint8 arithmetic,
+  brightness / color / sharpness as float32 blends, autocontrast / equalize / contrast as
+  one per-sample, per-channel lookup-table gather, and the five geometric ops as one uint8
+  pixel gather that picks exactly the pixels ``grid_sample`` (nearest, zeros) picks.
+- Cutout: uint8 multiply-add with a per-sample box mask; in :class:`ViewMaker` it runs on
+  RandAugment's sorted copy before the one permutation back.
 """
 
 from __future__ import annotations
@@ -57,8 +76,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from pipelines.base import to_device as _on  # CPU parameters -> device without a sync
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -124,6 +144,9 @@ MAGNITUDE_RANGES: dict[str, tuple[float, float]] = {
 
 _CROPS = ("translate", "rrc")
 
+# Largest float intermediate (bytes) of one block of views in the CPU resized crop.
+_CPU_BLOCK_BYTES = 2 << 20
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -153,12 +176,6 @@ def _reflect(index: Tensor, size: int) -> Tensor:
     return (size - 1) - (size - 1 - index).abs()
 
 
-def _to_uint8(x: Tensor) -> Tensor:
-    """Clamp to [0, 255] and truncate, as PIL's blends do."""
-    # Via int32: CPU float32 -> uint8 conversion is not vectorised and twice as slow.
-    return x.clamp_(0, 255).to(torch.int32).to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------- crops
 
 
@@ -168,8 +185,23 @@ def _translate_crop(
     out_hw: tuple[int, int],
     translate: float,
     flip: bool,
+    source: Tensor | None,
 ) -> Tensor:
-    n, c, h, w = images.shape
+    """Reflect pad-and-crop + flip of every view; view ``i`` crops image ``source[i]``.
+
+    Args:
+        images: uint8 ``(M, 3, H, W)``.
+        generator: source of the shifts and flips.
+        out_hw: output size.
+        translate: maximum shift as a fraction of the output side.
+        flip: whether to flip half of the views horizontally.
+        source: int64 ``(N,)`` image of each view, or ``None`` for one view per image.
+
+    Returns:
+        uint8 ``(N, 3, oh, ow)``.
+    """
+    m, c, h, w = images.shape
+    n = m if source is None else len(source)
     oh, ow = out_hw
     py, px = round(translate * oh), round(translate * ow)
     # Reflect padding repeats no edge pixel, so it reaches at most size - 1 pixels out.
@@ -180,28 +212,59 @@ def _translate_crop(
     dx = torch.randint(-px, px + 1, (n,), generator=generator, device=gd)
     mirror = (_rand(generator, (n,)) < 0.5).long()
     dev = images.device
-    dy, dx, mirror = dy.to(dev), dx.to(dev), mirror.to(dev) if flip else mirror.zero_().to(dev)
-    # Source: the images with reflect-padded columns, and (for flips) their mirror images,
-    # uint8 (N, 1 or 2, 3, H, W + 2 px).
-    wp = w + 2 * px
-    src = images.new_empty(n, 2 if flip else 1, c, h, wp)
-    src[:, 0, :, :, px : px + w] = images
-    if px:
-        src[:, 0, :, :, :px] = images[..., 1 : px + 1].flip(-1)
-        src[:, 0, :, :, px + w :] = images[..., w - px - 1 : w - 1].flip(-1)
-    if flip:
-        src[:, 1] = src[:, 0].flip(-1)
+    dy, dx, mirror = _on(dy, dev), _on(dx, dev), _on(mirror if flip else mirror.zero_(), dev)
+    # Reflecting a row at both ends without repeating the edge pixel makes it periodic, with
+    # period P = 2W - 2: x0 .. x(W-1) x(W-2) .. x1 | x0 .. . That sequence is also symmetric
+    # about 0, so its mirror image is itself shifted by half a period (W - 1): a flipped,
+    # shifted, reflect-padded crop row is one contiguous window of it, and no padded or
+    # mirrored copy of the images is needed. Source rows: one period plus the W pixels after
+    # it, so that every window of <= W pixels starting in the first period fits, built from
+    # whole-row copies only (narrower strided copies are 2-3x slower per byte on the CPU).
+    period = max(2 * w - 2, 1)
+    span = period + w
+    ext = images.new_empty(m, c, h, span)
+    ext[..., :w] = images
+    if w > 1:
+        # x(W-1) .. x0 at W - 1: both its ends coincide with the pixels already there.
+        ext[..., w - 1 : period + 1] = images.flip(-1)
+    ext[..., period:] = images
     # Every output row is ``ow`` contiguous source bytes, so one row gather (index_select on
     # all length-``ow`` windows of the flat source) does the whole crop; an element-wise
     # gather with an int64 index per pixel is 2-4x slower on the CPU.
-    windows = src.view(-1).unfold(0, ow, 1)
-    top, left = (h - oh) // 2, (w - ow) // 2
-    rows = _reflect(top + dy[:, None] + torch.arange(oh, device=dev), h)  # (N, oh)
-    plane = (torch.arange(n, device=dev) * src.shape[1] + mirror)[:, None] * c + torch.arange(
-        c, device=dev
-    )  # (N, 3): index of each output channel's source plane
-    starts = (plane[:, :, None] * h + rows[:, None, :]) * wp + (px + left + dx).view(n, 1, 1)
+    windows = ext.view(-1).unfold(0, ow, 1)
+    row_windows, channels = _crop_lines(h, oh, py, c, span, dev)
+    rows = row_windows.index_select(0, dy + py)  # (N, oh): offsets of the source rows
+    image = torch.arange(n, device=dev) if source is None else _on(source, dev)
+    # Start of each view's window in the period, plus its image's offset; then of each row.
+    first = torch.remainder(dx - mirror * (w - 1) + (w - ow) // 2, period)
+    first += image * (c * h * span)
+    starts = (first.view(n, 1, 1) + channels) + rows.view(n, 1, oh)
     return windows.index_select(0, starts.view(-1)).view(n, c, oh, ow)
+
+
+@functools.lru_cache(maxsize=16)
+def _crop_lines(
+    h: int, oh: int, py: int, c: int, row: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Offset tables of :func:`_translate_crop` (cached: the same every call).
+
+    Args:
+        h: source rows per channel.
+        oh: output rows.
+        py: largest vertical shift.
+        c: channels.
+        row: bytes per source row.
+        device: where the tables live.
+
+    Returns:
+        int64 ``(2 py + 1, oh)``: row ``py + dy`` holds the offsets of the source rows of an
+        ``oh``-row crop, centred, shifted by ``dy``, reflected at the edges; int64
+        ``(1, c, 1)``: the offsets of the channels.
+    """
+    top = (h - oh) // 2
+    lines = _reflect(torch.arange(top - py, top + py + oh, device=device), h) * row
+    channels = torch.arange(c, device=device).view(1, c, 1) * (h * row)
+    return lines.unfold(0, oh, 1), channels
 
 
 def _rrc(
@@ -211,10 +274,80 @@ def _rrc(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     flip: bool,
-    attempts: int = 10,
+    source: Tensor | None,
 ) -> Tensor:
-    """Random-resized-crop + flip, bilinear, all samples in one ``grid_sample``."""
-    n, _, h, w = images.shape
+    """Random-resized-crop + flip, bilinear, of every view; view ``i`` crops image ``source[i]``.
+
+    Sampling as ``grid_sample(mode="bilinear", padding_mode="border", align_corners=False)``
+    on the crop's affine grid, but separably: each sample's grid is a product of one row map
+    and one column map, so the bilinear weights factor into a vertical blend of two gathered
+    source rows (whole uint8 rows, cheap) followed by a horizontal blend of two gathered
+    columns. Results agree with grid_sample's to float rounding (at most one level after
+    rounding to uint8; test_rrc_matches_grid_sample).
+
+    Args:
+        images: uint8 ``(M, 3, H, W)``.
+        generator: source of the crops and flips.
+        out_size: output side S.
+        scale: area fraction range of the crop.
+        ratio: aspect-ratio range of the crop.
+        flip: whether to flip half of the views horizontally.
+        source: int64 ``(N,)`` image of each view, or ``None`` for one view per image.
+
+    Returns:
+        uint8 ``(N, 3, S, S)``.
+    """
+    images = images.contiguous()  # gathered by rows
+    m, c, h, w = images.shape
+    n = m if source is None else len(source)
+    dev = images.device
+    sx, tx, sy, ty = (_on(p, dev) for p in _rrc_maps(n, h, w, generator, scale, ratio, flip))
+    lin = (torch.arange(out_size, device=dev, dtype=torch.float32) * 2 + 1) / out_size - 1
+    x_lo, x_hi, x_w = _bilinear_taps(sx[:, None] * lin + tx[:, None], w)  # (N, S) each
+    y_lo, y_hi, y_w = _bilinear_taps(sy[:, None] * lin + ty[:, None], h)
+    image = torch.arange(n, device=dev) if source is None else _on(source, dev)
+    planes = ((image[:, None] * c + torch.arange(c, device=dev)) * h)[:, :, None]  # (N, 3, 1)
+    row_lo, row_hi = planes + y_lo[:, None, :], planes + y_hi[:, None, :]  # (N, 3, S)
+    rows = images.view(m * c * h, w)
+    out = images.new_empty(n, c, out_size, out_size)
+    # On the CPU, blocks of views small enough that the float intermediates stay in cache:
+    # batch-sized ones (~150 MB each at 224 px) are bound by memory traffic and page faults,
+    # ~6x slower in all. One block on other devices.
+    block = n if dev.type != "cpu" else max(1, _CPU_BLOCK_BYTES // (c * out_size * w * 4))
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        k = b - a
+        # Vertical pass: rows y_lo and y_hi of each output row's source plane (whole uint8
+        # rows: a cheap row gather), blended.
+        top = rows.index_select(0, row_lo[a:b].reshape(-1)).float().view(k, c, out_size, w)
+        bottom = rows.index_select(0, row_hi[a:b].reshape(-1)).float().view(k, c, out_size, w)
+        top.lerp_(bottom, y_w[a:b, None, :, None])
+        # Horizontal pass: columns x_lo and x_hi of every row (one index per view, expanded).
+        shape = (k, c, out_size, out_size)
+        left = top.gather(3, x_lo[a:b, None, None, :].expand(shape))
+        left.lerp_(top.gather(3, x_hi[a:b, None, None, :].expand(shape)), x_w[a:b, None, None, :])
+        # Rounded to nearest (ties up); a blend of in-range values needs no clamp.
+        out[a:b] = left.add_(0.5).to(torch.int32)
+    return out
+
+
+def _rrc_maps(
+    n: int,
+    h: int,
+    w: int,
+    generator: torch.Generator,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip: bool,
+    attempts: int = 10,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Draw ``n`` random-resized-crop boxes (+ flips) of an ``h x w`` image.
+
+    Returns:
+        float32 ``(n,)`` each, on the generator's device: ``sx, tx, sy, ty``, the affine map
+        output -> input of each crop in grid_sample's normalised coordinates
+        (align_corners=False): ``x_in = sx * x_out + tx``, ``y_in = sy * y_out + ty``.
+    """
     area = h * w
     u = _rand(generator, (n, attempts, 2))
     pos = _rand(generator, (n, 3))
@@ -235,18 +368,27 @@ def _rrc(
     x0 = torch.where(found, pos[:, 0] * (w - cw), (w - cw) / 2)
     y0 = torch.where(found, pos[:, 1] * (h - ch), (h - ch) / 2)
     sign = 1.0 - 2.0 * (pos[:, 2] < 0.5).float() if flip else torch.ones_like(cw)
-    dev = images.device
-    # Affine map output -> input in grid_sample's normalised coords (align_corners=False).
-    sx, sy = (sign * cw / w).to(dev), (ch / h).to(dev)
-    tx, ty = ((x0 + cw / 2) * 2 / w - 1).to(dev), ((y0 + ch / 2) * 2 / h - 1).to(dev)
-    lin = (torch.arange(out_size, device=dev, dtype=torch.float32) * 2 + 1) / out_size - 1
-    gx = (sx[:, None] * lin + tx[:, None])[:, None, :].expand(n, out_size, out_size)
-    gy = (sy[:, None] * lin + ty[:, None])[:, :, None].expand(n, out_size, out_size)
-    grid = torch.stack([gx, gy], dim=-1)
-    out = F.grid_sample(
-        images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    return _to_uint8(out.add_(0.5))
+    sx, sy = sign * cw / w, ch / h
+    tx, ty = (x0 + cw / 2) * 2 / w - 1, (y0 + ch / 2) * 2 / h - 1
+    return sx, tx, sy, ty
+
+
+def _bilinear_taps(grid: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear taps of normalised coordinates along one axis, as grid_sample's border mode.
+
+    Args:
+        grid: float32 coordinates in [-1, 1] units (align_corners=False), any shape.
+        size: length of the axis in pixels.
+
+    Returns:
+        int64 lower and upper pixel indices and the float32 weight of the upper one.
+    """
+    # grid_sample's CPU unnormalisation, then the border mode's clip to [0, size - 1].
+    pos = grid.add(1.0).mul_(size / 2).sub_(0.5).clamp_(0, size - 1)
+    lo = pos.floor()
+    weight = pos.sub_(lo)
+    lo = lo.long()
+    return lo, (lo + 1).clamp_(max=size - 1), weight
 
 
 def weak_view(
@@ -286,21 +428,57 @@ def weak_view(
     """
     _check_images(images)
     _check_generator(generator)
-    n, _, h, w = images.shape
+    return _weak_view(
+        images,
+        generator,
+        None,
+        crop=crop,
+        out_size=out_size,
+        translate=translate,
+        flip=flip,
+        scale=scale,
+        ratio=ratio,
+    )
+
+
+def _weak_view(
+    images: Tensor,
+    generator: torch.Generator,
+    source: Tensor | None,
+    *,
+    crop: str,
+    out_size: int | None,
+    translate: float,
+    flip: bool = True,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """:func:`weak_view` of ``images[source]`` (``images`` when ``None``), without the copy.
+
+    Args:
+        images: uint8 ``(M, 3, H, W)``.
+        generator: source of all randomness.
+        source: int64 ``(N,)`` image of each view, or ``None`` for one view per image.
+        crop, out_size, translate, flip, scale, ratio: as in :func:`weak_view`.
+
+    Returns:
+        uint8 ``(N, 3, S, S)``; the random draws are those of :func:`weak_view` on N images.
+    """
+    h, w = images.shape[-2:]
     if crop == "translate":
         if not 0.0 <= translate < 1.0:
             raise ValueError(f"translate must be in [0, 1), got {translate}")
         oh, ow = (h, w) if out_size is None else (out_size, out_size)
         if not (0 < oh <= h and 0 < ow <= w):
             raise ValueError(f"out_size={out_size} must be in [1, {min(h, w)}] for {h}x{w} input")
-        return _translate_crop(images, generator, (oh, ow), translate, flip)
+        return _translate_crop(images, generator, (oh, ow), translate, flip, source)
     if crop == "rrc":
         size = min(h, w) if out_size is None else out_size
         if size <= 0:
             raise ValueError(f"out_size must be positive, got {out_size}")
         if not (0 < scale[0] <= scale[1] <= 1.0) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"bad rrc scale={scale} or ratio={ratio}")
-        return _rrc(images, generator, size, scale, ratio, flip)
+        return _rrc(images, generator, size, scale, ratio, flip, source)
     raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}")
 
 
@@ -343,10 +521,19 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
         raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} must have {c} entries")
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {tuple(std)}")
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device)
+    scale, shift = _normalize_constants(tuple(mean), tuple(std), images.device)
     # x * 1/(255 std) - mean/std, in place (a broadcasting addcmul is 5x slower on CPU).
-    return images.float().mul_(scale.view(1, c, 1, 1)).add_(shift.view(1, c, 1, 1))
+    return images.float().mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """float32 ``(1, C, 1, 1)`` ``1 / (255 std)`` and ``-mean / std`` on ``device`` (cached)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device)
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
 # ----------------------------------------------------------------------------- RandAugment
@@ -373,13 +560,20 @@ def sample_rand_augment(
     gd = generator.device
     ops = torch.randint(0, len(OPS), (n, num_ops), generator=generator, device=gd)
     u = _rand(generator, (n, num_ops))
-    lo = torch.tensor([MAGNITUDE_RANGES.get(o, (0.0, 0.0))[0] for o in OPS], device=gd)
-    hi = torch.tensor([MAGNITUDE_RANGES.get(o, (0.0, 0.0))[1] for o in OPS], device=gd)
-    mags = lo[ops] + u * (hi - lo)[ops]
+    lo, span = _magnitude_bounds(gd)
+    mags = lo[ops] + u * span[ops]
     # Posterize: bits uniform over the integers 4..8.
-    bits = lo[_OP["posterize"]] + torch.floor(u * 5).clamp_(max=4)
+    bits = MAGNITUDE_RANGES["posterize"][0] + torch.floor(u * 5).clamp_(max=4)
     mags = torch.where(ops == _OP["posterize"], bits, mags)
     return ops, mags
+
+
+@functools.lru_cache(maxsize=8)
+def _magnitude_bounds(device: torch.device) -> tuple[Tensor, Tensor]:
+    """float32 ``(len(OPS),)`` lower ends and widths of the magnitude ranges (cached)."""
+    lo = torch.tensor([MAGNITUDE_RANGES.get(o, (0.0, 0.0))[0] for o in OPS], device=device)
+    hi = torch.tensor([MAGNITUDE_RANGES.get(o, (0.0, 0.0))[1] for o in OPS], device=device)
+    return lo, hi - lo
 
 
 def _luma(x: Tensor) -> Tensor:
@@ -391,97 +585,86 @@ def _luma(x: Tensor) -> Tensor:
     Returns:
         float32 ``(n, 1, H, W)`` with integer values.
     """
-    weights = torch.tensor([19595.0, 38470.0, 7471.0], device=x.device).view(1, 3, 1, 1)
-    y = (x.float() * weights).sum(dim=1, keepdim=True)
-    return torch.floor(y.add_(32768.0).mul_(1.0 / 65536.0))
+    r, g, b = x.float().unbind(1)
+    # Plane by plane with fused multiply-adds: every partial sum is an integer below 2**24, so
+    # the result is exact in any order, and this reads each plane once (a broadcast multiply
+    # and a channel sum take two passes over all three planes).
+    y = (r * 19595.0).add_(g, alpha=38470.0).add_(b, alpha=7471.0)
+    return y.add_(32768.0).mul_(1.0 / 65536.0).floor_().unsqueeze(1)
 
 
-def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
-    """PIL ``Image.blend(degenerate, x, factor)``: truncating, clamped; factor ``(n,)``."""
-    out = (x - degenerate).mul_(factor.view(-1, 1, 1, 1)).add_(degenerate)
-    return _to_uint8(out)
-
-
-def _lut_histogram(index: Tensor, n_autocontrast: int, levels: Tensor) -> Tensor:
-    """Autocontrast (first ``n_autocontrast`` samples) and equalize (the rest) tables, PIL-exact.
+def _store_(dst: Tensor, x: Tensor, clamp: bool) -> None:
+    """Write float ``x`` into uint8 ``dst``, truncating like PIL's blends.
 
     Args:
-        index: int64 ``(n, 3, H*W)`` pixel values.
-        n_autocontrast: leading samples that autocontrast; the others equalize.
-        levels: float64 ``(256,)`` = 0..255.
-
-    Returns:
-        float64 ``(n, 3, 256)`` per-sample, per-channel lookup tables.
+        dst: uint8 destination, same shape as ``x``.
+        x: float32 values; clamped to [0, 255] in place first when ``clamp``.
+        clamp: whether ``x`` may leave [0, 255]. A blend with a factor in [0, 1] stays between
+            its two (in-range, integer) ends, float rounding included, so it needs no clamp.
     """
-    n, c, hw = index.shape
-    # Per-(sample, channel) histograms in one scatter-add of ones along the value axis.
-    ones = torch.ones(n * c, hw, dtype=torch.int32, device=index.device)
-    hist = torch.zeros(n * c, 256, dtype=torch.int32, device=index.device)
-    hist = hist.scatter_add_(1, index.view(n * c, hw), ones).double()
-    # Float64 throughout: exact for these integers, and CPU integer division is slow.
-    nonzero = hist > 0
-    hi = (nonzero * levels).argmax(1, keepdim=True)  # last non-empty bin
-    lo = nonzero.to(torch.uint8).argmax(1, keepdim=True)  # first non-empty bin
-    # autocontrast: map [lo, hi] linearly onto [0, 255] (unchanged when hi <= lo), truncating
-    # exactly like PIL's Python arithmetic. (tensor / tensor, as torch computes
-    # ``scalar / tensor`` via a reciprocal, an ulp off.)
-    span = (hi - lo).clamp(min=1).double()
-    scale = torch.full_like(span, 255.0) / span
-    ac = torch.floor(levels * scale + (-lo * scale)).clamp_(0, 255)
-    ac = torch.where(hi > lo, ac, levels)
-    # equalize: lut[i] = (step // 2 + #pixels below i) // step, with
-    # step = (#pixels - #pixels in the last non-empty bin) // 255 (unchanged when step == 0).
-    step = torch.floor((hw - hist.gather(1, hi)) / 255)
-    below = hist.cumsum(1) - hist
-    eq = torch.floor((below + torch.floor(step / 2)) / step.clamp(min=1)).clamp_(max=255)
-    eq = torch.where(step > 0, eq, levels)
-    is_ac = (torch.arange(n * c, device=index.device) < n_autocontrast * c)[:, None]
-    return torch.where(is_ac, ac, eq).view(n, c, 256)
+    if clamp:
+        x.clamp_(0, 255)
+    # Via int32: CPU float32 -> uint8 conversion is not vectorised and twice as slow.
+    dst.copy_(x.to(torch.int32))
 
 
-def _op_lut(x: Tensor, counts: list[int], m: Tensor) -> Tensor:
-    """The six per-value ops as one per-sample, per-channel lookup table and one gather.
+def _op_posterize_(x: Tensor, mask: Tensor) -> None:
+    """Keep the top bits of every value, in place: one uint8 AND per pixel.
 
     Args:
-        x: uint8 ``(n, 3, H, W)``, sorted by op: ``counts`` samples each of autocontrast,
-            equalize, solarize, posterize, contrast, brightness.
-        counts: six sample counts summing to ``n``.
-        m: float32 ``(n,)`` magnitudes.
-
-    Returns:
-        uint8 ``(n, 3, H, W)``.
+        x: uint8 ``(n, 3, H, W)``, modified in place.
+        mask: uint8 ``(n, 1, 1, 1)`` bit masks (:func:`_byte_params`).
     """
-    n, c, h, w = x.shape
-    n_ac, n_eq, n_sol, n_post, n_con, n_bri = counts
-    at = list(accumulate(counts, initial=0))
-    index = x.reshape(n, c, h * w).long()
-    levels = torch.arange(256, device=x.device, dtype=torch.float64)
-    m = m.double()[:, None]
-    tables = []  # float64 (k, 256) or (k, 3, 256), in sample order
-    if n_ac + n_eq:
-        tables.append(_lut_histogram(index[: at[2]], n_ac, levels))
-    if n_sol:  # pixels >= T become 255 - pixel
-        tables.append(torch.where(levels >= torch.ceil(m[at[2] : at[3]]), 255 - levels, levels))
-    if n_post:  # keep the top ``bits`` bits
-        q = torch.exp2(8 - m[at[3] : at[4]].round())
-        tables.append(torch.floor(levels / q) * q)
-    if n_con:  # blend from the rounded mean of the luma image (PIL's Contrast)
-        mean = torch.floor(_luma(x[at[4] : at[5]]).mean(dim=(1, 2, 3)) + 0.5)[:, None].double()
-        tables.append(torch.floor((mean + m[at[4] : at[5]] * (levels - mean)).float()))
-    if n_bri:  # blend from black
-        tables.append(torch.floor((m[at[5] : at[6]] * levels).float()))
-    # PIL blends in float32, hence the .float() before truncating.
-    lut = torch.cat([t if t.dim() == 3 else t[:, None].expand(-1, c, -1) for t in tables])
-    lut = lut.clamp_(0, 255).to(torch.uint8)  # (n, 3, 256)
-    return lut.gather(2, index).view(n, c, h, w)
+    x.bitwise_and_(mask)
 
 
-def _op_color(x: Tensor, m: Tensor) -> Tensor:
+def _op_solarize_(x: Tensor, thr: Tensor) -> None:
+    """Pixels ``>= thr`` become ``255 - pixel``, in place (five uint8 passes).
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, modified in place.
+        thr: uint8 ``(n, 1, 1, 1)`` thresholds (:func:`_byte_params`).
+    """
+    # T - min(v, T) is 0 exactly where v >= T; clamped to 1 and minus 1 (wrapping), that is
+    # 255 there and 0 elsewhere, and 255 - v == v ^ 255 for uint8. Plain uint8 arithmetic:
+    # comparisons, which produce bool, take ~15x longer per pixel on the CPU.
+    flip = torch.minimum(x, thr)
+    x.bitwise_xor_(torch.sub(thr, flip, out=flip).clamp_(max=1).sub_(1))
+
+
+def _op_brightness_(x: Tensor, m: Tensor, clamp: bool) -> None:
+    """Blend from black: ``trunc(m * pixel)`` in float32, as PIL computes it, in place.
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, modified in place.
+        m: float32 ``(n, 1, 1, 1)`` factors.
+        clamp: whether a factor may lie outside [0, 1].
+    """
+    _store_(x, x.float().mul_(m), clamp)
+
+
+def _op_color_(x: Tensor, m: Tensor, clamp: bool) -> None:
+    """Blend from the image's grayscale, in place (PIL's ``ImageEnhance.Color``).
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, modified in place.
+        m: float32 ``(n, 1, 1, 1)`` factors.
+        clamp: whether a factor may lie outside [0, 1].
+    """
     xf = x.float()
-    return _blend(_luma(xf), xf, m)
+    gray = _luma(xf)
+    # PIL's blend: degenerate + factor * (image - degenerate), two roundings, in float32.
+    _store_(x, xf.sub_(gray).mul_(m).add_(gray), clamp)
 
 
-def _op_sharpness(x: Tensor, m: Tensor) -> Tensor:
+def _op_sharpness_(x: Tensor, m: Tensor, clamp: bool) -> None:
+    """Blend from the 3x3 SMOOTH-filtered image, in place (PIL's ``ImageEnhance.Sharpness``).
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, modified in place.
+        m: float32 ``(n, 1, 1, 1)`` factors.
+        clamp: whether a factor may lie outside [0, 1].
+    """
     # PIL's SMOOTH kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; the 1-px border is left as
     # is (so the blend leaves it unchanged too). Separable box sums beat conv2d on CPU here.
     xf = x.float()
@@ -490,73 +673,245 @@ def _op_sharpness(x: Tensor, m: Tensor) -> Tensor:
     box = r[..., :-2, :] + r[..., 1:-1, :]
     box += r[..., 2:, :]
     centre = xf[..., 1:-1, 1:-1]
-    smooth = box.add_(centre, alpha=4.0).mul_(1.0 / 13.0).add_(0.5).floor_()
-    out = x.clone()
-    out[..., 1:-1, 1:-1] = _blend(smooth, centre, m)
-    return out
+    # round(S / 13): S / 13 is never within float error of a tie (its fraction is k / 13), so
+    # rounding S * fl(1/13) to nearest is exact (test_sharpness_rounding checks every S).
+    smooth = box.add_(centre, alpha=4.0).mul_(1.0 / 13.0).round_()
+    # Blend into the interior of xf itself, so that one contiguous store writes the result
+    # (the border of xf still holds the original pixels).
+    centre.sub_(smooth).mul_(m).add_(smooth)
+    _store_(x, xf, clamp)
 
 
-def _op_affine(x: Tensor, coeffs: Tensor) -> Tensor:
-    """Rotate / shear / translate, nearest-neighbour, black fill, one ``grid_sample`` for all.
+def _lut_tables(x: Tensor, index: Tensor, n_ac: int, n_eq: int, m: Tensor) -> Tensor:
+    """Autocontrast, equalize and contrast lookup tables, PIL-exact.
 
     Args:
-        x: uint8 ``(n, 3, H, W)``.
-        coeffs: float32 ``(n, 6)`` output -> input maps from :func:`_affine_coeffs`.
+        x: uint8 ``(n, 3, H, W)``: ``n_ac`` autocontrast, ``n_eq`` equalize, then contrast
+            samples.
+        index: int32 ``(n * 3, H * W)``: the pixel values plus ``256 *`` their row number.
+        n_ac: autocontrast samples.
+        n_eq: equalize samples.
+        m: float32 ``(n,)`` magnitudes, on the CPU (used for the contrast samples).
 
     Returns:
-        uint8 ``(n, 3, H, W)``.
+        float64 ``(n * 3, 256)`` per-sample, per-channel tables.
     """
-    n, _, h, w = x.shape
-    a = coeffs.to(x.device).view(n, 2, 3, 1, 1)
-    lin_x, lin_y = _pixel_centres(h, w, x.device)
-    # (n, 2, 1, W) + (n, 2, H, 1): channel-first broadcasting is several times faster on the
-    # CPU than building the (n, H, W, 2) grid directly; grid_sample takes the permuted view.
-    grid = a[:, :, 0] * lin_x + (a[:, :, 1] * lin_y + a[:, :, 2])
-    # Nearest sampling of integer values: the result is exact, no rounding needed.
-    out = F.grid_sample(
-        x.float(),
-        grid.permute(0, 2, 3, 1),
-        mode="nearest",
-        padding_mode="zeros",
-        align_corners=False,
-    )
-    return out.to(torch.int32).to(torch.uint8)
+    n, c, h, w = x.shape
+    dev = x.device
+    levels = torch.arange(256, device=dev, dtype=torch.float64)
+    # Float64 throughout: exact for these integers, and CPU integer division is slow. A
+    # division by zero below (constant image) only reaches entries that torch.where replaces
+    # by the identity.
+    tables = []
+    k_ac, k = n_ac * c, (n_ac + n_eq) * c
+    if k:
+        rows = x[: n_ac + n_eq].view(k, h * w)
+        lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)  # non-empty bins
+    if n_ac:
+        # autocontrast: map [lo, hi] linearly onto [0, 255] (unchanged when hi <= lo),
+        # truncating exactly like PIL's Python arithmetic. (tensor / tensor: torch computes
+        # ``scalar / tensor`` via a reciprocal, an ulp off.)
+        lo_a, hi_a = lo[:k_ac].double(), hi[:k_ac].double()
+        scale = torch.full_like(lo_a, 255.0) / (hi_a - lo_a)
+        ac = torch.floor(levels * scale - lo_a * scale).clamp_(0, 255)
+        tables.append(torch.where(hi_a > lo_a, ac, levels))
+    if n_eq:
+        # equalize: lut[i] = (step // 2 + #pixels below i) // step, with
+        # step = (#pixels - #pixels in the last non-empty bin) // 255 (unchanged when step == 0).
+        # All histograms in one bincount of the rows' offset values.
+        hist = torch.bincount(index[k_ac:k].view(-1), minlength=k * 256)[k_ac * 256 :]
+        hist = hist.view(-1, 256).double()
+        # Floor divisions of integers (exact: a true quotient is >= 1 / divisor from an integer).
+        step = torch.div(h * w - hist.gather(1, hi[k_ac:].long()), 255, rounding_mode="floor")
+        below = hist.cumsum(1).sub_(hist).add_(torch.div(step, 2, rounding_mode="floor"))
+        eq = torch.div(below, step, rounding_mode="floor").clamp_(max=255)
+        tables.append(torch.where(step > 0, eq, levels))
+    if n_ac + n_eq < n:  # contrast: blend from the rounded mean of the luma image
+        mean = torch.floor(_luma(x[n_ac + n_eq :]).mean(dim=(1, 2, 3)) + 0.5).double()[:, None]
+        mc = _on(m[n_ac + n_eq :], dev).to(torch.float64)[:, None]
+        # mean + m (level - mean): exact in float64 (so fused or not, the same); PIL blends in
+        # float32, hence the .float() before truncating.
+        con = torch.floor(torch.addcmul(mean, mc, levels - mean).float())
+        tables.append(con.repeat_interleave(c, 0))
+    return torch.cat(tables)
+
+
+def _op_lut_(x: Tensor, n_ac: int, n_eq: int, m: Tensor) -> None:
+    """Autocontrast, equalize and contrast as per-sample, per-channel tables, one gather.
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, sorted by op: ``n_ac`` autocontrast, ``n_eq`` equalize,
+            then contrast samples; modified in place.
+        n_ac: autocontrast samples.
+        n_eq: equalize samples.
+        m: float32 ``(n,)`` magnitudes, on the CPU.
+    """
+    n, c, h, w = x.shape
+    # One int32 index into the flattened (n * 3 * 256) tables: the pixel value plus its
+    # (sample, channel) table's offset. It also serves the equalize histograms, and the flat
+    # index_select is as fast as an int64 gather along the last dim at 32-64 px, ~10% faster
+    # at 224 px (half the index traffic).
+    index = x.view(n * c, h * w).to(torch.int32)
+    index += torch.arange(0, n * c * 256, 256, device=x.device, dtype=torch.int32).view(-1, 1)
+    lut = _lut_tables(x, index, n_ac, n_eq, m).clamp_(0, 255).to(torch.uint8)
+    torch.index_select(lut.view(-1), 0, index.view(-1), out=x.view(-1))
+
+
+def _op_affine_(x: Tensor, counts: list[int], coeffs: Tensor) -> None:
+    """Shear / rotate / translate, nearest-neighbour, black fill, one pixel gather for all.
+
+    Samples as sorted by :func:`_slot_ranks`: ``counts`` each of shear_x, rotate, shear_y,
+    translate_x, translate_y. Every output pixel takes the source pixel that
+    ``grid_sample(mode="nearest", padding_mode="zeros", align_corners=False)`` picks on the CPU
+    for the same grid -- the same float32 operations, so the same pixel -- read straight from
+    the uint8 image (no float copy of it), out-of-range coordinates clamped onto a one-pixel
+    black border. Only the coordinates that vary in both directions are computed per pixel:
+    x for shear_x and rotate, y for rotate and shear_y (hence the sort order: both runs are
+    contiguous). The others are exactly the pixel's own, shifted by the whole-pixel
+    translation (the map's cross term is an exact zero, and its float error stays far below
+    half a pixel).
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, modified in place.
+        counts: sample counts of the five geometric ops, in the order above.
+        coeffs: float32 ``(n, 8)`` from :func:`_affine_coeffs`, on the CPU.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    n_sx, n_rot, n_sy = counts[:3]
+    fx, fy = slice(0, n_sx + n_rot), slice(n_sx, n_sx + n_rot + n_sy)  # per-pixel x / y
+    a = _on(coeffs, dev).view(n, 8, 1, 1).unbind(1)  # a[i]: (n, 1, 1)
+    lin_x, lin_y = _pixel_centres(h, w, dev)
+    # The grid as the grid_sample version computed it, a0 x + (a1 y + a2), then
+    # grid_sample's CPU unnormalisation (align_corners=False) and rounding (half to even);
+    # anything outside the image lands on the black border at -1 or ``size``.
+    gx = a[0][fx] * lin_x + (a[1][fx] * lin_y + a[2][fx])
+    gy = a[3][fy] * lin_x + (a[4][fy] * lin_y + a[5][fy])
+    for g, size in ((gx, w), (gy, h)):
+        g.add_(1.0).mul_(size / 2).sub_(0.5).round_().clamp_(-1, size)
+    # Index into the bordered (H + 2) x (W + 2) image: (y + 1) (W + 2) + x + 1. The constant
+    # W + 3 rides on the cached row (or column) offsets.
+    wp = w + 2
+    index = torch.empty(n, h, w, device=dev)
+    rows, cols, cols_c = _index_lines(h, w, dev)  # y (W + 2) + W + 3; x; x + W + 3
+    if n_sx:  # y is the row's own
+        torch.add(gx[:n_sx], rows, out=index[:n_sx])
+    if n_rot:
+        torch.add(gx[n_sx:], gy[:n_rot], alpha=wp, out=index[n_sx : fx.stop]).add_(wp + 1)
+    if n_sy:  # x is the column's own
+        torch.add(cols_c, gy[n_rot:], alpha=wp, out=index[fx.stop : fy.stop])
+    if n > fy.stop:  # translations: both shifted by whole pixels (a6, a7)
+        ty = (a[7][fy.stop :] * wp + rows).clamp_(1, (h + 1) * wp + 1)  # (k, H, 1)
+        tx = (a[6][fy.stop :] + cols).clamp_(-1, w)  # (k, 1, W)
+        torch.add(ty, tx, out=index[fy.stop :])
+    src = x.new_zeros(n, c, h + 2, wp)
+    src[..., 1:-1, 1:-1] = x
+    # One index for the three channels (expand: no copy); the gather writes into x itself.
+    # (A flat int32 index_select would need the index materialised per channel: slower.)
+    index = index.view(n, 1, h * w).to(torch.int64).expand(n, c, h * w)
+    torch.gather(src.view(n, c, -1), 2, index, out=x.view(n, c, h * w))
+
+
+@functools.lru_cache(maxsize=16)
+def _index_lines(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Offsets in a (H + 2) x (W + 2) image with a one-pixel border (cached, float32).
+
+    Returns:
+        ``(1, H, 1)`` row starts ``y (W + 2) + W + 3`` (the border included), ``(1, 1, W)``
+        columns ``x``, and ``(1, 1, W)`` columns with the border offset, ``x + W + 3``.
+    """
+    wp = w + 2
+    rows = torch.arange(h, device=device, dtype=torch.float32) * wp + (wp + 1)
+    cols = torch.arange(w, device=device, dtype=torch.float32)
+    return rows.view(1, h, 1), cols.view(1, 1, w), (cols + (wp + 1)).view(1, 1, w)
 
 
 def _affine_coeffs(ops: Tensor, m: Tensor, h: int, w: int) -> Tensor:
-    """Affine maps of the geometric ops, for any-shaped ``ops``/``m`` (CPU) -> ``(..., 6)``.
+    """Affine maps of the geometric ops, for any-shaped ``ops``/``m`` (CPU) -> ``(..., 8)``.
 
     Output -> input in pixel coordinates centred on the image, (x, y) -> (a x + b y + c,
     d x + e y + f); only one parameter is non-trivial per op, so one form covers all five (and
     gives the identity for every other op). Rotation is PIL's (counter-clockwise as displayed,
-    y pointing down). Rescaled to grid_sample's [-1, 1] coordinates (align_corners=False).
+    y pointing down). Rescaled to grid_sample's [-1, 1] coordinates (align_corners=False);
+    the last two entries are the translations in whole pixels (x, y).
     """
-    zero = torch.zeros_like(m)
-    theta = torch.where(ops == _OP["rotate"], m, zero) * (math.pi / 180)
-    shx = torch.where(ops == _OP["shear_x"], m, zero)
-    shy = torch.where(ops == _OP["shear_y"], m, zero)
-    tx = torch.where(ops == _OP["translate_x"], torch.round(m * w), zero)
-    ty = torch.where(ops == _OP["translate_y"], torch.round(m * h), zero)
+    # Each op's magnitude where the op is drawn, else 0: rotate, shear_x, shear_y, translate_x,
+    # translate_y.
+    drawn = ops[..., None] == _GEOMETRIC
+    angle, shx, shy, mx, my = torch.where(drawn, m[..., None], 0.0).unbind(-1)
+    theta = angle * (math.pi / 180)
+    tx, ty = torch.round(mx * w), torch.round(my * h)
     cos, sin = torch.cos(theta), torch.sin(theta)
     return torch.stack(
-        [cos, (shx - sin) * (h / w), tx * (2 / w), (sin + shy) * (w / h), cos, ty * (2 / h)], -1
+        [
+            cos,
+            (shx - sin) * (h / w),
+            tx * (2 / w),
+            (sin + shy) * (w / h),
+            cos,
+            ty * (2 / h),
+            tx,
+            ty,
+        ],
+        -1,
     )
+
+
+_GEOMETRIC = torch.tensor(
+    [_OP[o] for o in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")]
+)
 
 
 @functools.lru_cache(maxsize=16)
 def _pixel_centres(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pixel-centre coordinates in [-1, 1] (align_corners=False): ``(1, 1, 1, W)``, ``(1, 1, H, 1)``."""
+    """Pixel-centre coordinates in [-1, 1] (align_corners=False): ``(1, 1, W)``, ``(1, H, 1)``."""
     lin_x = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1
     lin_y = (torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1
-    return lin_x.view(1, 1, 1, w), lin_y.view(1, 1, h, 1)
+    return lin_x.view(1, 1, w), lin_y.view(1, h, 1)
+
+
+# Order of the ops inside one slot after sorting: the ops of one kernel are adjacent, and the
+# geometric ops come in the order _op_affine_ needs. Sort key of op i: _RANK[i].
+_SORTED = (
+    "identity",
+    "posterize",
+    "solarize",
+    "brightness",
+    "autocontrast",
+    "equalize",
+    "contrast",
+    "color",
+    "sharpness",
+    "shear_x",
+    "rotate",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
+_RANK = torch.tensor([_SORTED.index(name) for name in OPS])
+_AT = {name: i for i, name in enumerate(_SORTED)}
+
+
+def _slot_ranks(ops: Tensor, m: Tensor) -> Tensor:
+    """Sort keys (positions in ``_SORTED``) of CPU ``ops``, 0 (identity) for no-op draws.
+
+    Posterize keeping 8 bits and solarize with a threshold above 255 change nothing; as
+    identity they skip all work, and the kernels need not represent them.
+    """
+    rank = _RANK[ops]
+    noop = ((ops == _OP["posterize"]) & (m.round() >= 8)) | (
+        (ops == _OP["solarize"]) & (torch.ceil(m) > 255)
+    )
+    return rank.masked_fill_(noop, 0)
 
 
 def apply_rand_augment(images: Tensor, ops: Tensor, magnitudes: Tensor) -> Tensor:
     """Apply given per-sample RandAugment ops (deterministic part of :func:`rand_augment`).
 
-    Per op slot, samples are grouped by op (the grouping is computed on the CPU) and each
-    group runs as one sub-batch: the six per-value ops share one lookup-table gather, the five
-    geometric ops one pixel gather, and color and sharpness run on their own samples.
+    Per op slot, the samples are sorted by op (on the CPU) and each group of ops runs in place
+    on its contiguous run of the sorted batch: posterize, solarize and brightness as uint8 /
+    float arithmetic, autocontrast, equalize and contrast as one lookup-table gather, color
+    and sharpness on their own samples, the five geometric ops as one pixel gather.
 
     Args:
         images: uint8 ``(N, 3, H, W)``.
@@ -564,7 +919,8 @@ def apply_rand_augment(images: Tensor, ops: Tensor, magnitudes: Tensor) -> Tenso
         magnitudes: float ``(N, K)`` in each op's units (:data:`MAGNITUDE_RANGES`).
 
     Returns:
-        uint8 ``(N, 3, H, W)`` on ``images.device``.
+        uint8 ``(N, 3, H, W)`` on ``images.device`` (``images`` itself when every op is
+        identity).
     """
     _check_images(images)
     n = images.shape[0]
@@ -578,69 +934,154 @@ def apply_rand_augment(images: Tensor, ops: Tensor, magnitudes: Tensor) -> Tenso
     if ops_cpu.numel() and (ops_cpu.min() < 0 or ops_cpu.max() >= len(OPS)):
         raise ValueError(f"ops must be in [0, {len(OPS)}), got {ops_cpu.unique().tolist()}")
     mags_cpu = magnitudes.to("cpu", torch.float32)
-    # Parameter-only work for all slots at once (small CPU tensors: few ops beat small ops).
-    coeffs = _affine_coeffs(ops_cpu, mags_cpu, *images.shape[-2:])  # (N, K, 6)
-    x = images
-    for k in range(ops_cpu.shape[1]):
-        x = _apply_slot(x, ops_cpu[:, k], mags_cpu[:, k], coeffs[:, k])
-    return x
+    out, perm, spare = _rand_augment_sorted(images, ops_cpu, mags_cpu, owned=False)
+    if out is None:
+        return images
+    return _take_rows(out, _on(_inverse(perm), images.device), spare)
 
 
-def _apply_slot(x: Tensor, codes: Tensor, mags: Tensor, coeffs: Tensor) -> Tensor:
-    """Apply one op per sample.
+def _rand_augment_sorted(
+    images: Tensor, ops: Tensor, mags: Tensor, *, owned: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """RandAugment on a sorted copy of ``images``: ``out[i]`` is sample ``perm[i]``, augmented.
+
+    Each slot sorts the samples by op, so that every op group works in place on a contiguous
+    run: one row permutation per slot (the first one makes the copy), where an index_select
+    and an index_copy per group would move the data twice, and a clone per slot once more.
+    The permutations alternate between two buffers (``images`` itself when ``owned``): fresh
+    memory costs page faults on every call.
 
     Args:
-        x: uint8 ``(N, 3, H, W)``.
-        codes: int64 ``(N,)`` op indices, on the CPU.
-        mags: float32 ``(N,)`` magnitudes, on the CPU.
-        coeffs: float32 ``(N, 6)`` affine maps of the geometric ops, on the CPU.
+        images: uint8 ``(N, 3, H, W)``, contiguous; overwritten only when ``owned``.
+        ops: int64 ``(N, K)`` op indices, on the CPU.
+        mags: float32 ``(N, K)`` magnitudes, on the CPU.
+        owned: whether ``images`` may serve as scratch memory.
 
     Returns:
-        uint8 ``(N, 3, H, W)``.
+        ``out`` (uint8 ``(N, 3, H, W)``), ``perm`` (int64 ``(N,)``, CPU) and ``spare`` (a
+        scratch buffer like ``out``, or ``None``); ``None`` for ``out`` and ``perm`` when every
+        op is an identity.
     """
-    n, dev = x.shape[0], x.device
-    counts = torch.bincount(codes, minlength=len(OPS)).tolist()
-    if counts[0] == n:  # every sample drew identity
-        return x
-    at = list(accumulate(counts, initial=0))
-    order = torch.argsort(codes, stable=True)
-    coeffs = coeffs[order]
-    order_dev, mags_dev = order.to(dev), mags[order].to(dev)
-    out = x.clone(memory_format=torch.contiguous_format)  # identity rows stay as they are
-    for first, last in _GROUPS:
-        a, b = at[_OP[first]], at[_OP[last] + 1]
-        if b == a:
+    n, h, w = images.shape[0], *images.shape[-2:]
+    dev = images.device
+    ranks = _slot_ranks(ops, mags)
+    if not ranks.any():  # every op is an identity
+        return None, None, None
+    if not images.is_contiguous():  # the row permutations view each sample as one row
+        images, owned = images.contiguous(), True
+    # Parameter-only work for all slots at once (small CPU tensors: few ops beat small ops).
+    coeffs = _affine_coeffs(ops, mags, h, w)  # (N, K, 8)
+    byte_params = _byte_params(mags)  # (N, K, 2)
+    # The blends (brightness, color, sharpness) only need a clamp for factors outside [0, 1].
+    blend = (ops == _OP["brightness"]) | (ops == _OP["color"]) | (ops == _OP["sharpness"])
+    clamp = bool((blend & ((mags < 0) | (mags > 1))).any())
+    out, perm, spare = None, None, images if owned else None
+    for k in range(ops.shape[1]):
+        counts = torch.bincount(ranks[:, k], minlength=len(_SORTED)).tolist()
+        if counts[0] == n:  # every sample drew identity
             continue
-        rows = order_dev[a:b]
-        sub = x.index_select(0, rows)
-        if first == "autocontrast":
-            sub = _op_lut(sub, counts[_OP[first] : _OP[last] + 1], mags_dev[a:b])
-        elif first == "color":
-            sub = _op_color(sub, mags_dev[a:b])
-        elif first == "sharpness":
-            sub = _op_sharpness(sub, mags_dev[a:b])
-        else:
-            sub = _op_affine(sub, coeffs[a:b])
-        _wide_rows(out).index_copy_(0, rows, _wide_rows(sub))
-    return out
+        order = torch.argsort(ranks[:, k], stable=True)
+        if out is None:
+            out = _take_rows(images, _on(order, dev))
+        else:  # out[i] holds sample perm[i]; bring sample order[j] to row j
+            out, spare = _take_rows(out, _on(_inverse(perm)[order], dev), spare), out
+        perm = order
+        m = mags[order, k]
+        _apply_slot_(
+            out,
+            counts,
+            m,
+            _on(m, dev).view(n, 1, 1, 1),
+            _on(byte_params[order, k], dev).view(n, 2, 1, 1),
+            coeffs[order, k],
+            clamp,
+        )
+    return out, perm, spare
+
+
+def _byte_params(m: Tensor) -> Tensor:
+    """uint8 posterize masks and solarize thresholds of all magnitudes ``m``: ``(..., 2)``.
+
+    Computed for every entry at once (meaningless for the other ops): posterize keeps the top
+    ``round(m)`` bits, ``floor(v / 2**s) * 2**s == v & (256 - 2**s)`` for ``s = 8 - bits`` in
+    [0, 8]; solarize inverts pixels ``>= ceil(m)`` (thresholds above 255 change nothing and
+    are identity by :func:`_slot_ranks`).
+    """
+    mask = 256 - torch.exp2((8 - m.round()).clamp_(0, 8))
+    return torch.stack([mask, torch.ceil(m).clamp_(0, 255)], -1).to(torch.uint8)
+
+
+def _apply_slot_(
+    x: Tensor,
+    counts: list[int],
+    m: Tensor,
+    m_dev: Tensor,
+    byte_params: Tensor,
+    coeffs: Tensor,
+    clamp: bool,
+) -> None:
+    """Apply one op per sample, in place, to a batch sorted by :func:`_slot_ranks`.
+
+    Args:
+        x: uint8 ``(N, 3, H, W)``, contiguous, sorted by op; modified in place.
+        counts: samples per position of ``_SORTED``.
+        m: float32 ``(N,)`` magnitudes, on the CPU, sorted alike.
+        m_dev: the same as float32 ``(N, 1, 1, 1)`` on the images' device.
+        byte_params: uint8 ``(N, 2, 1, 1)`` from :func:`_byte_params`, on that device.
+        coeffs: float32 ``(N, 8)`` affine maps of the geometric ops, on the CPU, sorted alike.
+        clamp: whether a blend factor may lie outside [0, 1].
+    """
+    at = list(accumulate(counts, initial=0))
+
+    def run(first: str, last: str) -> slice:
+        return slice(at[_AT[first]], at[_AT[last] + 1])
+
+    if (r := run("posterize", "posterize")).stop > r.start:
+        _op_posterize_(x[r], byte_params[r, 0:1])
+    if (r := run("solarize", "solarize")).stop > r.start:
+        _op_solarize_(x[r], byte_params[r, 1:2])
+    if (r := run("brightness", "brightness")).stop > r.start:
+        _op_brightness_(x[r], m_dev[r], clamp)
+    if (r := run("autocontrast", "contrast")).stop > r.start:
+        _op_lut_(x[r], counts[_AT["autocontrast"]], counts[_AT["equalize"]], m[r])
+    if (r := run("color", "color")).stop > r.start:
+        _op_color_(x[r], m_dev[r], clamp)
+    if (r := run("sharpness", "sharpness")).stop > r.start:
+        _op_sharpness_(x[r], m_dev[r], clamp)
+    if (r := run("shear_x", "translate_y")).stop > r.start:
+        _op_affine_(x[r], counts[_AT["shear_x"] : _AT["translate_y"] + 1], coeffs[r])
 
 
 def _wide_rows(x: Tensor) -> Tensor:
     """A contiguous uint8 batch as ``(N, bytes)`` rows, as int64 words where the size allows.
 
-    Row copies (index_copy_) move 8 bytes per element instead of 1: ~6x faster on the CPU.
+    Row copies (index_select / index_copy_) move 8 bytes per element instead of 1: ~6x faster
+    on the CPU.
     """
     rows = x.view(x.shape[0], -1)
     return rows.view(torch.int64) if rows.shape[1] % 8 == 0 else rows
 
 
-# Runs of consecutive ops (in sorted op order) that execute as one sub-batch (identity: none).
-_GROUPS = (
-    ("autocontrast", "brightness"),
-    ("color", "color"),
-    ("sharpness", "sharpness"),
-    ("rotate", "translate_y"),
-)
+def _take_rows(x: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x[index]`` for a contiguous uint8 batch, as a word-wise row gather.
+
+    Args:
+        x: uint8 ``(N, ...)``, contiguous.
+        index: int64 ``(M,)`` rows of ``x``.
+        out: optional contiguous uint8 ``(M, ...)`` to write into (must not overlap ``x``).
+
+    Returns:
+        uint8 ``(M, ...)``: ``out`` when given.
+    """
+    if out is None:
+        out = x.new_empty(len(index), *x.shape[1:])
+    torch.index_select(_wide_rows(x), 0, index, out=_wide_rows(out))
+    return out
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    """Inverse of a permutation of ``0..n-1``."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm)))
 
 
 def rand_augment(images: Tensor, generator: torch.Generator, *, num_ops: int = 2) -> Tensor:
@@ -657,6 +1098,31 @@ def rand_augment(images: Tensor, generator: torch.Generator, *, num_ops: int = 2
     _check_images(images)
     ops, mags = sample_rand_augment(images.shape[0], generator, num_ops=num_ops)
     return apply_rand_augment(images, ops, mags)
+
+
+def _cutout_boxes(u: Tensor, size: float, h: int, w: int) -> Tensor:
+    """Cutout squares from ``U(0, 1)`` draws ``u`` ``(N, 3)``: float ``(N, 2, 2)``.
+
+    ``boxes[i, 0]`` is sample i's first and last + 1 row, ``boxes[i, 1]`` its columns.
+    """
+    side = torch.floor(u[:, :1] * size * min(h, w))  # (N, 1)
+    start = torch.floor(u[:, 1:] * torch.tensor([h, w]) - side / 2).clamp_(min=0)  # (N, 2)
+    return torch.stack([start, start + side], -1)
+
+
+def _cutout_(images: Tensor, boxes: Tensor, fill: int) -> None:
+    """Fill each sample's box (from :func:`_cutout_boxes`) with ``fill``, in place."""
+    n, _, h, w = images.shape
+    dev = images.device
+    boxes = _on(boxes, dev)
+    # Rows and columns inside the box, both at once: (N, 2, max(H, W)).
+    pos = torch.arange(max(h, w), device=dev, dtype=torch.float32)
+    inside = ((pos >= boxes[..., :1]) & (pos < boxes[..., 1:])).to(torch.uint8)
+    inside = inside[:, 0, :h].view(n, 1, h, 1) * inside[:, 1, :w].view(n, 1, 1, w)
+    # x * (1 - inside) + fill * inside, in uint8 arithmetic: bool masks (masked_fill_, where,
+    # a bool outer product) are several times slower per pixel on the CPU.
+    fill_in = inside * fill
+    images.mul_(inside.neg_().add_(1)).add_(fill_in)
 
 
 def cutout(
@@ -678,26 +1144,21 @@ def cutout(
     """
     _check_images(images)
     _check_generator(generator)
-    if not 0.0 <= size <= 1.0:
-        raise ValueError(f"cutout size must be in [0, 1], got {size}")
-    if not 0 <= fill <= 255:
-        raise ValueError(f"cutout fill must be in [0, 255], got {fill}")
+    _check_cutout(size, fill)
     n, _, h, w = images.shape
     u = _rand(generator, (n, 3))
     if size == 0.0:
         return images
-    side = torch.floor(u[:, 0] * size * min(h, w))
-    y0 = torch.floor(u[:, 1] * h - side / 2).clamp_(min=0)
-    x0 = torch.floor(u[:, 2] * w - side / 2).clamp_(min=0)
-    box = torch.stack([y0, y0 + side, x0, x0 + side], dim=1).to(images.device)
-    rows = torch.arange(h, device=images.device, dtype=torch.float32)
-    cols = torch.arange(w, device=images.device, dtype=torch.float32)
-    in_r = (rows >= box[:, 0:1]) & (rows < box[:, 1:2])  # (N, H)
-    in_c = (cols >= box[:, 2:3]) & (cols < box[:, 3:4])  # (N, W)
-    mask = (in_r[:, :, None] & in_c[:, None, :]).to(torch.uint8).unsqueeze(1)  # (N, 1, H, W)
-    # uint8 arithmetic wraps mod 256, so x + (fill - x) * mask == fill inside, x outside;
-    # cheaper on CPU than masked_fill.
-    return images + (fill - images) * mask
+    out = images.clone(memory_format=torch.contiguous_format)
+    _cutout_(out, _cutout_boxes(u, size, h, w), fill)
+    return out
+
+
+def _check_cutout(size: float, fill: int) -> None:
+    if not 0.0 <= size <= 1.0:
+        raise ValueError(f"cutout size must be in [0, 1], got {size}")
+    if not 0 <= fill <= 255:
+        raise ValueError(f"cutout fill must be in [0, 255], got {fill}")
 
 
 # strong_view's ``cutout`` argument shadows the function inside it.
@@ -737,8 +1198,47 @@ def strong_view(
         scale=scale,
         ratio=ratio,
     )
-    x = rand_augment(x, generator, num_ops=num_ops)
-    return _cutout(x, generator, size=cutout)
+    return _strong_from_weak(x, generator, num_ops=num_ops, cutout=cutout, owned=True)
+
+
+def _strong_from_weak(
+    x: Tensor,
+    generator: torch.Generator,
+    *,
+    num_ops: int,
+    cutout: float,
+    owned: bool = False,
+    fill: int = 127,
+) -> Tensor:
+    """RandAugment + Cutout of weak views ``x`` (:func:`rand_augment` then :func:`cutout`).
+
+    Same draws, same result, but Cutout runs in place on RandAugment's sorted copy, before
+    the one permutation back to sample order.
+
+    Args:
+        x: uint8 ``(N, 3, S, S)`` weak views.
+        generator: source of all randomness.
+        num_ops: RandAugment ops per sample.
+        cutout: maximum Cutout side as a fraction of the image side; 0 disables.
+        owned: whether ``x`` may be overwritten (and returned): saves fresh memory.
+        fill: gray level of the Cutout squares.
+
+    Returns:
+        uint8 ``(N, 3, S, S)``: a new tensor, or ``x`` itself when ``owned``.
+    """
+    _check_cutout(cutout, fill)
+    n, _, h, w = x.shape
+    ops, mags = sample_rand_augment(n, generator, num_ops=num_ops)
+    u = _rand(generator, (n, 3))  # Cutout's draws, after RandAugment's as in strong_view
+    out, perm, spare = _rand_augment_sorted(
+        x, ops.to("cpu", torch.int64), mags.to("cpu"), owned=owned
+    )
+    if out is None:
+        out = x if owned else x.clone(memory_format=torch.contiguous_format)
+    if cutout > 0:
+        boxes = _cutout_boxes(u, cutout, h, w)
+        _cutout_(out, boxes if perm is None else boxes[_on(perm, boxes.device)], fill)
+    return out if perm is None else _take_rows(out, _on(_inverse(perm), x.device), spare)
 
 
 # ----------------------------------------------------------------------------- trainer API
@@ -799,16 +1299,27 @@ class ViewMaker:
         # Samples are independent, so every view's crop runs in one call over
         # [labeled, unlabeled, unlabeled x num_strong]; the strong rows then get RandAugment and
         # Cutout (== strong_view). Fewer, larger kernels: per-op overhead dominates small images.
-        batches = [labeled, unlabeled] + [unlabeled] * self.num_strong
         if labeled.shape[1:] == unlabeled.shape[1:]:
-            views = weak_view(torch.cat(batches), generator, **kw)
+            # Cropped straight from the n_l + n_u distinct images (``source``: the image of
+            # each view), without concatenating the unlabeled batch 1 + num_strong times.
+            images = unlabeled if n_l == 0 else torch.cat([labeled, unlabeled])
+            repeats = torch.arange(n_l, n_l + n_u).repeat(1 + self.num_strong)
+            source = torch.cat([torch.arange(n_l), repeats])
+            views = _weak_view(images, generator, source, **kw)
         else:
+            batches = [labeled, unlabeled] + [unlabeled] * self.num_strong
             views = torch.cat([weak_view(b, generator, **kw) for b in batches])
         weak = normalize(views[: n_l + n_u], self.mean, self.std)
         strong: list[Tensor] = []
         if self.num_strong:
-            s = rand_augment(views[n_l + n_u :], generator, num_ops=self.num_ops)
-            s = _cutout(s, generator, size=self.cutout)
+            # The weak rows are normalised already: the strong rows' memory is free to reuse.
+            s = _strong_from_weak(
+                views[n_l + n_u :],
+                generator,
+                num_ops=self.num_ops,
+                cutout=self.cutout,
+                owned=True,
+            )
             strong = list(normalize(s, self.mean, self.std).split(n_u))
         return weak[:n_l], weak[n_l:], strong
 

@@ -133,6 +133,35 @@ def test_rrc_of_constant_image_is_constant():
     assert bool((A.weak_view(x, _gen(), crop="rrc", out_size=20) == 77).all())
 
 
+@pytest.mark.parametrize("in_hw,out", [((40, 40), 32), ((30, 50), 20), ((24, 24), 40)])
+def test_rrc_matches_grid_sample(in_hw, out, monkeypatch):
+    # The separable resample against grid_sample(bilinear, border, align_corners=False) on the
+    # same crops: rounding may move a value by one level, rarely.
+    h, w = in_hw
+    n = 32
+    x = _images(n, max(h, w), seed=h + out)[..., :h, :w].contiguous()
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    sx, tx, sy, ty = A._rrc_maps(n, h, w, _gen(6), scale, ratio, True)
+    lin = (torch.arange(out, dtype=torch.float32) * 2 + 1) / out - 1
+    gx = (sx[:, None] * lin + tx[:, None])[:, None, :].expand(n, out, out)
+    gy = (sy[:, None] * lin + ty[:, None])[:, :, None].expand(n, out, out)
+    ref = F.grid_sample(
+        x.float(),
+        torch.stack([gx, gy], -1),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    ref = (ref + 0.5).floor()
+    y = A.weak_view(x, _gen(6), crop="rrc", out_size=out, scale=scale, ratio=ratio)
+    diff = (y.float() - ref).abs()
+    assert diff.max() <= 1
+    assert (diff > 0).float().mean() < 1e-3
+    # Processing the views block by block (CPU) changes nothing.
+    monkeypatch.setattr(A, "_CPU_BLOCK_BYTES", 1)
+    assert torch.equal(A.weak_view(x, _gen(6), crop="rrc", out_size=out), y)
+
+
 # ----------------------------------------------------------------------------- RandAugment
 
 
@@ -191,6 +220,37 @@ def test_each_op_matches_pil(name):
         assert (diff > 0).mean() < 0.02, f"{name}: {(diff > 0).mean():.3%} pixels differ"
     else:
         assert diff.max() == 0, f"{name}: max |ours - PIL| = {diff.max()}"
+
+
+@pytest.mark.parametrize("h,w", [(20, 20), (32, 32), (33, 47)])
+def test_geometric_ops_pick_grid_sample_nearest_pixels(h, w):
+    # Exactly the pixels grid_sample(nearest, zeros, align_corners=False) picks on the CPU for
+    # the same grid -- including round magnitudes, whose source points may fall on pixel edges.
+    n = 64
+    x = _images(n, max(h, w), seed=h * w)[..., :h, :w].contiguous()
+    g = torch.Generator().manual_seed(h + w)
+    lin_x = ((torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1).view(1, 1, 1, w)
+    lin_y = ((torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1).view(1, 1, h, 1)
+    for name in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
+        lo, hi = A.MAGNITUDE_RANGES[name]
+        m = lo + torch.rand(n, generator=g) * (hi - lo)
+        m[:12] = torch.linspace(lo, hi, 12)
+        if name == "rotate":
+            m[12:16] = torch.tensor([90.0, -90.0, 180.0, 0.0])
+        ops = torch.full((n, 1), A.OPS.index(name))
+        out = A.apply_rand_augment(x, ops, m[:, None])
+        a = A._affine_coeffs(ops[:, 0], m, h, w)[:, :6].view(n, 2, 3, 1, 1)
+        grid = (a[:, :, 0] * lin_x + (a[:, :, 1] * lin_y + a[:, :, 2])).permute(0, 2, 3, 1)
+        ref = F.grid_sample(
+            x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
+        assert torch.equal(out, ref.to(torch.uint8)), name
+
+
+def test_sharpness_rounding_is_exact():
+    # The SMOOTH filter rounds S * fl(1/13) to nearest: round(S / 13) for every possible sum S.
+    s = torch.arange(0, 13 * 255 + 1, dtype=torch.float32)
+    assert torch.equal(s.mul(1.0 / 13.0).round(), torch.div(s + 6, 13, rounding_mode="floor"))
 
 
 def test_sampled_ops_and_magnitudes_cover_the_documented_ranges():
@@ -256,6 +316,25 @@ def test_same_seed_same_views_other_seed_other_views():
         assert not torch.equal(t, v)
 
 
+@pytest.mark.parametrize(
+    "crop,size,in_size", [("translate", 32, 32), ("translate", 24, 32), ("rrc", 24, 40)]
+)
+def test_viewmaker_equals_the_public_functions(crop, size, in_size):
+    # ViewMaker's shortcuts (crops straight from the distinct images, Cutout on RandAugment's
+    # sorted copy, reused buffers) give exactly weak_view / rand_augment / cutout / normalize.
+    x = _images(24, in_size, seed=8)
+    labeled, unlabeled = x[:8], x[8:]
+    vm = A.ViewMaker(image_size=size, crop=crop, num_strong=2)
+    wl, wu, strong = vm(labeled, unlabeled, _gen(9))
+    g = _gen(9)
+    views = A.weak_view(
+        torch.cat([labeled, unlabeled, unlabeled, unlabeled]), g, crop=crop, out_size=size
+    )
+    s = A.cutout(A.rand_augment(views[24:], g), g)
+    for got, want in ((wl, views[:8]), (wu, views[8:24]), *zip(strong, s.split(16))):
+        assert torch.equal(got, A.normalize(want, vm.mean, vm.std))
+
+
 @pytest.mark.parametrize("crop", ["translate", "rrc"])
 def test_views_are_finite_and_in_range(crop):
     x = _images(32, 32)
@@ -270,6 +349,18 @@ def test_views_are_finite_and_in_range(crop):
     for t in (wl, wu, *strong):
         assert bool(torch.isfinite(t).all())
         assert bool(((t >= lo) & (t <= hi)).all())
+
+
+def test_non_contiguous_input_gives_the_same_views():
+    x = _images(16, 32)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert not xc.is_contiguous()
+    for crop in ("translate", "rrc"):
+        assert torch.equal(A.weak_view(xc, _gen(2), crop=crop), A.weak_view(x, _gen(2), crop=crop))
+    assert torch.equal(A.strong_view(xc, _gen(3)), A.strong_view(x, _gen(3)))
+    ops, mags = A.sample_rand_augment(16, _gen(4), num_ops=3)
+    assert torch.equal(A.apply_rand_augment(xc, ops, mags), A.apply_rand_augment(x, ops, mags))
+    assert torch.equal(A.cutout(xc, _gen(5)), A.cutout(x, _gen(5)))
 
 
 def test_bad_input_raises_value_error():
