@@ -136,12 +136,12 @@ def time_stream(stream, views: ViewMaker, steps: int, warmup: int = 3) -> float:
     return steps * (BL + BU) / (time.perf_counter() - t)
 
 
-def time_naive(root: Path, size: int, fixed: bool, views: ViewMaker, steps: int) -> float:
+def time_naive(root: Path, size: int, fixed: bool, views: ViewMaker, steps: int, workers: int) -> float:
     dl = DataLoader(
         NaiveDataset(root, "unlabeled", size, fixed, views),
         batch_size=BL + BU,
         shuffle=True,
-        num_workers=2,
+        num_workers=workers,
         drop_last=True,
         persistent_workers=True,
     )
@@ -186,7 +186,8 @@ def main() -> None:
                 build_jpeg(root, 768, ffcv=has_ffcv)
                 views = ViewMaker(image_size=224, crop="rrc")
             steps = args.steps if fixed else max(4, args.steps // 4)
-            res = {"naive (PIL per sample, 2 workers)": time_naive(root, size, fixed, views, steps)}
+            naive = f"naive (per sample, {args.workers} workers)"
+            res = {naive: time_naive(root, size, fixed, views, steps, args.workers)}
             kw = dict(labeled_batch=BL, unlabeled_batch=BU, device=args.device)
             w = args.workers
             cands = {f"webdataset ({w} workers)": ("webdataset", {"num_workers": w})}
@@ -204,7 +205,7 @@ def main() -> None:
                     )
                 except Exception as e:  # report, keep measuring the others
                     print(f"{label} @ {size}px failed: {e}")
-            base = res["naive (PIL per sample, 2 workers)"]
+            base = res[naive]
             for label, v in res.items():
                 rows.append((size, label, v, v / base))
     print("\n| px | pipeline | samples/s (augmented) | x naive |\n|---|---|---|---|")

@@ -254,7 +254,7 @@ class BalancedMemoryBank:
         target = torch.where(survive, slot_of_rank[new_rank], cap)
         self._buf_feats.index_copy_(0, target, features)
         self._buf_labels.index_copy_(0, target, labels)
-        self._buf_labels[cap] = c  # the scratch row is never an item
+        self._buf_labels[cap:].fill_(c)  # the scratch row is never an item (`[cap] = c` would sync)
         self._size = torch.clamp(self._size + accept.sum(), max=cap)
         return accept
 

@@ -82,4 +82,6 @@ def default_thresholds(labeled_counts: Sequence[int] | torch.Tensor) -> tuple[in
     """Many/few thresholds when a setting defines none: the top and bottom thirds of classes by count."""
     n = torch.as_tensor(labeled_counts).sort(descending=True).values
     c = n.numel()
-    return int(n[max(c // 3 - 1, 0)]) - 1, int(n[min(2 * c // 3, c - 1)])
+    many, few = int(n[max(c // 3 - 1, 0)]) - 1, int(n[min(2 * c // 3, c - 1)])
+    # Near-balanced counts make the thirds meet: then the classes are many-shot, none few-shot.
+    return many, min(few, many - 1)

@@ -719,7 +719,13 @@ def _lut_tables(x: Tensor, index: Tensor, n_ac: int, n_eq: int, m: Tensor) -> Te
         # equalize: lut[i] = (step // 2 + #pixels below i) // step, with
         # step = (#pixels - #pixels in the last non-empty bin) // 255 (unchanged when step == 0).
         # All histograms in one bincount of the rows' offset values.
-        hist = torch.bincount(index[k_ac:k].view(-1), minlength=k * 256)[k_ac * 256 :]
+        flat = index[k_ac:k].view(-1)
+        if flat.device.type == "cpu":
+            hist = torch.bincount(flat, minlength=k * 256)[k_ac * 256 :]
+        else:  # CUDA's bincount reads the maximum value on the host: a sync per call
+            ones = torch.ones(flat.numel(), dtype=torch.int64, device=flat.device)
+            hist = flat.new_zeros(k * 256, dtype=torch.int64).scatter_add_(0, flat.long(), ones)
+            hist = hist[k_ac * 256 :]
         hist = hist.view(-1, 256).double()
         # Floor divisions of integers (exact: a true quotient is >= 1 / divisor from an integer).
         step = torch.div(h * w - hist.gather(1, hi[k_ac:].long()), 255, rounding_mode="floor")
@@ -1106,7 +1112,9 @@ def _cutout_boxes(u: Tensor, size: float, h: int, w: int) -> Tensor:
     ``boxes[i, 0]`` is sample i's first and last + 1 row, ``boxes[i, 1]`` its columns.
     """
     side = torch.floor(u[:, :1] * size * min(h, w))  # (N, 1)
-    start = torch.floor(u[:, 1:] * torch.tensor([h, w]) - side / 2).clamp_(min=0)  # (N, 2)
+    # (Column by column: a ``torch.tensor([h, w])`` would live on the CPU, not u's device.)
+    hw = torch.stack([u[:, 1] * h, u[:, 2] * w], 1)
+    start = torch.floor(hw - side / 2).clamp_(min=0)  # (N, 2)
     return torch.stack([start, start + side], -1)
 
 

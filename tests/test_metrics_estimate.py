@@ -57,3 +57,12 @@ def test_estimator_mean_and_ema():
     assert torch.equal(e2.value(), e.value()) and e2.steps == 2
     with pytest.raises(ValueError, match="shape"):
         e.update(torch.ones(4))
+
+
+def test_default_thresholds_of_balanced_counts_make_every_class_many_shot():
+    from bmb.metrics import default_thresholds, shot_groups
+
+    many, few = default_thresholds([6, 6, 6, 6, 6])
+    assert few < many
+    groups = shot_groups([6, 6, 6, 6, 6], many, few)
+    assert groups["many"].all() and not groups["medium"].any() and not groups["few"].any()
