@@ -13,8 +13,8 @@ Both produce, per unlabeled sample, one weak + two strong views, normalised floa
   way the baseline is: a ``DataLoader`` with one worker process per core and
   ``batch_size=None``, whose dataset's ``__getitem__`` draws ``--batch`` random indices from
   the uint8 image tensor and returns their views (1 torch thread and its own seeded
-  generator per worker). The views reach the main process through shared memory, as the
-  baseline's do; with ``--device cuda`` they are then copied to the GPU like the baseline's.
+  generator per worker). The views reach the main process as uint8 through shared memory
+  (``ViewMaker.uint8_views``) and are normalised there, on ``--device``.
 
 All run in one process pinned to the same cores (``--cores``, default: all the process may
 use): the baseline with one worker per core; the batched path in-process with 1 thread
@@ -202,7 +202,8 @@ class _BatchedViews(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(self.images), (self.batch,), generator=self.gen)
-        _, weak, strong = self.vm(self.images[:0], self.images[idx], self.gen)
+        # uint8 views: a quarter of the bytes through shared memory; normalised on arrival.
+        _, weak, strong = self.vm.uint8_views(self.images[:0], self.images[idx], self.gen)
         return (weak, *strong)
 
 
@@ -227,9 +228,10 @@ def bench_batched_workers(
         pin_memory=device.type == "cuda",
     )
     batches = iter(loader)
+    vm = loader.dataset.vm
 
     def step() -> int:
-        views = [v.to(device, non_blocking=True) for v in next(batches)]
+        views = [vm.normalize(v.to(device, non_blocking=True)) for v in next(batches)]
         return views[0].shape[0]
 
     return _timed(step, args, device)

@@ -1300,6 +1300,32 @@ class ViewMaker:
             float32 ``(B_L, 3, S, S)`` weak labeled, ``(B_U, 3, S, S)`` weak unlabeled, and a
             list of ``num_strong`` ``(B_U, 3, S, S)`` strong views; ``S = image_size``.
         """
+        n_l, n_u = labeled.shape[0], unlabeled.shape[0]
+        weak, strong = self._views(labeled, unlabeled, generator)
+        weak = normalize(weak, self.mean, self.std)
+        strong_f = list(normalize(strong, self.mean, self.std).split(n_u)) if self.num_strong else []
+        return weak[:n_l], weak[n_l:], strong_f
+
+    def uint8_views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """:meth:`__call__` before normalisation: the same views as uint8.
+
+        For views that travel between processes (4x fewer bytes than float32); normalise them
+        on arrival with :meth:`normalize`. Same generator state, same views as :meth:`__call__`.
+        """
+        n_l, n_u = labeled.shape[0], unlabeled.shape[0]
+        weak, strong = self._views(labeled, unlabeled, generator)
+        return weak[:n_l], weak[n_l:], list(strong.split(n_u)) if self.num_strong else []
+
+    def normalize(self, views: Tensor) -> Tensor:
+        """uint8 views -> float32 with this maker's mean and std."""
+        return normalize(views, self.mean, self.std)
+
+    def _views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """uint8 weak views ``(B_L + B_U, ...)`` and strong views ``(num_strong * B_U, ...)``."""
         _check_images(labeled, "labeled")
         _check_images(unlabeled, "unlabeled")
         kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
@@ -1317,19 +1343,14 @@ class ViewMaker:
         else:
             batches = [labeled, unlabeled] + [unlabeled] * self.num_strong
             views = torch.cat([weak_view(b, generator, **kw) for b in batches])
-        weak = normalize(views[: n_l + n_u], self.mean, self.std)
-        strong: list[Tensor] = []
+        weak, strong = views[: n_l + n_u], views[n_l + n_u :]
         if self.num_strong:
-            # The weak rows are normalised already: the strong rows' memory is free to reuse.
-            s = _strong_from_weak(
-                views[n_l + n_u :],
-                generator,
-                num_ops=self.num_ops,
-                cutout=self.cutout,
-                owned=True,
+            # RandAugment and Cutout may work in the strong rows' own memory (owned): the weak
+            # rows before them are never written.
+            strong = _strong_from_weak(
+                strong, generator, num_ops=self.num_ops, cutout=self.cutout, owned=True
             )
-            strong = list(normalize(s, self.mean, self.std).split(n_u))
-        return weak[:n_l], weak[n_l:], strong
+        return weak, strong
 
     def eval(self, images: Tensor) -> Tensor:
         """Evaluation input: centre crop to ``image_size`` when larger, normalised.

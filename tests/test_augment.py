@@ -414,3 +414,14 @@ def test_cuda_generator_is_deterministic():
     a = A.strong_view(x, _gen(3, "cuda"))
     b = A.strong_view(x, _gen(3, "cuda"))
     assert a.is_cuda and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("crop", ["translate", "rrc"])
+def test_uint8_views_are_the_views_before_normalisation(crop):
+    x = _images(12, 32)
+    vm = A.ViewMaker(image_size=28 if crop == "rrc" else 32, crop=crop, mean=A.CIFAR10_MEAN, std=A.CIFAR10_STD)
+    floats = vm(x[:4], x[4:], _gen(11))
+    raw = vm.uint8_views(x[:4], x[4:], _gen(11))
+    assert raw[0].dtype == torch.uint8 and len(raw[2]) == 2
+    for f, r in zip([floats[0], floats[1], *floats[2]], [raw[0], raw[1], *raw[2]]):
+        assert torch.equal(vm.normalize(r), f)
