@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.augment import CIFAR10_MEAN, CIFAR10_STD, ViewMaker  # noqa: E402
+from pipelines.host_memory import keep_freed_memory  # noqa: E402
 
 # ----------------------------------------------------------------------------- PIL baseline
 
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of this many measurements")
     p.add_argument("--num-images", type=int, default=2048)
     args = p.parse_args(argv)
+    keep_freed_memory()  # as launch/train.py does; forked baseline workers inherit it too
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

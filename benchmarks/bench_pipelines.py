@@ -1,6 +1,7 @@
 """Input pipeline throughput: samples/s delivered *augmented* (labeled weak + unlabeled weak +
 2 strong views), for every installed backend at 32, 64 and 224 px, beside a naive baseline
-(per-sample PIL decode + per-sample augment in DataLoader workers).
+(per-sample PIL decode + the same augmentation applied per sample -- 1-image batches -- in
+DataLoader workers).
 
     .venv/bin/python benchmarks/bench_pipelines.py [--steps 20] [--sizes 32 64 224]
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines import build_train_stream
 from pipelines.augment import ViewMaker
+from pipelines.host_memory import keep_freed_memory
 from pipelines.shard_index import build_index, decode_image
 
 BL, BU = 32, 64
@@ -164,6 +166,8 @@ def main() -> None:
                     help="decode workers/threads of every pipeline, the naive one included")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()  # as launch/train.py does: every pipeline, the naive one included
+
     has_ffcv = importlib.util.find_spec("ffcv") is not None
     has_dali = (
         importlib.util.find_spec("nvidia") is not None

@@ -73,9 +73,11 @@ def audit_syncs(trainer: Trainer, batches: Iterator, steps: int) -> Counter:
         ours = [f for f in traceback.extract_stack()[:-1]
                 if f.filename.startswith(str(_ROOT)) and "/.venv/" not in f.filename
                 and not f.filename.endswith("bench_step.py")]
-        where = ours[-1] if ours else traceback.extract_stack()[-2]
-        sites[f"{Path(where.filename).relative_to(_ROOT) if ours else where.filename}:{where.lineno} "
-              f"in {where.name}"] += 1
+        if not ours:  # e.g. a thread of torch's own (autograd engine) or the audit loop itself
+            sites["(no line of this project on the stack)"] += 1
+            return
+        where = ours[-1]
+        sites[f"{Path(where.filename).relative_to(_ROOT)}:{where.lineno} in {where.name}"] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

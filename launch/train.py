@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from pipelines.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # per-step host temporaries reuse memory instead of page-faulting it in
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     handlers = []
