@@ -22,13 +22,7 @@ class Collectives:
         on = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if on else 1
         self.rank = dist.get_rank(group) if on else 0
-        # Host-side flags go over gloo on CPU tensors: a flag on a NCCL group would be a GPU tensor,
-        # and reading it back would make the host wait for all queued GPU work. Every rank builds
-        # its Collectives at the same point, as ``new_group`` requires.
-        self.host_group = group
-        if self.world_size > 1 and "gloo" not in str(dist.get_backend(group)).lower():
-            ranks = None if group is None else dist.get_process_group_ranks(group)
-            self.host_group = dist.new_group(ranks=ranks, backend="gloo")
+        self._host_group: dist.ProcessGroup | None = None
 
     @property
     def active(self) -> bool:
@@ -63,5 +57,20 @@ class Collectives:
         if not self.active:
             return bool(flag)
         t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.host_group)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._host())
         return bool(t.item() > 0)
+
+    def _host(self) -> dist.ProcessGroup | None:
+        """A gloo group over this group's ranks, for host-side flags.
+
+        A flag on a NCCL group would be a GPU tensor, and reading it back would make the host
+        wait for all queued GPU work. Built on the first call, which every rank makes at the
+        same point (``new_group`` needs every process of the job).
+        """
+        if self._host_group is None:
+            if "gloo" in str(dist.get_backend(self.group)).lower():
+                self._host_group = self.group or dist.group.WORLD
+            else:
+                ranks = None if self.group is None else dist.get_process_group_ranks(self.group)
+                self._host_group = dist.new_group(ranks=ranks, backend="gloo")
+        return self._host_group

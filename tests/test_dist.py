@@ -194,3 +194,19 @@ def test_two_processes_half_batch_equal_one_process_full_batch(tmp_path):
         assert torch.equal(got["nhat"], alg.estimator.value())
         for n, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------- stop flag
+def _flag_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _init(rank, world, port)
+    coll = Collectives()
+    seen = [coll.any_true(False), coll.any_true(rank == 1), coll.any_true(False)]
+    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+        f.write(" ".join(str(v) for v in seen))
+    _finish()
+
+
+def test_any_true_agrees_on_every_rank(tmp_path):
+    spawn(_flag_worker, 2, str(tmp_path))
+    for r in (0, 1):  # a flag raised on rank 1 alone reaches rank 0 at the same call
+        assert (tmp_path / f"rank{r}.txt").read_text() == "False True False"
