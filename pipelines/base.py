@@ -8,7 +8,7 @@ Augmentation (weak/strong views, normalisation) happens afterwards, on that devi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,3 +79,31 @@ class EvalSource(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
     def __len__(self) -> int: ...
+
+
+HostBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+"""A reader's host batch: uint8 images, int64 labels, int64 indices, corrupt images skipped."""
+
+
+def paired_batches(
+    labeled: Iterator[HostBatch],
+    unlabeled: Iterator[HostBatch],
+    device: torch.device,
+    on_step: Callable[[int], None],
+) -> Iterator[Batch]:
+    """Zip a labeled and an unlabeled iterator of host batches into one :class:`Batch` per step.
+
+    Tensors move to ``device`` with :meth:`Batch.to` (asynchronous from pinned batches).
+
+    Args:
+        labeled: host batches of the labeled split (their indices are dropped).
+        unlabeled: host batches of the unlabeled split.
+        device: where batches are delivered.
+        on_step: called once per step, after both halves are drawn, with the number of corrupt
+            images the two skipped (the reader's step and skip accounting).
+    """
+    while True:
+        x_l, y_l, _, skipped_l = next(labeled)
+        x_u, y_u, i_u, skipped_u = next(unlabeled)
+        on_step(skipped_l + skipped_u)
+        yield Batch(x_l, y_l, x_u, i_u, y_u).to(device)

@@ -177,6 +177,15 @@ def build_index(root: Path, split: str, manifest: dict[str, Any] | None = None) 
     )
 
 
+ON_CORRUPT = ("raise", "skip")
+
+
+def check_on_corrupt(on_corrupt: str) -> None:
+    """Raise ValueError unless ``on_corrupt`` is a known policy for unreadable images."""
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+
+
 def output_size(manifest: dict[str, Any], load_size: int | None) -> tuple[int, int]:
     """``(H, W)`` the readers deliver: the fixed image size, else ``load_size`` squares."""
     fixed = manifest.get("image_size")

@@ -32,19 +32,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.base import Batch, TrainStream
+from pipelines.base import Batch, TrainStream, paired_batches
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import (
     SplitIndex,
     build_index,
+    check_on_corrupt,
     decode_image,
     load_manifest,
     output_size,
 )
 
 log = logging.getLogger(__name__)
-
-_ON_CORRUPT = ("raise", "skip")
 
 
 class _SampleReader:
@@ -187,8 +186,7 @@ class WdsStream:
         on_corrupt: str = "raise",
     ) -> None:
         check_rank(rank, world_size)
-        if on_corrupt not in _ON_CORRUPT:
-            raise ValueError(f"on_corrupt must be one of {_ON_CORRUPT}, got {on_corrupt!r}")
+        check_on_corrupt(on_corrupt)
         self.root, self.device = Path(root), torch.device(device)
         manifest = load_manifest(self.root)
         out_hw = output_size(manifest, load_size)
@@ -236,22 +234,15 @@ class WdsStream:
             loaders[name] = iter(
                 _loader(ds, _FromStep(start), self.num_workers, self.pin, self.prefetch)
             )
-        lab, unl = loaders["labeled"], loaders["unlabeled"]
-        while True:
-            x_l, y_l, _, sk_l = next(lab)
-            x_u, y_u, i_u, sk_u = next(unl)
-            self._steps += 1
-            if sk_l or sk_u:
-                self.skipped += sk_l + sk_u
-                log.warning("%d corrupt images skipped so far", self.skipped)
-            d, nb = self.device, True
-            yield Batch(
-                x_l.to(d, non_blocking=nb),
-                y_l.to(d, non_blocking=nb),
-                x_u.to(d, non_blocking=nb),
-                i_u.to(d, non_blocking=nb),
-                y_u.to(d, non_blocking=nb),
-            )
+        yield from paired_batches(
+            loaders["labeled"], loaders["unlabeled"], self.device, self._count_step
+        )
+
+    def _count_step(self, skipped: int) -> None:
+        self._steps += 1
+        if skipped:
+            self.skipped += skipped
+            log.warning("%d corrupt images skipped so far", self.skipped)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "webdataset", "skipped": self.skipped}
@@ -311,8 +302,7 @@ class WdsEval:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if on_corrupt not in _ON_CORRUPT:
-            raise ValueError(f"on_corrupt must be one of {_ON_CORRUPT}, got {on_corrupt!r}")
+        check_on_corrupt(on_corrupt)
         manifest = load_manifest(Path(root))
         index = build_index(Path(root), split, manifest)
         reader = _SampleReader(

@@ -55,14 +55,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.base import Batch
+from pipelines.base import Batch, HostBatch, paired_batches
 from pipelines.sampling import check_rank, epoch_permutation, stream_seed
-from pipelines.shard_index import _octal, decode_image, load_manifest, output_size, split_info
+from pipelines.shard_index import (
+    _octal,
+    check_on_corrupt,
+    decode_image,
+    load_manifest,
+    output_size,
+    split_info,
+)
 
 log = logging.getLogger(__name__)
 
 _IMAGE_EXTS = ("png", "jpg", "jpeg")
-_ON_CORRUPT = ("raise", "skip")
 DEFAULT_SHUFFLE_BUFFER = 1000
 # State keys that must match for a resume to make sense at all (same data, same seed).
 _SAME_DATA = ("seed", "n", "shards")
@@ -416,8 +422,8 @@ class _ReaderError:
     message: str
 
 
-def _next(loader: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    item = next(loader)
+def _checked(item: Any) -> HostBatch:
+    """A worker's batch, or the ValueError it reported."""
     if isinstance(item, _ReaderError):
         raise ValueError(item.message)
     return item
@@ -463,8 +469,7 @@ class WdsShardStream:
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
         check_rank(rank, world_size)
-        if on_corrupt not in _ON_CORRUPT:
-            raise ValueError(f"on_corrupt must be one of {_ON_CORRUPT}, got {on_corrupt!r}")
+        check_on_corrupt(on_corrupt)
         if int(shuffle_buffer) < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if int(num_workers) < 0:
@@ -521,31 +526,23 @@ class WdsShardStream:
             kw: dict[str, Any] = {}
             if self.num_workers > 0:
                 kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
-            loaders[name] = iter(
-                DataLoader(
-                    self._dataset(name),
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    pin_memory=self.pin,
-                    **kw,
-                )
+            loader = DataLoader(
+                self._dataset(name),
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin,
+                **kw,
             )
-        lab, unl = loaders["labeled"], loaders["unlabeled"]
-        while True:
-            x_l, y_l, _, sk_l = _next(lab)
-            x_u, y_u, i_u, sk_u = _next(unl)
-            self._steps += 1
-            if sk_l or sk_u:
-                self.skipped += sk_l + sk_u
-                log.warning("%d corrupt images skipped so far", self.skipped)
-            d, nb = self.device, True
-            yield Batch(
-                x_l.to(d, non_blocking=nb),
-                y_l.to(d, non_blocking=nb),
-                x_u.to(d, non_blocking=nb),
-                i_u.to(d, non_blocking=nb),
-                y_u.to(d, non_blocking=nb),
-            )
+            loaders[name] = map(_checked, loader)
+        yield from paired_batches(
+            loaders["labeled"], loaders["unlabeled"], self.device, self._count_step
+        )
+
+    def _count_step(self, skipped: int) -> None:
+        self._steps += 1
+        if skipped:
+            self.skipped += skipped
+            log.warning("%d corrupt images skipped so far", self.skipped)
 
     def epoch_in_progress(self, name: str) -> int:
         """The earliest epoch of stream ``name`` that some worker of this rank has not finished
@@ -559,21 +556,29 @@ class WdsShardStream:
             epochs.append(order.locate(g, self._start_epoch[name], done)[0])
         return min(epochs)
 
+    def _layout(self, name: str) -> dict[str, int]:
+        """What a saved position of stream ``name`` depends on: the data and seed
+        (:data:`_SAME_DATA`) and the reading layout (:data:`_SAME_LAYOUT`)."""
+        sp, _, batch = self._splits[name]
+        return {
+            "seed": self.seed,
+            "n": sp.n,
+            "shards": len(sp.paths),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.workers,
+            "batch_size": batch,
+            "shuffle_buffer": self.buffer,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "webdataset", "order": "stream", "skipped": self.skipped}
-        for name, (sp, _, batch) in self._splits.items():
+        for name in self._splits:
             out[name] = {
                 "start_epoch": self._start_epoch[name],
                 "batches": self._start_batch[name] + self._steps,
                 "epoch": self.epoch_in_progress(name),
-                "seed": self.seed,
-                "n": sp.n,
-                "shards": len(sp.paths),
-                "rank": self.rank,
-                "world_size": self.world_size,
-                "num_workers": self.workers,
-                "batch_size": batch,
-                "shuffle_buffer": self.buffer,
+                **self._layout(name),
             }
         return out
 
@@ -589,18 +594,8 @@ class WdsShardStream:
                 f"reader state is from backend {state.get('backend')!r} order "
                 f"{state.get('order', 'index')!r}, not webdataset order 'stream'"
             )
-        for name, (sp, _, batch) in self._splits.items():
-            st = state[name]
-            now = {
-                "seed": self.seed,
-                "n": sp.n,
-                "shards": len(sp.paths),
-                "rank": self.rank,
-                "world_size": self.world_size,
-                "num_workers": self.workers,
-                "batch_size": batch,
-                "shuffle_buffer": self.buffer,
-            }
+        for name in self._splits:
+            st, now = state[name], self._layout(name)
             for key in _SAME_DATA:
                 if st[key] != now[key]:
                     raise ValueError(
