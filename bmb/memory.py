@@ -143,13 +143,13 @@ class BalancedMemoryBank:
 
         Used to compare banks across ranks without moving the bank itself.
         """
-        n = len(self)
+        n = len(self)  # one read of the size (the properties would each read it again)
         pos = torch.arange(1, n + 1, device=self.device, dtype=torch.float64)
-        f = self.features.to(torch.float64)
+        f = self._buf_feats[:n].to(torch.float64)
         return torch.stack(
             [torch.tensor(float(n), device=self.device, dtype=torch.float64),
              (f.sum(dim=1) * pos).sum(),
-             (self.labels.to(torch.float64) * pos).sum()]
+             (self._buf_labels[:n].to(torch.float64) * pos).sum()]
         )
 
     # ------------------------------------------------------------------ randomness
@@ -339,14 +339,15 @@ class BalancedMemoryBank:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically, the generator's state included."""
+        n = len(self)
         return {
             "capacity": self.capacity,
             "feat_dim": self.feat_dim,
             "num_classes": self.num_classes,
             "put_power": self.put_power,
             "get_power": self.get_power,
-            "features": self.features.detach().cpu().clone(),
-            "labels": self.labels.cpu().clone(),
+            "features": self._buf_feats[:n].detach().cpu().clone(),
+            "labels": self._buf_labels[:n].cpu().clone(),
             "generator": self.generator.get_state(),
         }
 
