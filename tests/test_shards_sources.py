@@ -424,24 +424,27 @@ def lt_small(lt_lists: Path, tmp_path_factory) -> tuple[Path, Path, dict]:
     return lists, base / "imagenet", jpegs
 
 
-def test_imagenet_lt_build_keeps_jpeg_bytes(lt_small, tmp_path: Path) -> None:
-    lists, root, jpegs = lt_small
-    out = tmp_path / "d"
-    args = [
+def _lt_args(root: Path, lists: Path, out: Path, *extra: str, ratio: str = "0.2") -> list[str]:
+    """``bmb-shards imagenet-lt`` arguments for a JPEG tree and split lists."""
+    return [
         "imagenet-lt",
         "--imagenet-root",
         str(root),
         "--split-lists",
         str(lists),
         "--labeled-ratio",
-        "0.2",
+        ratio,
         "--out",
         str(out),
-        "--shard-size",
-        "200",
+        *extra,
         *Q,
     ]
-    assert main(args) == 0
+
+
+def test_imagenet_lt_build_keeps_jpeg_bytes(lt_small, tmp_path: Path) -> None:
+    lists, root, jpegs = lt_small
+    out = tmp_path / "d"
+    assert main(_lt_args(root, lists, out, "--shard-size", "200")) == 0
     m = load_manifest(out)
     assert m["encoding"] == "jpg" and m["image_size"] is None and m["num_classes"] == 3
     want = [
@@ -465,21 +468,7 @@ def test_imagenet_lt_build_keeps_jpeg_bytes(lt_small, tmp_path: Path) -> None:
     assert verify_dataset(out) == []
     # --max-side resizes at build time
     out2 = tmp_path / "r"
-    args2 = [
-        "imagenet-lt",
-        "--imagenet-root",
-        str(root),
-        "--split-lists",
-        str(lists),
-        "--labeled-ratio",
-        "0.2",
-        "--out",
-        str(out2),
-        "--max-side",
-        "8",
-        *Q,
-    ]
-    assert main(args2) == 0
+    assert main(_lt_args(root, lists, out2, "--max-side", "8")) == 0
     m2 = load_manifest(out2)
     for _, mem in iter_tar_samples(out2 / m2["splits"]["test"]["shards"][0]["file"]):
         assert max(Image.open(io.BytesIO(mem["jpg"])).size) <= 8
@@ -493,26 +482,19 @@ def test_imagenet_lt_bad_inputs(lt_small, tmp_path: Path, capsys) -> None:
     lines = f.read_text().splitlines()
     lines[4] = "train/n01440764/does_not_exist.JPEG 0"
     f.write_text("\n".join(lines) + "\n")
-    base = [
-        "imagenet-lt",
-        "--imagenet-root",
-        str(root),
-        "--labeled-ratio",
-        "0.5",
-        "--out",
-        str(tmp_path / "o"),
-        *Q,
-    ]
+    out = tmp_path / "o"
     _expect_error(
-        capsys, [*base, "--split-lists", str(bad_lists)], f"{f}:5", "does_not_exist.JPEG not found"
+        capsys,
+        _lt_args(root, bad_lists, out, ratio="0.5"),
+        f"{f}:5",
+        "does_not_exist.JPEG not found",
     )
     # an unreadable JPEG: copy the tree, truncate one file
     root2 = tmp_path / "img"
     shutil.copytree(root, root2)
     p = root2 / lists.joinpath("ImageNet_LT_test.txt").read_text().split()[0]
     p.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    base[2] = str(root2)
-    _expect_error(capsys, [*base, "--split-lists", str(lists)], str(p), "unreadable image")
+    _expect_error(capsys, _lt_args(root2, lists, out, ratio="0.5"), str(p), "unreadable image")
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
