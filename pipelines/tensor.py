@@ -61,7 +61,8 @@ class ArraySplit:
         # Gather in the storage's own layout (contiguous NHWC rows for mmapped arrays: one
         # memcpy per sample), then make NCHW contiguous on the target device, where it is cheap.
         images = self.images[idx_src]
-        labels = self.labels[to_device(idx, self.labels.device)]
+        same = self.labels.device == self.images.device
+        labels = self.labels[idx_src if same else to_device(idx, self.labels.device)]
         target = torch.device(device)
         if target.type == "cuda" and images.device.type == "cpu":
             images = images.pin_memory()
