@@ -42,6 +42,11 @@ import torch
 _REMOVE_EPS = 1e-6
 
 
+def _positive(u: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) moved into (0, 1) (a 0 would give an infinite race key)."""
+    return u.clamp_min(torch.finfo(torch.float64).tiny)
+
+
 class BalancedMemoryBank:
     """Class-balanced memory of features and pseudo labels.
 
@@ -95,6 +100,13 @@ class BalancedMemoryBank:
         self._buf_labels = torch.full((cap + 1,), self.num_classes, device=self.device, dtype=torch.long)
         self._size = torch.zeros((), device=self.device, dtype=torch.long)  # a device tensor: no sync
         self._slots = torch.arange(cap, device=self.device)
+        self.version = getattr(self, "version", -1) + 1  # new buffers: captured CUDA graphs are stale
+
+    def clear(self) -> None:
+        """Empty the bank in place (same buffers: captured CUDA graphs stay valid)."""
+        self._buf_feats.zero_()
+        self._buf_labels.fill_(self.num_classes)
+        self._size.zero_()
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -154,14 +166,29 @@ class BalancedMemoryBank:
 
     # ------------------------------------------------------------------ randomness
     def _rand(self, n: int) -> torch.Tensor:
-        """``n`` uniforms in (0, 1) from the bank's generator, on the bank's device, float64."""
-        u = torch.rand(n, generator=self.generator, device=self.generator.device, dtype=torch.float64)
-        return u.clamp_min_(torch.finfo(torch.float64).tiny).to(self.device, non_blocking=True)
+        """``n`` uniforms in [0, 1) from the bank's generator, on the bank's device, float64.
 
-    def _race_keys(self, weights: torch.Tensor) -> torch.Tensor:
-        """Exponential-race keys ``Exp(1) / w``: the ``k`` smallest are a draw of ``k`` items without
-        replacement with P ∝ ``w``. Zero weights give ``inf`` (never drawn)."""
-        return -torch.log(self._rand(weights.shape[0])) / weights
+        The core functions clamp them away from 0 (:func:`_positive`). ``torch.rand(n, generator=g)`` and
+        ``empty(n).uniform_(generator=g)`` give the same numbers, so a caller may instead fill
+        a preallocated buffer (:mod:`bmb.graphs` does).
+        """
+        u = torch.rand(n, generator=self.generator, device=self.generator.device, dtype=torch.float64)
+        return u.to(self.device, non_blocking=True)
+
+    def uniforms_per_enqueue(self, b: int) -> tuple[int, int]:
+        """How many uniforms one ``enqueue`` of ``b`` candidates draws: the accept test's, then the
+        dequeue race's (drawn in this order)."""
+        return b, self.capacity + b
+
+    def uniforms_per_draw(self, n: int, replacement: bool = False) -> int:
+        """How many uniforms one ``draw`` of ``n`` rows draws."""
+        return n if replacement else self.capacity
+
+    @staticmethod
+    def _race_keys(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Exponential-race keys ``Exp(1) / w`` from uniforms ``u`` in (0, 1): the ``k`` smallest are a
+        draw of ``k`` items without replacement with P ∝ ``w``. Zero weights give ``inf`` (never drawn)."""
+        return -torch.log(u) / weights
 
     # ------------------------------------------------------------------ validation
     def _check_real_device(self, op: str) -> None:
@@ -213,13 +240,35 @@ class BalancedMemoryBank:
         """
         self._check_real_device("enqueue")
         self._check_items(features, labels, valid)
-        c, cap = self.num_classes, self.capacity
         features = features.detach().to(self.device, self.dtype)
         labels = labels.to(self.device)
         b = labels.shape[0]
         if b == 0:
             return torch.zeros(0, dtype=torch.bool, device=self.device)
         ok = torch.ones(b, dtype=torch.bool, device=self.device) if valid is None else valid.to(self.device)
+        n_accept, n_race = self.uniforms_per_enqueue(b)
+        u_accept = self._rand(n_accept)
+        return self.enqueue_core(features, labels, ok, u_accept, self._rand(n_race))
+
+    def enqueue_core(self, features: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
+                     u_accept: torch.Tensor, u_race: torch.Tensor) -> torch.Tensor:
+        """:meth:`enqueue` on checked device tensors, with its uniforms passed in.
+
+        Only fixed-shape device work that updates the bank in place, so a CUDA graph can
+        capture it (:mod:`bmb.graphs`).
+
+        Args:
+            features: ``(B, D)`` in the bank's dtype; labels: int64 ``(B,)``; ok: bool ``(B,)``
+                candidate mask; all on the bank's device.
+            u_accept, u_race: float64 uniforms on the bank's device, sized by
+                :meth:`uniforms_per_enqueue`.
+
+        Returns:
+            bool ``(B,)``: which candidates were accepted (before any dequeue).
+        """
+        c, cap = self.num_classes, self.capacity
+        b = labels.shape[0]
+        u_accept, u_race = _positive(u_accept), _positive(u_race)
         if self.device.type != "cpu":
             ok = ok & torch.isfinite(features).all(dim=1)
         lab = torch.where(ok, labels, c)  # non-candidates take the sentinel class
@@ -230,7 +279,7 @@ class BalancedMemoryBank:
         rank = (onehot.cumsum(0) - onehot).gather(1, lab[:, None]).squeeze(1)  # (B,)
         eff = (counts[lab] + rank).to(torch.float64)
         p_put = ((counts[:c].min().to(torch.float64) + 1.0) / (eff + 1.0)).pow(self.put_power)
-        accept = ok & (self._rand(b) < p_put)
+        accept = ok & (u_accept < p_put)
 
         # Overflow: remove exactly `excess` items of (stored + accepted), majority classes first,
         # by an exponential race over all capacity + B slots (empty/rejected ones weigh 0).
@@ -239,7 +288,7 @@ class BalancedMemoryBank:
         p_keep = torch.cat([self.put_probability(union_counts[:c]), union_counts.new_ones(1).double()])
         weights = (1.0 - p_keep + _REMOVE_EPS)[union] * (union < c)
         excess = (self._size + accept.sum() - cap).clamp_min(0)
-        order = torch.argsort(self._race_keys(weights), stable=True)
+        order = torch.argsort(self._race_keys(weights, u_race), stable=True)
         removed = torch.zeros(cap + b, dtype=torch.bool, device=self.device)
         removed[order] = torch.arange(cap + b, device=self.device) < excess
         # Freed slots (removed stored items, then the empty tail) take the surviving new items in
@@ -255,7 +304,7 @@ class BalancedMemoryBank:
         self._buf_feats.index_copy_(0, target, features)
         self._buf_labels.index_copy_(0, target, labels)
         self._buf_labels[cap:].fill_(c)  # the scratch row is never an item (`[cap] = c` would sync)
-        self._size = torch.clamp(self._size + accept.sum(), max=cap)
+        self._size.copy_(torch.clamp(self._size + accept.sum(), max=cap))  # in place: graphs hold it
         return accept
 
     def draw(self, n: int, class_prior: torch.Tensor, replacement: bool = False
@@ -283,18 +332,27 @@ class BalancedMemoryBank:
         # living on the GPU (the trainer's N-hat) never makes the step wait for the device.
         if prior.device.type == "cpu" and (not bool(torch.isfinite(prior).all()) or bool((prior < 0).any())):
             raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
-        prior = prior.to(self.device, torch.float64)
+        return self.draw_core(n, prior.to(self.device), self._rand(self.uniforms_per_draw(n, replacement)),
+                              replacement)
+
+    def draw_core(self, n: int, class_prior: torch.Tensor, u: torch.Tensor, replacement: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`draw` on a checked prior on the bank's device, with its uniforms ``u`` (float64,
+        sized by :meth:`uniforms_per_draw`) passed in. Fixed-shape device work only, reading the
+        bank without changing it: a CUDA graph can capture it (:mod:`bmb.graphs`)."""
+        prior = class_prior.to(torch.float64)
+        u = _positive(u)
         labels_all = self._labels_all
         # Per-slot weight; empty slots (sentinel label) weigh 0.
         class_w = torch.cat([prior.clamp_min(1.0).pow(-self.get_power), prior.new_zeros(1)])
         weights = class_w[labels_all]  # (cap,)
         if replacement:
             cdf = weights.cumsum(0)
-            idx = torch.searchsorted(cdf, self._rand(n) * cdf[-1])
+            idx = torch.searchsorted(cdf, u * cdf[-1])
             idx = torch.minimum(idx, (self._size - 1).clamp_min(0))
             valid = (self._size > 0).expand(n)
         else:
-            keys = self._race_keys(weights)
+            keys = self._race_keys(weights, u)
             k = min(n, self.capacity)
             idx = torch.topk(keys, k, largest=False, sorted=True).indices
             valid = torch.isfinite(keys[idx])
@@ -335,6 +393,7 @@ class BalancedMemoryBank:
             self._buf_labels = self._buf_labels.to(self.device)
             self._size = self._size.to(self.device)
             self._slots = self._slots.to(self.device)
+            self.version += 1  # new tensors: captured CUDA graphs are stale
         return self
 
     def state_dict(self) -> dict[str, Any]:

@@ -219,3 +219,29 @@ def test_draw_has_fixed_shapes_and_get_is_draw_without_invalid_rows():
         assert torch.equal(gf, f[v]) and torch.equal(gy, y[v])
         rows = (f[v][:, None, :] == bank.features[None]).all(-1)
         assert bool((rows.sum(1) == 1).all()) and bool((y[v] == bank.labels[rows.float().argmax(1)]).all())
+
+
+def test_clear_empties_in_place_and_reallocation_bumps_the_version():
+    bank = BalancedMemoryBank(8, 3, 4, generator=torch.Generator().manual_seed(0))
+    buffers, version = (bank._buf_feats, bank._buf_labels, bank._size), bank.version
+    bank.enqueue(torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert len(bank) > 0
+    bank.clear()
+    assert len(bank) == 0 and bank.class_counts().sum() == 0
+    assert all(a is b for a, b in zip(buffers, (bank._buf_feats, bank._buf_labels, bank._size)))
+    assert bank.version == version  # same buffers: CUDA graphs captured on them stay valid
+    bank.load_state_dict(bank.state_dict())
+    assert bank.version == version + 1
+
+
+def test_step_graphs_need_a_cuda_bank_and_generator_and_otherwise_run_eagerly():
+    from bmb.graphs import StepGraphs
+
+    bank = BalancedMemoryBank(8, 3, 4, generator=torch.Generator().manual_seed(0))
+    graphs = StepGraphs(bank)
+    assert not StepGraphs.supported(bank) and not graphs.enabled
+    # Eager: the function gets its uniforms from the bank's generator, as torch.rand would draw them.
+    got = graphs.run(("f",), lambda x, u, v: (x + 1, u, v), [torch.zeros(2)], uniforms=[3, 2])
+    want = torch.rand(5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(got[0], torch.ones(2))
+    assert torch.equal(torch.cat(got[1:]), want)
