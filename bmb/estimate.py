@@ -31,8 +31,11 @@ class UnlabeledCountEstimator:
         self.num_classes = num_classes
         self.mode = mode
         self.momentum = momentum
-        self.steps = 0
+        self.steps = 0  # updates so far, on the host
         self.device = torch.device(device)
+        # Device state, only ever updated in place (a CUDA graph may hold it: bmb.graphs).
+        self._t = torch.zeros((), dtype=torch.float64, device=self.device)  # updates so far
+        self._sum = torch.zeros(num_classes, dtype=torch.float64, device=self.device)  # mean: running sum
         self._value = torch.ones(num_classes, dtype=torch.float64, device=self.device)
 
     def update(self, step_counts: torch.Tensor) -> None:
@@ -41,20 +44,36 @@ class UnlabeledCountEstimator:
         if c.shape != (self.num_classes,):
             raise ValueError(f"UnlabeledCountEstimator.update: counts must have shape ({self.num_classes},), got {tuple(c.shape)}")
         self.steps += 1
+        self.fold(c)
+
+    def fold(self, counts: torch.Tensor) -> None:
+        """The device half of :meth:`update` (the caller counts ``steps``): fixed-shape, in-place
+        work a CUDA graph can capture. ``counts``: float64 ``(C,)`` on ``device``.
+
+        Mean mode keeps the exact running sum of the counts and divides once; EMA mode takes the
+        first counts as they are.
+        """
+        self._t.add_(1.0)
         if self.mode == "mean":
-            self._value = c.clone() if self.steps == 1 else self._value + (c - self._value) / self.steps
+            self._sum.add_(counts)
+            torch.div(self._sum, self._t, out=self._value)
         else:
-            self._value = c.clone() if self.steps == 1 else self.momentum * self._value + (1 - self.momentum) * c
+            keep = torch.where(self._t > 1.0, self.momentum, 0.0)  # 0 at the first update
+            self._value.mul_(keep).add_(counts * (1.0 - keep))
 
     def value(self) -> torch.Tensor:
         """``N̂`` clamped to >= 1 (safe as a denominator), float64 ``(C,)`` on ``device``."""
         return self._value.clamp_min(1.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "momentum": self.momentum, "steps": self.steps, "value": self._value.cpu().clone()}
+        return {"mode": self.mode, "momentum": self.momentum, "steps": self.steps,
+                "value": self._value.cpu().clone(), "sum": self._sum.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["value"].shape != (self.num_classes,):
             raise ValueError("UnlabeledCountEstimator.load_state_dict: class count mismatch")
         self.mode, self.momentum, self.steps = state["mode"], state["momentum"], int(state["steps"])
-        self._value = state["value"].to(self.device, torch.float64).clone()
+        value = state["value"].to(self.device, torch.float64)
+        self._value.copy_(value)  # in place: captured graphs keep working
+        self._sum.copy_(state["sum"] if "sum" in state else value * self.steps)  # older checkpoints: no sum
+        self._t.fill_(self.steps)

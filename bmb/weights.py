@@ -25,7 +25,11 @@ def adaptive_weights(class_counts: torch.Tensor, alpha: float) -> torch.Tensor:
     return (n.min() / n).pow(alpha).to(torch.float32)
 
 
-def annealed_weights(weights: torch.Tensor, progress: float) -> torch.Tensor:
-    """Authors' optional schedule ``w' = 1 - progress * (1 - w)``, ``progress = t / T`` in [0, 1]."""
-    t = min(max(float(progress), 0.0), 1.0)
+def annealed_weights(weights: torch.Tensor, progress: float | torch.Tensor) -> torch.Tensor:
+    """Authors' optional schedule ``w' = 1 - progress * (1 - w)``, ``progress = t / T`` in [0, 1].
+
+    ``progress`` may be a 0-d tensor on the weights' device (no host read: a CUDA graph can
+    capture it); it is clamped to [0, 1] either way.
+    """
+    t = progress.clamp(0.0, 1.0) if isinstance(progress, torch.Tensor) else min(max(float(progress), 0.0), 1.0)
     return 1.0 - t * (1.0 - weights)
