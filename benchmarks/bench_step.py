@@ -8,13 +8,15 @@ host wait for the GPU (CUDA's sync debug mode, attributed to the project's own s
 Both algorithms run the real `Trainer.train_step` (augmentation on the device, one forward of
 labeled weak + unlabeled weak + 2 strong views, losses, backward, optimizer, EMA) on the same
 random uint8 data; BMB additionally fills/queries its memory bank every step (threshold 0.01 and
-beta 0, so every candidate is offered and the bank stays full: the bank's worst case). Steps alternate in blocks between the two
-trainers to cancel drift. Prints ms/step for each and BMB's overhead in percent.
+beta 0, so every candidate is offered and the bank stays full: the bank's worst case). Steps
+alternate in blocks between the trainers to cancel drift. Prints ms/step for each and BMB's
+overhead in percent: over all steps, and the median of the per-block ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import traceback
 import warnings
@@ -33,7 +35,7 @@ from pipelines.augment import ViewMaker
 from pipelines.tensor import ArraySplit, TensorStream
 
 
-def make_trainer(algorithm: str, args, acc: Accelerator, data: dict) -> Trainer:
+def make_trainer(algorithm: str, args, acc: Accelerator, data: dict, cuda_graphs: bool = True) -> Trainer:
     cfg = load_config(None, [
         "data.dataset=unused", f"model.encoder={args.encoder}", f"method.algorithm={algorithm}",
         "method.warmup_epochs=0", "method.threshold=0.01", f"train.labeled_batch={args.batch}",
@@ -45,7 +47,8 @@ def make_trainer(algorithm: str, args, acc: Accelerator, data: dict) -> Trainer:
     counts = torch.bincount(data["labeled"].labels, minlength=args.classes)
     alg = build_algorithm(algorithm, num_classes=args.classes, feat_dim=model.feat_dim, labeled_counts=counts,
                           threshold=0.01, put_power=0.0, bank_size=args.bank, get_num=args.bank // 2,
-                          generator=torch.Generator(device=acc.device).manual_seed(1), device=acc.device)
+                          generator=torch.Generator(device=acc.device).manual_seed(1), device=acc.device,
+                          cuda_graphs=cuda_graphs)
     stream = TensorStream(data["labeled"], data["unlabeled"], labeled_batch=args.batch, unlabeled_batch=args.batch,
                           device=acc.device)
     views = ViewMaker(image_size=args.size, num_strong=2, crop="rrc" if full_res else "translate")
@@ -101,6 +104,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
     ap.add_argument("--blocks", type=int, default=4, help="alternating blocks per algorithm")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--eager-bank", action="store_true",
+                    help="also time BMB with its CUDA graphs off (bmb-eager; see bmb/graphs.py)")
     ap.add_argument("--audit-syncs", action="store_true",
                     help="list the host-GPU synchronisations of a step instead of timing (CUDA only)")
     args = ap.parse_args()
@@ -111,6 +116,8 @@ def main() -> None:
     data = {s: ArraySplit(torch.randint(0, 256, (n, 3, load, load), dtype=torch.uint8, generator=g),
                           torch.randint(0, args.classes, (n,), generator=g)) for s in ("labeled", "unlabeled")}
     trainers = {a: make_trainer(a, args, acc, data) for a in ("fixmatch", "bmb")}
+    if args.eager_bank:
+        trainers["bmb-eager"] = make_trainer("bmb", args, acc, data, cuda_graphs=False)
     iters = {a: iter(t.stream) for a, t in trainers.items()}
     sync = torch.cuda.synchronize if acc.device.type == "cuda" else (lambda: None)
     for a, t in trainers.items():  # warm-up (and fill the bank)
@@ -125,7 +132,7 @@ def main() -> None:
             for where, n in sites.most_common():
                 print(f"  {n / args.steps:5.1f}/step  {where}")
         return
-    times = {a: 0.0 for a in trainers}
+    blocks = {a: [] for a in trainers}  # ms/step of each block
     for _ in range(args.blocks):
         for a, t in trainers.items():
             sync()
@@ -133,14 +140,21 @@ def main() -> None:
             for _ in range(args.steps):
                 t.train_step(next(iters[a]))
             sync()
-            times[a] += time.perf_counter() - t0
-    ms = {a: 1e3 * v / (args.steps * args.blocks) for a, v in times.items()}
+            blocks[a].append(1e3 * (time.perf_counter() - t0) / args.steps)
+    ms = {a: statistics.fmean(v) for a, v in blocks.items()}
+
+    def overhead(a: str) -> str:
+        """Mean over all steps, and the median of the per-block ratios (robust to drift)."""
+        ratios = [x / f - 1 for x, f in zip(blocks[a], blocks["fixmatch"])]
+        return f"{100 * (ms[a] / ms['fixmatch'] - 1):+.1f}% (median of blocks {100 * statistics.median(ratios):+.1f}%)"
+
     print(f"device={acc.device} encoder={args.encoder} size={args.size} batch={args.batch}+{args.batch}x3 "
           f"threads={torch.get_num_threads()} bank={len(trainers['bmb'].algorithm.bank)}/{args.bank}")
     print("| encoder | px | FixMatch ms/step | BMB ms/step | BMB overhead |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| {args.encoder} | {args.size} | {ms['fixmatch']:.1f} | {ms['bmb']:.1f} | "
-          f"{100 * (ms['bmb'] / ms['fixmatch'] - 1):+.1f}% |")
+    print(f"| {args.encoder} | {args.size} | {ms['fixmatch']:.1f} | {ms['bmb']:.1f} | {overhead('bmb')} |")
+    if "bmb-eager" in ms:
+        print(f"bmb with CUDA graphs off: {ms['bmb-eager']:.1f} ms/step, {overhead('bmb-eager')} over FixMatch")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch import nn
 
 from bmb.dist import Collectives
 from bmb.estimate import UnlabeledCountEstimator
+from bmb.graphs import StepGraphs
 from bmb.memory import BalancedMemoryBank
 from bmb.models import ModelOutput
 from bmb.weights import adaptive_weights, annealed_weights
@@ -166,6 +167,9 @@ class BMB(Algorithm):
         generator: generator of the bank (seed it identically on every rank).
         collectives: cross-rank operations (default: single process).
         device: where the bank lives.
+        cuda_graphs: replay the step's no-grad work (targets, weights, N̂, the bank's draw and
+            enqueue) as CUDA graphs (:mod:`bmb.graphs`) when the bank and its generator are on a
+            CUDA device; same results, far fewer kernel launches. Ignored elsewhere.
     """
 
     eval_head = "aux"
@@ -177,7 +181,8 @@ class BMB(Algorithm):
                  adaptive: bool = True, bank_view: str = "strong", estimate_mode: str = "mean",
                  anneal_weights: bool = False, bank_check_every: int = 0,
                  generator: torch.Generator | None = None,
-                 collectives: Collectives | None = None, device: torch.device | str = "cpu") -> None:
+                 collectives: Collectives | None = None, device: torch.device | str = "cpu",
+                 cuda_graphs: bool = True) -> None:
         super().__init__()
         if bank_view not in ("strong", "weak"):
             raise ValueError(f"BMB: bank_view must be 'strong' or 'weak', got {bank_view!r}")
@@ -200,76 +205,136 @@ class BMB(Algorithm):
         self.bank_check_every = bank_check_every
         self.bank_updates = 0
         self.last_get: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels, valid): get histogram
+        self.graphs = StepGraphs(self.bank, enabled=cuda_graphs)
+        self._w_labeled: torch.Tensor | None = None  # constant unless annealed: computed once
 
-    def _weights(self, counts: torch.Tensor, progress: float) -> torch.Tensor:
+    def _weights(self, counts: torch.Tensor, progress: float | torch.Tensor) -> torch.Tensor:
         """Adaptive (optionally annealed) class weights, on ``counts``' device."""
         if not self.adaptive:
             return torch.ones(self.num_classes, device=counts.device)
         w = adaptive_weights(counts, self.alpha)
         return annealed_weights(w, progress) if self.anneal else w
 
-    def _labeled_counts_on(self, device: torch.device) -> torch.Tensor:
-        """``N^L`` on ``device``, copied once: a host-to-device copy every step would make the
-        host wait for the GPU."""
-        if self.labeled_counts.device != device:
+    def _labeled_weights(self, device: torch.device, progress: float | torch.Tensor) -> torch.Tensor:
+        """Class weights from ``N^L``: fixed for the run unless annealed, so computed once."""
+        if self.labeled_counts.device != device:  # copied once: a copy per step would wait for the GPU
             self.labeled_counts = self.labeled_counts.to(device)
-        return self.labeled_counts
+        if self.anneal:
+            return self._weights(self.labeled_counts, progress)
+        if self._w_labeled is None or self._w_labeled.device != device:
+            self._w_labeled = self._weights(self.labeled_counts, progress)
+        return self._w_labeled
 
     def forward(self, out: StepOutputs, aux_head: nn.Module) -> dict[str, torch.Tensor]:
-        dev = out.labels.device
-        k = out.num_strong
-        # --- base head: FixMatch, no rebalancing
+        """Losses of one step.
+
+        The aux head's three terms are one soft-target cross-entropy over the rows
+        ``labeled | strong views | bank items``, each row with its own target and coefficient
+        (:meth:`_plan`): the same sums as the paper's three means, in a handful of kernels.
+        """
         base_l = F.cross_entropy(out.labeled.base_logits.float(), out.labels)
         base_u, mask_b = fixmatch_unlabeled_loss(out.unlabeled_weak.base_logits,
                                                  out.unlabeled_strong.base_logits, self.threshold)
-        # --- aux head, labeled: weights from the true labeled counts
-        w_l = self._weights(self._labeled_counts_on(dev), out.progress)
+        if not out.unlabeled_on:
+            return self._warmup_losses(out, base_l, base_u, mask_b)
+        plan = self._planned(out)
+        logits = [out.labeled.aux_logits, out.unlabeled_strong.aux_logits]
+        if self.use_bank:
+            logits.append(aux_head(plan["bank_feats"]))
+            self.last_get = (plan["bank_labels"], plan["bank_valid"])
+            self._pending = plan["pending"]
+        ce = F.cross_entropy(torch.cat(logits).float(), plan["targets"], reduction="none")
+        total = base_l + self.lambda_u * base_u + (ce * plan["coef"]).sum()
+        with torch.no_grad():
+            aux_l, aux_u, bank_loss = plan["term_weights"] @ ce
+        return {"loss": total, "base_l": base_l.detach(), "base_u": base_u.detach(), "aux_l": aux_l,
+                "aux_u": aux_u, "mb": bank_loss, "mask_base": mask_b.float().mean(),
+                "mask_aux": plan["mask_aux"], "bank_size": plan["bank_size"],
+                **({"bank_candidates": plan["bank_candidates"]} if self.use_bank else {})}
+
+    def _warmup_losses(self, out: StepOutputs, base_l: torch.Tensor, base_u: torch.Tensor,
+                       mask_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Warm-up: the labeled terms only (no N̂ update, no bank)."""
+        w_l = self._labeled_weights(out.labels.device, out.progress)
         aux_l = (w_l[out.labels] * F.cross_entropy(out.labeled.aux_logits.float(), out.labels, reduction="none")).mean()
-        # --- aux head, unlabeled: soft targets, mask and class from the aux head's weak view
-        p_a, hard_a, mask_a = confident_targets(out.unlabeled_weak.aux_logits, self.threshold)
-        zero = out.labels.new_zeros((), dtype=torch.float32)
-        stats: dict[str, torch.Tensor] = {}
-        aux_u, bank_loss = zero, zero
-        if out.unlabeled_on:
-            # Weighted bincount rather than hard_a[mask_a]: boolean indexing would wait for the GPU.
-            # (scatter_add_, not bincount, which on CUDA reads the maximum label on the host.)
-            step_counts = torch.zeros(self.num_classes, device=dev).scatter_add_(0, hard_a, mask_a.float())
-            self.estimator.update(self.coll.all_reduce_sum(step_counts))
-            w_u = self._weights(self.estimator.value().to(dev), out.progress)
-            logp = F.log_softmax(out.unlabeled_strong.aux_logits.float(), dim=-1)  # (K*B_U, C)
-            soft_ce = -(p_a.repeat(k, 1) * logp).sum(-1)
-            aux_u = ((mask_a.float() * w_u[hard_a]).repeat(k) * soft_ce).mean()
-            if self.use_bank:
-                bank_loss = self._bank_step(out, aux_head, stats)
-        total = (base_l + aux_l + self.lambda_u * (base_u + aux_u) * float(out.unlabeled_on)
-                 + self.lambda_mb * bank_loss)
-        stats.update({"loss": total, "base_l": base_l.detach(), "base_u": base_u.detach(),
-                      "aux_l": aux_l.detach(), "aux_u": aux_u.detach(), "mb": bank_loss.detach(),
-                      "mask_base": mask_b.float().mean(), "mask_aux": mask_a.float().mean(),
-                      "bank_size": self.bank.size.float()})
-        return stats
+        _, _, mask_a = confident_targets(out.unlabeled_weak.aux_logits, self.threshold)
+        zero = torch.zeros_like(aux_l)
+        return {"loss": base_l + aux_l, "base_l": base_l.detach(), "base_u": base_u.detach(),
+                "aux_l": aux_l.detach(), "aux_u": zero, "mb": zero, "mask_base": mask_b.float().mean(),
+                "mask_aux": mask_a.float().mean(), "bank_size": self.bank.size.float()}
 
-    def _bank_step(self, out: StepOutputs, aux_head: nn.Module, stats: dict) -> torch.Tensor:
-        """Loss on items drawn from the bank as it was before this step; stash this step's
-        candidates for :meth:`after_step`.
+    _PLAN_KEYS = ("targets", "coef", "term_weights", "mask_aux", "bank_size", "bank_feats", "bank_labels",
+                  "bank_valid", "pending", "bank_candidates")
 
-        Nothing here waits for the device (no boolean indexing, no host reads), so the backward
-        pass can be queued while the GPU still runs the forward.
-        """
-        dev = out.labels.device
-        feats, labels, valid = self.bank_slice()
-        labels, valid = labels.to(dev), valid.to(dev)
-        self.last_get = (labels, valid)
-        # Fixed shape: invalid rows (while the bank holds fewer items) are masked out of the mean.
-        ce = F.cross_entropy(aux_head(feats.to(dev).detach()).float(), labels, reduction="none")
-        loss = (ce * valid).sum() / valid.sum().clamp_min(1)
-        # Candidates: features with the aux head's own confident hard label on the same view,
-        # packed as (features | label | valid) for one fixed-shape gather across ranks.
+    def _planned(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        """:meth:`_plan` for this step, through :attr:`graphs` (a CUDA graph replay on the GPU)."""
         src = out.unlabeled_strong if self.bank_view == "strong" else out.unlabeled_weak
-        _, hard, valid = confident_targets(src.aux_logits, self.threshold)
-        self._pending = torch.cat([src.features.detach().float(), hard[:, None].float(), valid[:, None].float()], 1)
-        stats["bank_candidates"] = valid.float().sum() * self.coll.world_size
-        return loss
+        inputs = [out.unlabeled_weak.aux_logits, src.aux_logits, src.features, out.labels]
+        if self.anneal:
+            inputs.append(torch.full((), out.progress, device=out.labels.device, dtype=torch.float64))
+        self._num_strong = out.num_strong
+        if not self.anneal:
+            self._labeled_weights(out.labels.device, 0.0)  # cached now, not inside a capture
+        key = ("plan", *(tuple(t.shape) + (t.dtype,) for t in inputs))
+        preserve = [self.estimator._t, self.estimator._sum, self.estimator._value]
+        if self.coll.active:  # N̂ needs every rank's counts: count, sum over ranks, then plan
+            counts = self.graphs.run(("counts", *key[1:2]), self._step_counts, inputs[:1])
+            inputs.append(self.coll.all_reduce_sum(counts))
+        self.estimator.steps += 1  # the device half of the update happens inside the plan
+        n_draw = [self.bank.uniforms_per_draw(self.get_num * self.coll.world_size)] if self.use_bank else []
+        plan = self.graphs.run(key, self._plan, inputs, uniforms=n_draw, preserve=preserve)
+        return dict(zip(self._PLAN_KEYS, plan))
+
+    def _step_counts(self, aux_weak: torch.Tensor) -> torch.Tensor:
+        """Per-class number of confident aux-head predictions on the weak view, float64 ``(C,)``."""
+        _, hard, mask = confident_targets(aux_weak, self.threshold)
+        # scatter_add_, not bincount (CUDA's reads the maximum on the host) or hard[mask] (a sync).
+        return torch.zeros(self.num_classes, device=hard.device, dtype=torch.float64).scatter_add_(
+            0, hard, mask.to(torch.float64))
+
+    def _plan(self, aux_weak: torch.Tensor, src_logits: torch.Tensor, src_feats: torch.Tensor,
+              labels: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything of a step that needs no gradient, as fixed-shape device work.
+
+        Updates N̂, draws this rank's bank items, and returns (:attr:`_PLAN_KEYS`): per-row
+        soft targets ``(R, C)`` and loss coefficients ``(R,)`` for the rows
+        ``labeled | strong views | bank items`` (``R = B_L + K B_U + get_num``), the ``(3, R)``
+        matrix that turns per-row cross-entropies into the three terms ``aux_l, aux_u, mb`` for
+        logging, statistics, the drawn items (features, labels, valid) and the packed bank
+        candidates (``features | label | valid``).
+
+        Args (after the four tensors): the annealing progress (float64 scalar) if annealing, the
+            all-reduced step counts if distributed, then the draw's uniforms if the bank is on.
+        """
+        rest = list(rest)
+        progress = rest.pop(0) if self.anneal else 0.0
+        counts = rest.pop(0) if self.coll.active else self._step_counts(aux_weak)
+        c, dev = self.num_classes, labels.device
+        p_a, hard_a, mask_a = confident_targets(aux_weak, self.threshold)
+        self.estimator.fold(counts)
+        w_u = self._weights(self.estimator.value(), progress)
+        w_l = self._labeled_weights(dev, progress)
+        k, b_l, b_u = self._num_strong, labels.shape[0], aux_weak.shape[0]
+        # labeled rows: mean over B_L of w^L[y] CE(y); strong rows: mean over K B_U of mask w^U[hat y] CE(p_a)
+        targets = [torch.zeros(b_l, c, device=dev).scatter_(1, labels[:, None], 1.0), p_a.repeat(k, 1)]
+        coefs = [w_l[labels] / b_l, (mask_a.float() * w_u[hard_a]).repeat(k) / (k * b_u)]
+        lam = [1.0, self.lambda_u]
+        stats = [mask_a.float().mean(), self.bank.size.float()]
+        if self.use_bank:
+            world = self.coll.world_size
+            feats, bank_labels, valid = self.bank_slice(rest.pop(0))
+            targets.append(torch.zeros(valid.shape[0], c, device=dev).scatter_(1, bank_labels[:, None], 1.0))
+            coefs.append(valid.float() / valid.sum().clamp_min(1))  # masked mean over the valid items
+            lam.append(self.lambda_mb)
+            # Candidates: features with the aux head's own confident hard label on the same view.
+            _, hard, ok = confident_targets(src_logits, self.threshold)
+            pending = torch.cat([src_feats.float(), hard[:, None].float(), ok[:, None].float()], 1)
+            stats += [feats, bank_labels, valid, pending, ok.float().sum() * world]
+        term_weights = torch.block_diag(*(w[None] for w in coefs))  # (terms, R): row t = term t's coefficients
+        if not self.use_bank:  # a zero row for `mb`
+            term_weights = torch.cat([term_weights, term_weights.new_zeros(1, term_weights.shape[1])])
+        coef = torch.cat([w * f for w, f in zip(coefs, lam)])
+        return (torch.cat(targets), coef, term_weights, *stats)
 
     def after_step(self) -> None:
         """Gather every rank's candidates and enqueue them (identically on every rank)."""
@@ -277,13 +342,15 @@ class BMB(Algorithm):
             return
         packed = self.coll.all_gather_cat(self._pending).to(self.bank.device)
         self._pending = None
-        self.bank.enqueue(packed[:, :-2], packed[:, -2].long(), valid=packed[:, -1] > 0.5)
+        self.graphs.enqueue_packed(packed)
         self.bank_updates += 1
         if self.bank_check_every and self.bank_updates % self.bank_check_every == 0:
             self.check_bank_in_sync()
 
-    def bank_slice(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's share of one global draw of ``get_num x world`` items from the bank.
+    def bank_slice(self, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's share of one global draw of ``get_num x world`` items from the bank, with
+        the current N̂ as the class prior; ``u``: the draw's uniforms (default: from the bank's
+        generator).
 
         Every rank draws the same global sample (identical bank and generator) and keeps every
         ``world``-th row starting at its rank, so the ranks together train on ``get_num x world``
@@ -294,8 +361,12 @@ class BMB(Algorithm):
             (:meth:`BalancedMemoryBank.draw`): fixed shapes, no host sync.
         """
         world, rank = self.coll.world_size, self.coll.rank
-        feats, labels, valid = self.bank.draw(self.get_num * world, self.estimator.value())
-        return feats[rank::world], labels[rank::world], valid[rank::world]
+        n = self.get_num * world
+        if u is None:
+            drawn = self.bank.draw(n, self.estimator.value())
+        else:
+            drawn = self.bank.draw_core(n, self.estimator.value(), u)
+        return tuple(t[rank::world] for t in drawn)
 
     def check_bank_in_sync(self) -> None:
         """Raise if the bank (checksum), its generator or N-hat differ between ranks."""

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         threshold=me.threshold, alpha=me.alpha, put_power=me.put_power, get_power=me.get_power,
         lambda_u=me.lambda_u, lambda_mb=me.lambda_mb, bank_size=me.bank_size, get_num=me.get_num,
         use_bank=me.use_bank, adaptive=me.adaptive_weights, bank_view=me.bank_view, estimate_mode=me.estimate,
-        anneal_weights=me.anneal_weights, bank_check_every=me.bank_check_every,
+        anneal_weights=me.anneal_weights, bank_check_every=me.bank_check_every, cuda_graphs=me.cuda_graphs,
         # On the training device, so that the bank's draws never copy across; seeded alike on
         # every rank, so that every rank makes the same enqueue/dequeue/get decisions.
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 7),
