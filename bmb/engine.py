@@ -343,19 +343,27 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
-        running: dict[str, torch.Tensor] = {}  # summed on the device; read every log_every steps
+        # Step statistics summed on the device as one vector (a few ops per step, whatever the
+        # number of statistics) and read once every log_every steps.
+        running: torch.Tensor | None = None
+        running_names: tuple[str, ...] = ()
+        running_steps = 0
         it = iter(self.stream)
         with _Signals() as sig:
             while self.step < total:
                 losses = self.train_step(next(it))
-                for k, v in losses.items():
-                    v = v.detach().float().to(self.device)
-                    running[k] = running[k] + v if k in running else v
+                with torch.no_grad():
+                    stats = torch.stack([v.float() for v in losses.values()])
+                if running is None or tuple(losses) != running_names:  # e.g. warm-up ended
+                    running, running_names, running_steps = stats, tuple(losses), 0
+                else:
+                    running = running + stats
+                running_steps += 1
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.train.log_every == 0:
-                    avg = {k: float(v) / cfg.train.log_every for k, v in running.items()}
-                    running = {}
+                    avg = dict(zip(running_names, (running / running_steps).tolist()))
+                    running = None
                     if bar is not None:
                         bar.set_postfix(loss=f"{avg['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2g}")
                     self._log_scalars("train", avg)
