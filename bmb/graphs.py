@@ -51,7 +51,9 @@ class _Captured:
         for t, s in zip(preserve, saved):
             t.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.autocast("cuda", enabled=False):
+        # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread) during the
+        # capture are theirs, not an error of this capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.autocast("cuda", enabled=False):
             self.outputs = fn(*self.inputs)
 
     def replay(self):
