@@ -60,11 +60,14 @@ wherever the arithmetic allows, and most work is a handful of passes over the ba
   ``align_corners=False``) up to float rounding, i.e. at most one level.
 - RandAugment: per op slot, the samples are sorted by op (one row permutation) and each group
   of ops runs in place on its contiguous run: posterize and solarize as uint8 arithmetic,
-  brightness / color / sharpness as float32 blends, autocontrast / equalize / contrast as
-  one per-sample, per-channel lookup-table gather, and the five geometric ops as one uint8
-  pixel gather that picks exactly the pixels ``grid_sample`` (nearest, zeros) picks.
-- Cutout: uint8 multiply-add with a per-sample box mask; in :class:`ViewMaker` it runs on
+  color / brightness / sharpness as float32 blends of one float copy, autocontrast /
+  equalize / contrast as one per-sample, per-channel lookup-table gather, shears and
+  rotations as one uint8 pixel gather that picks exactly the pixels ``grid_sample``
+  (nearest, zeros) picks, and translations as one gather of whole rows.
+- Cutout: uint8 bit operations with a per-sample box mask; in :class:`ViewMaker` it runs on
   RandAugment's sorted copy before the one permutation back.
+- :class:`ViewMaker` makes the uint8 views in ``torch.inference_mode`` (no autograd
+  bookkeeping per op) and normalises them outside it.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
-from pipelines.base import to_device as _on  # CPU parameters -> device without a sync
+from pipelines.base import to_device
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -163,6 +166,11 @@ def _check_images(images: Tensor, name: str = "images") -> None:
 def _check_generator(generator: torch.Generator) -> None:
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` without a sync (:func:`pipelines.base.to_device`); ``t`` if there."""
+    return t if t.device == device else to_device(t, device)
 
 
 def _rand(generator: torch.Generator, shape: tuple[int, ...]) -> Tensor:
@@ -632,42 +640,43 @@ def _op_solarize_(x: Tensor, thr: Tensor) -> None:
     x.bitwise_xor_(torch.sub(thr, flip, out=flip).clamp_(max=1).sub_(1))
 
 
-def _op_brightness_(x: Tensor, m: Tensor, clamp: bool) -> None:
-    """Blend from black: ``trunc(m * pixel)`` in float32, as PIL computes it, in place.
+def _op_blends_(
+    x: Tensor, xf: Tensor, gray: Tensor, counts: list[int], m: Tensor, clamp: bool
+) -> None:
+    """Color, brightness and sharpness, in place: one float copy for all, one store.
+
+    PIL's ``ImageEnhance`` blends, degenerate + factor * (image - degenerate) in float32
+    (two roundings), truncated: from the image's grayscale (color), from black (brightness,
+    factor * image), from the 3x3 SMOOTH-filtered image (sharpness).
 
     Args:
-        x: uint8 ``(n, 3, H, W)``, modified in place.
+        x: uint8 ``(n, 3, H, W)``: ``counts[0]`` color, ``counts[1]`` brightness, then
+            sharpness samples; modified in place.
+        xf: ``x`` as float32, modified.
+        gray: float32 ``(counts[0], 1, H, W)`` luma of the color samples (:func:`_luma`).
+        counts: samples of color and brightness.
         m: float32 ``(n, 1, 1, 1)`` factors.
         clamp: whether a factor may lie outside [0, 1].
     """
-    _store_(x, x.float().mul_(m), clamp)
+    n_col, n_br = counts
+    if n_col:
+        xf[:n_col].sub_(gray).mul_(m[:n_col]).add_(gray)
+    if n_br:
+        xf[n_col : n_col + n_br].mul_(m[n_col : n_col + n_br])
+    if x.shape[0] > n_col + n_br:
+        _sharpen_(xf[n_col + n_br :], m[n_col + n_br :])
+    _store_(x, xf, clamp)
 
 
-def _op_color_(x: Tensor, m: Tensor, clamp: bool) -> None:
-    """Blend from the image's grayscale, in place (PIL's ``ImageEnhance.Color``).
-
-    Args:
-        x: uint8 ``(n, 3, H, W)``, modified in place.
-        m: float32 ``(n, 1, 1, 1)`` factors.
-        clamp: whether a factor may lie outside [0, 1].
-    """
-    xf = x.float()
-    gray = _luma(xf)
-    # PIL's blend: degenerate + factor * (image - degenerate), two roundings, in float32.
-    _store_(x, xf.sub_(gray).mul_(m).add_(gray), clamp)
-
-
-def _op_sharpness_(x: Tensor, m: Tensor, clamp: bool) -> None:
-    """Blend from the 3x3 SMOOTH-filtered image, in place (PIL's ``ImageEnhance.Sharpness``).
+def _sharpen_(xf: Tensor, m: Tensor) -> None:
+    """Blend float32 images from their 3x3 SMOOTH-filtered versions, in place.
 
     Args:
-        x: uint8 ``(n, 3, H, W)``, modified in place.
+        xf: float32 ``(n, 3, H, W)`` with integer values, modified in place.
         m: float32 ``(n, 1, 1, 1)`` factors.
-        clamp: whether a factor may lie outside [0, 1].
     """
     # PIL's SMOOTH kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; the 1-px border is left as
     # is (so the blend leaves it unchanged too). Separable box sums beat conv2d on CPU here.
-    xf = x.float()
     r = xf[..., :, :-2] + xf[..., :, 1:-1]
     r += xf[..., :, 2:]
     box = r[..., :-2, :] + r[..., 1:-1, :]
@@ -679,10 +688,11 @@ def _op_sharpness_(x: Tensor, m: Tensor, clamp: bool) -> None:
     # Blend into the interior of xf itself, so that one contiguous store writes the result
     # (the border of xf still holds the original pixels).
     centre.sub_(smooth).mul_(m).add_(smooth)
-    _store_(x, xf, clamp)
 
 
-def _lut_tables(x: Tensor, index: Tensor, n_ac: int, n_eq: int, m: Tensor) -> Tensor:
+def _lut_tables(
+    x: Tensor, index: Tensor, n_ac: int, n_eq: int, m: Tensor, gray: Tensor | None
+) -> Tensor:
     """Autocontrast, equalize and contrast lookup tables, PIL-exact.
 
     Args:
@@ -691,30 +701,34 @@ def _lut_tables(x: Tensor, index: Tensor, n_ac: int, n_eq: int, m: Tensor) -> Te
         index: int32 ``(n * 3, H * W)``: the pixel values plus ``256 *`` their row number.
         n_ac: autocontrast samples.
         n_eq: equalize samples.
-        m: float32 ``(n,)`` magnitudes, on the CPU (used for the contrast samples).
+        m: float32 ``(n, 1, 1, 1)`` magnitudes (used for the contrast samples).
+        gray: float32 ``(n - n_ac - n_eq, 1, H, W)`` luma of the contrast samples (:func:`_luma`),
+            or ``None`` when there are none.
 
     Returns:
-        float64 ``(n * 3, 256)`` per-sample, per-channel tables.
+        uint8 ``(n * 3 * 256,)``: the per-sample, per-channel tables, one after the other.
     """
     n, c, h, w = x.shape
     dev = x.device
-    levels = torch.arange(256, device=dev, dtype=torch.float64)
-    # Float64 throughout: exact for these integers, and CPU integer division is slow. A
-    # division by zero below (constant image) only reaches entries that torch.where replaces
-    # by the identity.
-    tables = []
+    levels = _levels(dev)
+    # Float64 throughout: exact for these integers, and CPU integer division is slow. The
+    # tables stay unrounded: the final clamp to [0, 255] and the truncating conversion to
+    # uint8 floor them, as PIL's int() and // do (truncation is floor on values >= 0). Few,
+    # whole-table ops: at 32-64 px, per-op overhead is most of the cost.
+    tables = torch.empty(n * c, 256, dtype=torch.float64, device=dev)
     k_ac, k = n_ac * c, (n_ac + n_eq) * c
+    changes = []  # per autocontrast / equalize table: False where it is the identity
     if k:
-        rows = x[: n_ac + n_eq].view(k, h * w)
-        lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)  # non-empty bins
+        hi = x[: n_ac + n_eq].view(k, h * w).amax(1, keepdim=True)  # last non-empty bins
     if n_ac:
-        # autocontrast: map [lo, hi] linearly onto [0, 255] (unchanged when hi <= lo),
-        # truncating exactly like PIL's Python arithmetic. (tensor / tensor: torch computes
-        # ``scalar / tensor`` via a reciprocal, an ulp off.)
-        lo_a, hi_a = lo[:k_ac].double(), hi[:k_ac].double()
-        scale = torch.full_like(lo_a, 255.0) / (hi_a - lo_a)
-        ac = torch.floor(levels * scale - lo_a * scale).clamp_(0, 255)
-        tables.append(torch.where(hi_a > lo_a, ac, levels))
+        # autocontrast: map [lo, hi] linearly onto [0, 255] (unchanged when hi <= lo), with
+        # PIL's Python arithmetic: level * scale + offset, offset = -lo * scale. (tensor /
+        # tensor: torch computes ``scalar / tensor`` via a reciprocal, an ulp off.)
+        lo_a = x[:n_ac].view(k_ac, h * w).amin(1, keepdim=True).double()
+        hi_a = hi[:k_ac].double()
+        scale = torch.div(levels[:, 255:], hi_a - lo_a)
+        torch.mul(levels, scale, out=tables[:k_ac]).sub_(lo_a * scale)
+        changes.append(hi_a > lo_a)
     if n_eq:
         # equalize: lut[i] = (step // 2 + #pixels below i) // step, with
         # step = (#pixels - #pixels in the last non-empty bin) // 255 (unchanged when step == 0).
@@ -726,23 +740,38 @@ def _lut_tables(x: Tensor, index: Tensor, n_ac: int, n_eq: int, m: Tensor) -> Te
             ones = torch.ones(flat.numel(), dtype=torch.int64, device=flat.device)
             hist = flat.new_zeros(k * 256, dtype=torch.int64).scatter_add_(0, flat.long(), ones)
             hist = hist[k_ac * 256 :]
-        hist = hist.view(-1, 256).double()
-        # Floor divisions of integers (exact: a true quotient is >= 1 / divisor from an integer).
-        step = torch.div(h * w - hist.gather(1, hi[k_ac:].long()), 255, rounding_mode="floor")
-        below = hist.cumsum(1).sub_(hist).add_(torch.div(step, 2, rounding_mode="floor"))
-        eq = torch.div(below, step, rounding_mode="floor").clamp_(max=255)
-        tables.append(torch.where(step > 0, eq, levels))
+        hist = hist.view(-1, 256)
+        below = torch.cumsum(hist, 1, dtype=torch.float64, out=tables[k_ac:k]).sub_(hist)
+        step = below.gather(1, hi[k_ac:].long()) // 255  # #pixels below the last bin // 255
+        # A division of integers, truncated later: exact, since a true quotient is at least
+        # 1 / divisor away from the next integer up.
+        below.add_(step // 2).div_(step)
+        changes.append(step > 0)
+    if k:  # identity tables: the rows above may hold inf or nan (division by zero) there
+        torch.where(torch.cat(changes), tables[:k], levels, out=tables[:k])
     if n_ac + n_eq < n:  # contrast: blend from the rounded mean of the luma image
-        mean = torch.floor(_luma(x[n_ac + n_eq :]).mean(dim=(1, 2, 3)) + 0.5).double()[:, None]
-        mc = _on(m[n_ac + n_eq :], dev).to(torch.float64)[:, None]
-        # mean + m (level - mean): exact in float64 (so fused or not, the same); PIL blends in
-        # float32, hence the .float() before truncating.
-        con = torch.floor(torch.addcmul(mean, mc, levels - mean).float())
-        tables.append(con.repeat_interleave(c, 0))
-    return torch.cat(tables)
+        mean = gray.mean(dim=(1, 2, 3)).add_(0.5).floor_()[:, None]
+        # mean + m (level - mean): exact in float64 (the float32 mean and m promote, so fused
+        # or not, the same); PIL blends in float32, hence the rounding to float32 before the
+        # truncation.
+        con = torch.addcmul(mean, m[n_ac + n_eq :].view(-1, 1), levels - mean).float()
+        tables.view(n, c, 256)[n_ac + n_eq :] = con[:, None]
+    return tables.view(-1).clamp_(0, 255).to(torch.uint8)
 
 
-def _op_lut_(x: Tensor, n_ac: int, n_eq: int, m: Tensor) -> None:
+@functools.lru_cache(maxsize=128)
+def _table_offsets(rows: int, device: torch.device) -> Tensor:
+    """int32 ``(rows, 1)`` start of each row's table, ``256 * row``, on ``device`` (cached)."""
+    return torch.arange(0, rows * 256, 256, device=device, dtype=torch.int32).view(rows, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _levels(device: torch.device) -> Tensor:
+    """float64 ``(1, 256)`` the levels 0..255 on ``device`` (cached)."""
+    return torch.arange(256, device=device, dtype=torch.float64).view(1, 256)
+
+
+def _op_lut_(x: Tensor, n_ac: int, n_eq: int, m: Tensor, gray: Tensor | None) -> None:
     """Autocontrast, equalize and contrast as per-sample, per-channel tables, one gather.
 
     Args:
@@ -750,86 +779,132 @@ def _op_lut_(x: Tensor, n_ac: int, n_eq: int, m: Tensor) -> None:
             then contrast samples; modified in place.
         n_ac: autocontrast samples.
         n_eq: equalize samples.
-        m: float32 ``(n,)`` magnitudes, on the CPU.
+        m: float32 ``(n, 1, 1, 1)`` magnitudes.
+        gray: float32 luma of the contrast samples (:func:`_luma`), or ``None`` if none.
     """
     n, c, h, w = x.shape
     # One int32 index into the flattened (n * 3 * 256) tables: the pixel value plus its
     # (sample, channel) table's offset. It also serves the equalize histograms, and the flat
     # index_select is as fast as an int64 gather along the last dim at 32-64 px, ~10% faster
     # at 224 px (half the index traffic).
-    index = x.view(n * c, h * w).to(torch.int32)
-    index += torch.arange(0, n * c * 256, 256, device=x.device, dtype=torch.int32).view(-1, 1)
-    lut = _lut_tables(x, index, n_ac, n_eq, m).clamp_(0, 255).to(torch.uint8)
-    torch.index_select(lut.view(-1), 0, index.view(-1), out=x.view(-1))
+    index = x.view(n * c, h * w).to(torch.int32).add_(_table_offsets(n * c, x.device))
+    lut = _lut_tables(x, index, n_ac, n_eq, m, gray)
+    torch.index_select(lut, 0, index.view(-1), out=x.view(-1))
 
 
 def _op_affine_(x: Tensor, counts: list[int], coeffs: Tensor) -> None:
-    """Shear / rotate / translate, nearest-neighbour, black fill, one pixel gather for all.
+    """Shear / rotate / translate, nearest-neighbour, black fill, in place.
 
     Samples as sorted by :func:`_slot_ranks`: ``counts`` each of shear_x, rotate, shear_y,
     translate_x, translate_y. Every output pixel takes the source pixel that
     ``grid_sample(mode="nearest", padding_mode="zeros", align_corners=False)`` picks on the CPU
-    for the same grid -- the same float32 operations, so the same pixel -- read straight from
-    the uint8 image (no float copy of it), out-of-range coordinates clamped onto a one-pixel
-    black border. Only the coordinates that vary in both directions are computed per pixel:
-    x for shear_x and rotate, y for rotate and shear_y (hence the sort order: both runs are
-    contiguous). The others are exactly the pixel's own, shifted by the whole-pixel
-    translation (the map's cross term is an exact zero, and its float error stays far below
-    half a pixel).
+    for the same grid: shears and rotations by one pixel gather (:func:`_op_warp_`),
+    translations, which move whole rows, by one row gather (:func:`_op_translate_`).
 
     Args:
-        x: uint8 ``(n, 3, H, W)``, modified in place.
+        x: uint8 ``(n, 3, H, W)``, contiguous, modified in place.
         counts: sample counts of the five geometric ops, in the order above.
+        coeffs: float32 ``(n, 8)`` from :func:`_affine_coeffs`, on the CPU.
+    """
+    warped = sum(counts[:3])
+    if warped:
+        _op_warp_(x[:warped], counts[:3], coeffs[:warped])
+    if x.shape[0] > warped:
+        _op_translate_(x[warped:], coeffs[warped:, 6:])
+
+
+def _op_warp_(x: Tensor, counts: list[int], coeffs: Tensor) -> None:
+    """Shear_x / rotate / shear_y (in this order, ``counts`` each): one pixel gather for all.
+
+    Every output pixel takes the source pixel that grid_sample (nearest) picks on the CPU for
+    the same grid -- the same float32 operations, so the same pixel -- read straight from the
+    uint8 image (no float copy of it), out-of-range coordinates clamped onto a one-pixel black
+    border. Only the coordinates that vary in both directions are computed per pixel: x for
+    shear_x and rotate, y for rotate and shear_y (hence the sort order: both runs are
+    contiguous), as one stack of planes. The others are exactly the pixel's own (the map's
+    cross term is an exact zero, and its float error stays far below half a pixel).
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, contiguous, modified in place.
+        counts: sample counts of shear_x, rotate and shear_y.
         coeffs: float32 ``(n, 8)`` from :func:`_affine_coeffs`, on the CPU.
     """
     n, c, h, w = x.shape
     dev = x.device
-    n_sx, n_rot, n_sy = counts[:3]
-    fx, fy = slice(0, n_sx + n_rot), slice(n_sx, n_sx + n_rot + n_sy)  # per-pixel x / y
-    a = _on(coeffs, dev).view(n, 8, 1, 1).unbind(1)  # a[i]: (n, 1, 1)
+    n_sx, n_rot, _ = counts
+    nx = n_sx + n_rot  # samples with a per-pixel x; y: from n_sx on
+    # One plane per per-pixel coordinate: (a0, a1, a2) of the x maps, then of the y maps.
+    maps = torch.cat([coeffs[:nx, :3], coeffs[n_sx:, 3:6]])
+    a0, a1, a2 = _on(maps, dev).view(-1, 3, 1, 1).unbind(1)
     lin_x, lin_y = _pixel_centres(h, w, dev)
     # The grid as the grid_sample version computed it, a0 x + (a1 y + a2), then
     # grid_sample's CPU unnormalisation (align_corners=False) and rounding (half to even);
     # anything outside the image lands on the black border at -1 or ``size``.
-    gx = a[0][fx] * lin_x + (a[1][fx] * lin_y + a[2][fx])
-    gy = a[3][fy] * lin_x + (a[4][fy] * lin_y + a[5][fy])
-    for g, size in ((gx, w), (gy, h)):
+    grid = a0 * lin_x + (a1 * lin_y + a2)  # x planes, then y planes
+    for g, size in ((grid[:nx], w), (grid[nx:], h)) if h != w else ((grid, w),):
         g.add_(1.0).mul_(size / 2).sub_(0.5).round_().clamp_(-1, size)
+    gx, gy = grid[:nx], grid[nx:]
     # Index into the bordered (H + 2) x (W + 2) image: (y + 1) (W + 2) + x + 1. The constant
     # W + 3 rides on the cached row (or column) offsets.
     wp = w + 2
     index = torch.empty(n, h, w, device=dev)
-    rows, cols, cols_c = _index_lines(h, w, dev)  # y (W + 2) + W + 3; x; x + W + 3
+    rows, cols = _index_lines(h, w, dev)  # y (W + 2) + W + 3; x + W + 3
     if n_sx:  # y is the row's own
         torch.add(gx[:n_sx], rows, out=index[:n_sx])
     if n_rot:
-        torch.add(gx[n_sx:], gy[:n_rot], alpha=wp, out=index[n_sx : fx.stop]).add_(wp + 1)
-    if n_sy:  # x is the column's own
-        torch.add(cols_c, gy[n_rot:], alpha=wp, out=index[fx.stop : fy.stop])
-    if n > fy.stop:  # translations: both shifted by whole pixels (a6, a7)
-        ty = (a[7][fy.stop :] * wp + rows).clamp_(1, (h + 1) * wp + 1)  # (k, H, 1)
-        tx = (a[6][fy.stop :] + cols).clamp_(-1, w)  # (k, 1, W)
-        torch.add(ty, tx, out=index[fy.stop :])
+        torch.add(gx[n_sx:], gy[:n_rot], alpha=wp, out=index[n_sx:nx]).add_(wp + 1)
+    if n > nx:  # shear_y: x is the column's own
+        torch.add(cols, gy[n_rot:], alpha=wp, out=index[nx:])
     src = x.new_zeros(n, c, h + 2, wp)
     src[..., 1:-1, 1:-1] = x
     # One index for the three channels (expand: no copy); the gather writes into x itself.
     # (A flat int32 index_select would need the index materialised per channel: slower.)
-    index = index.view(n, 1, h * w).to(torch.int64).expand(n, c, h * w)
+    # Via int32: the CPU's float32 -> int64 conversion is slower than both steps together.
+    index = index.view(n, 1, h * w).to(torch.int32).to(torch.int64).expand(n, c, h * w)
     torch.gather(src.view(n, c, -1), 2, index, out=x.view(n, c, h * w))
 
 
 @functools.lru_cache(maxsize=16)
-def _index_lines(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _index_lines(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Offsets in a (H + 2) x (W + 2) image with a one-pixel border (cached, float32).
 
     Returns:
-        ``(1, H, 1)`` row starts ``y (W + 2) + W + 3`` (the border included), ``(1, 1, W)``
-        columns ``x``, and ``(1, 1, W)`` columns with the border offset, ``x + W + 3``.
+        ``(1, H, 1)`` row starts ``y (W + 2) + W + 3`` (the border included) and ``(1, 1, W)``
+        columns with the border offset, ``x + W + 3``.
     """
     wp = w + 2
     rows = torch.arange(h, device=device, dtype=torch.float32) * wp + (wp + 1)
-    cols = torch.arange(w, device=device, dtype=torch.float32)
-    return rows.view(1, h, 1), cols.view(1, 1, w), (cols + (wp + 1)).view(1, 1, w)
+    cols = torch.arange(w, device=device, dtype=torch.float32) + (wp + 1)
+    return rows.view(1, h, 1), cols.view(1, 1, w)
+
+
+def _op_translate_(x: Tensor, shifts: Tensor) -> None:
+    """Translate by whole pixels, black fill, in place: one gather of whole rows.
+
+    Output pixel ``(y, x)`` takes input pixel ``(y + ty, x + tx)``, black outside the image:
+    each output row is one contiguous window of a black-padded copy of the images, so one row
+    gather (as in :func:`_translate_crop`) moves ``W`` bytes at a time instead of one byte per
+    indexed pixel.
+
+    Args:
+        x: uint8 ``(n, 3, H, W)``, contiguous, modified in place.
+        shifts: float32 ``(n, 2)`` whole-pixel ``(tx, ty)``, ``|tx| <= W``, ``|ty| <= H``, on
+            the CPU.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    # Padding by the largest shifts keeps every window inside its own padded plane.
+    px, py = (int(s) for s in shifts.abs().amax(0).tolist())
+    span = w + 2 * px
+    padded = x.new_zeros(n, c, h + 2 * py, span)
+    padded[..., py : py + h, px : px + w] = x
+    # Window start of each output row: its plane, its row, its sample's shift.
+    rows = torch.arange(py * span + px, (py + h) * span + px, span, device=dev)
+    planes = torch.arange(n * c, device=dev).view(n, c, 1)
+    starts = torch.add(rows, planes, alpha=(h + 2 * py) * span)
+    starts += _on(shifts[:, 1].mul(span).add_(shifts[:, 0]).long(), dev).view(n, 1, 1)
+    windows = padded.view(-1).unfold(0, w, 1)
+    torch.index_select(windows, 0, starts.view(-1), out=x.view(-1, w))
 
 
 def _affine_coeffs(ops: Tensor, m: Tensor, h: int, w: int) -> Tensor:
@@ -839,7 +914,8 @@ def _affine_coeffs(ops: Tensor, m: Tensor, h: int, w: int) -> Tensor:
     d x + e y + f); only one parameter is non-trivial per op, so one form covers all five (and
     gives the identity for every other op). Rotation is PIL's (counter-clockwise as displayed,
     y pointing down). Rescaled to grid_sample's [-1, 1] coordinates (align_corners=False);
-    the last two entries are the translations in whole pixels (x, y).
+    the last two entries are the translations in whole pixels (x, y), clamped to the image
+    side (a longer one leaves only black).
     """
     # Each op's magnitude where the op is drawn, else 0: rotate, shear_x, shear_y, translate_x,
     # translate_y.
@@ -856,8 +932,8 @@ def _affine_coeffs(ops: Tensor, m: Tensor, h: int, w: int) -> Tensor:
             (sin + shy) * (w / h),
             cos,
             ty * (2 / h),
-            tx,
-            ty,
+            tx.clamp(-w, w),
+            ty.clamp(-h, h),
         ],
         -1,
     )
@@ -876,17 +952,18 @@ def _pixel_centres(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor
     return lin_x.view(1, 1, w), lin_y.view(1, h, 1)
 
 
-# Order of the ops inside one slot after sorting: the ops of one kernel are adjacent, and the
-# geometric ops come in the order _op_affine_ needs. Sort key of op i: _RANK[i].
+# Order of the ops inside one slot after sorting: the ops of one kernel are adjacent, contrast
+# and color (which share a luma image) too, and the translations come after the other
+# geometric ops (_op_affine_). Sort key of op i: _RANK[i].
 _SORTED = (
     "identity",
     "posterize",
     "solarize",
-    "brightness",
     "autocontrast",
     "equalize",
     "contrast",
     "color",
+    "brightness",
     "sharpness",
     "shear_x",
     "rotate",
@@ -895,6 +972,7 @@ _SORTED = (
     "translate_y",
 )
 _RANK = torch.tensor([_SORTED.index(name) for name in OPS])
+_BLEND = torch.tensor([name in ("brightness", "color", "sharpness") for name in OPS])
 _AT = {name: i for i, name in enumerate(_SORTED)}
 
 
@@ -971,35 +1049,33 @@ def _rand_augment_sorted(
     n, h, w = images.shape[0], *images.shape[-2:]
     dev = images.device
     ranks = _slot_ranks(ops, mags)
-    if not ranks.any():  # every op is an identity
+    # Samples per position of _SORTED, per slot; slots where every sample drew identity skip.
+    counts = [torch.bincount(r, minlength=len(_SORTED)).tolist() for r in ranks.unbind(1)]
+    slots = [k for k, c in enumerate(counts) if c[0] < n]
+    if not slots:
         return None, None, None
     if not images.is_contiguous():  # the row permutations view each sample as one row
         images, owned = images.contiguous(), True
     # Parameter-only work for all slots at once (small CPU tensors: few ops beat small ops).
-    coeffs = _affine_coeffs(ops, mags, h, w)  # (N, K, 8)
-    byte_params = _byte_params(mags)  # (N, K, 2)
+    coeffs = _affine_coeffs(ops, mags, h, w).unbind(1)  # (N, 8) per slot
+    byte_params = _byte_params(mags).unbind(1)  # (N, 2) per slot
     # The blends (brightness, color, sharpness) only need a clamp for factors outside [0, 1].
-    blend = (ops == _OP["brightness"]) | (ops == _OP["color"]) | (ops == _OP["sharpness"])
-    clamp = bool((blend & ((mags < 0) | (mags > 1))).any())
+    clamp = bool((_BLEND[ops] & ((mags < 0) | (mags > 1))).any())
     out, perm, spare = None, None, images if owned else None
-    for k in range(ops.shape[1]):
-        counts = torch.bincount(ranks[:, k], minlength=len(_SORTED)).tolist()
-        if counts[0] == n:  # every sample drew identity
-            continue
-        order = torch.argsort(ranks[:, k], stable=True)
+    for k in slots:
+        # Sort the rows by op (out[i] holds sample perm[i]); the order within a run is free.
+        order = torch.argsort(ranks[:, k] if perm is None else ranks[perm, k], stable=True)
         if out is None:
-            out = _take_rows(images, _on(order, dev))
-        else:  # out[i] holds sample perm[i]; bring sample order[j] to row j
-            out, spare = _take_rows(out, _on(_inverse(perm)[order], dev), spare), out
-        perm = order
-        m = mags[order, k]
+            out, perm = _take_rows(images, _on(order, dev)), order
+        else:
+            out, spare = _take_rows(out, _on(order, dev), spare), out
+            perm = perm[order]
         _apply_slot_(
             out,
-            counts,
-            m,
-            _on(m, dev).view(n, 1, 1, 1),
-            _on(byte_params[order, k], dev).view(n, 2, 1, 1),
-            coeffs[order, k],
+            counts[k],
+            _on(mags[perm, k], dev).view(n, 1, 1, 1),
+            _on(byte_params[k][perm], dev).view(n, 2, 1, 1),
+            coeffs[k][perm],
             clamp,
         )
     return out, perm, spare
@@ -1021,7 +1097,6 @@ def _apply_slot_(
     x: Tensor,
     counts: list[int],
     m: Tensor,
-    m_dev: Tensor,
     byte_params: Tensor,
     coeffs: Tensor,
     clamp: bool,
@@ -1031,8 +1106,7 @@ def _apply_slot_(
     Args:
         x: uint8 ``(N, 3, H, W)``, contiguous, sorted by op; modified in place.
         counts: samples per position of ``_SORTED``.
-        m: float32 ``(N,)`` magnitudes, on the CPU, sorted alike.
-        m_dev: the same as float32 ``(N, 1, 1, 1)`` on the images' device.
+        m: float32 ``(N, 1, 1, 1)`` magnitudes, sorted alike, on the images' device.
         byte_params: uint8 ``(N, 2, 1, 1)`` from :func:`_byte_params`, on that device.
         coeffs: float32 ``(N, 8)`` affine maps of the geometric ops, on the CPU, sorted alike.
         clamp: whether a blend factor may lie outside [0, 1].
@@ -1046,14 +1120,18 @@ def _apply_slot_(
         _op_posterize_(x[r], byte_params[r, 0:1])
     if (r := run("solarize", "solarize")).stop > r.start:
         _op_solarize_(x[r], byte_params[r, 1:2])
-    if (r := run("brightness", "brightness")).stop > r.start:
-        _op_brightness_(x[r], m_dev[r], clamp)
+    # Contrast (by lookup table) and color need the luma of their images, and color,
+    # brightness and sharpness blend float copies: one conversion and one luma for all.
+    n_con, n_col = counts[_AT["contrast"]], counts[_AT["color"]]
+    if (r := run("contrast", "sharpness")).stop > r.start:
+        xf = x[r].float()
+        gray = _luma(xf[: n_con + n_col])
     if (r := run("autocontrast", "contrast")).stop > r.start:
-        _op_lut_(x[r], counts[_AT["autocontrast"]], counts[_AT["equalize"]], m[r])
-    if (r := run("color", "color")).stop > r.start:
-        _op_color_(x[r], m_dev[r], clamp)
-    if (r := run("sharpness", "sharpness")).stop > r.start:
-        _op_sharpness_(x[r], m_dev[r], clamp)
+        n_ac, n_eq = counts[_AT["autocontrast"]], counts[_AT["equalize"]]
+        _op_lut_(x[r], n_ac, n_eq, m[r], gray[:n_con] if n_con else None)
+    if (r := run("color", "sharpness")).stop > r.start:
+        n_br = counts[_AT["brightness"]]
+        _op_blends_(x[r], xf[n_con:], gray[n_con:], [n_col, n_br], m[r], clamp)
     if (r := run("shear_x", "translate_y")).stop > r.start:
         _op_affine_(x[r], counts[_AT["shear_x"] : _AT["translate_y"] + 1], coeffs[r])
 
@@ -1112,9 +1190,7 @@ def _cutout_boxes(u: Tensor, size: float, h: int, w: int) -> Tensor:
     ``boxes[i, 0]`` is sample i's first and last + 1 row, ``boxes[i, 1]`` its columns.
     """
     side = torch.floor(u[:, :1] * size * min(h, w))  # (N, 1)
-    # (Column by column: a ``torch.tensor([h, w])`` would live on the CPU, not u's device.)
-    hw = torch.stack([u[:, 1] * h, u[:, 2] * w], 1)
-    start = torch.floor(hw - side / 2).clamp_(min=0)  # (N, 2)
+    start = torch.floor(u[:, 1:] * _positions(h, w, u.device)[1] - side / 2).clamp_(min=0)
     return torch.stack([start, start + side], -1)
 
 
@@ -1123,14 +1199,22 @@ def _cutout_(images: Tensor, boxes: Tensor, fill: int) -> None:
     n, _, h, w = images.shape
     dev = images.device
     boxes = _on(boxes, dev)
-    # Rows and columns inside the box, both at once: (N, 2, max(H, W)).
-    pos = torch.arange(max(h, w), device=dev, dtype=torch.float32)
-    inside = ((pos >= boxes[..., :1]) & (pos < boxes[..., 1:])).to(torch.uint8)
-    inside = inside[:, 0, :h].view(n, 1, h, 1) * inside[:, 1, :w].view(n, 1, 1, w)
-    # x * (1 - inside) + fill * inside, in uint8 arithmetic: bool masks (masked_fill_, where,
-    # a bool outer product) are several times slower per pixel on the CPU.
-    fill_in = inside * fill
-    images.mul_(inside.neg_().add_(1)).add_(fill_in)
+    # Rows and columns inside the box, both at once, as 255 (inside) or 0: (N, 2, max(H, W)).
+    pos = _positions(h, w, dev)[0]
+    inside = ((pos >= boxes[..., :1]) & (pos < boxes[..., 1:])).to(torch.uint8).neg_()
+    inside = inside[:, 0, :h].view(n, 1, h, 1) & inside[:, 1, :w].view(n, 1, 1, w)
+    # (x & ~inside) | (fill & inside), in uint8 bit arithmetic: bool masks (masked_fill_,
+    # where, a bool outer product) are several times slower per pixel on the CPU, and uint8
+    # multiplies slower than bit operations.
+    fill_in = inside & fill
+    images.bitwise_and_(inside.bitwise_not_()).bitwise_or_(fill_in)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """float32 ``0 .. max(H, W) - 1`` and ``(H, W)`` on ``device`` (cached), for Cutout."""
+    pos = torch.arange(max(h, w), device=device, dtype=torch.float32)
+    return pos, torch.tensor([float(h), float(w)], device=device)
 
 
 def cutout(
@@ -1252,6 +1336,13 @@ def _strong_from_weak(
 # ----------------------------------------------------------------------------- trainer API
 
 
+@functools.lru_cache(maxsize=16)
+def _view_sources(n_l: int, n_u: int, num_strong: int) -> Tensor:
+    """int64 image of every view of :class:`ViewMaker` (cached): each labeled image once, then
+    the unlabeled images ``1 + num_strong`` times."""
+    return torch.cat([torch.arange(n_l), torch.arange(n_l, n_l + n_u).repeat(1 + num_strong)])
+
+
 @dataclass(kw_only=True)
 class ViewMaker:
     """The views one training step needs, normalised, on the batch's device."""
@@ -1301,7 +1392,11 @@ class ViewMaker:
             list of ``num_strong`` ``(B_U, 3, S, S)`` strong views; ``S = image_size``.
         """
         n_l, n_u = labeled.shape[0], unlabeled.shape[0]
-        weak, strong = self._views(labeled, unlabeled, generator)
+        # The uint8 views in inference mode: hundreds of small ops, each spared autograd's
+        # dispatch and view bookkeeping (~10% of the call at 64 px on the CPU). Normalised
+        # outside it, so that the outputs are ordinary tensors (autograd may save them).
+        with torch.inference_mode():
+            weak, strong = self._views(labeled, unlabeled, generator)
         weak = normalize(weak, self.mean, self.std)
         strong_f = list(normalize(strong, self.mean, self.std).split(n_u)) if self.num_strong else []
         return weak[:n_l], weak[n_l:], strong_f
@@ -1337,8 +1432,7 @@ class ViewMaker:
             # Cropped straight from the n_l + n_u distinct images (``source``: the image of
             # each view), without concatenating the unlabeled batch 1 + num_strong times.
             images = unlabeled if n_l == 0 else torch.cat([labeled, unlabeled])
-            repeats = torch.arange(n_l, n_l + n_u).repeat(1 + self.num_strong)
-            source = torch.cat([torch.arange(n_l), repeats])
+            source = _view_sources(n_l, n_u, self.num_strong)
             views = _weak_view(images, generator, source, **kw)
         else:
             batches = [labeled, unlabeled] + [unlabeled] * self.num_strong

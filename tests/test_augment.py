@@ -237,6 +237,8 @@ def test_geometric_ops_pick_grid_sample_nearest_pixels(h, w):
         m[:12] = torch.linspace(lo, hi, 12)
         if name == "rotate":
             m[12:16] = torch.tensor([90.0, -90.0, 180.0, 0.0])
+        if name.startswith("translate"):  # shifts by most of, all of and more than the side
+            m[12:18] = torch.tensor([-1.5, -1.0, -0.97, 0.97, 1.0, 1.5])
         ops = torch.full((n, 1), A.OPS.index(name))
         out = A.apply_rand_augment(x, ops, m[:, None])
         a = A._affine_coeffs(ops[:, 0], m, h, w)[:, :6].view(n, 2, 3, 1, 1)
@@ -414,6 +416,18 @@ def test_cuda_generator_is_deterministic():
     a = A.strong_view(x, _gen(3, "cuda"))
     b = A.strong_view(x, _gen(3, "cuda"))
     assert a.is_cuda and torch.equal(a, b)
+
+
+def test_viewmaker_outputs_are_ordinary_tensors():
+    # The views are made in inference mode; the normalised outputs must not be inference
+    # tensors, which autograd refuses to save for backward.
+    x = _images(6, 32)
+    lw, uw, strong = A.ViewMaker(image_size=32)(x[:2], x[2:], _gen(12))
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    for v in [lw, uw, *strong]:
+        assert not v.is_inference()
+        F.conv2d(v, weight).square().sum().backward()
+    assert weight.grad is not None
 
 
 @pytest.mark.parametrize("crop", ["translate", "rrc"])
