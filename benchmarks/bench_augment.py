@@ -24,6 +24,7 @@ of ``--repeats`` timed windows each.
     python benchmarks/bench_augment.py                     # CPU, 32 and 64 px, batch 64
     python benchmarks/bench_augment.py --batch 256 --sizes 32
     python benchmarks/bench_augment.py --device cuda       # batched path on the GPU
+    python benchmarks/bench_augment.py --omp-passive       # on a machine others are using
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-# Idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed machine spinning
-# threads make every parallel op wait for a descheduled peer (measured: 100x slower). Only the
-# in-process path with --threads > 1 is affected. Must be set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# --omp-passive: idle OpenMP threads sleep at once instead of spinning a while first. On a
+# shared or oversubscribed machine spinning threads make every parallel op wait for a
+# descheduled peer (measured: 2 threads collapsed to ~60 samples/s); on a dedicated machine
+# the wake-ups cost ~3x at 64 px (2 threads: 9.4 instead of 3.2 ms per call). Only the
+# in-process path with more than one thread is affected. OpenMP reads it when torch loads it,
+# so it is handled before the import. The default is OpenMP's own, as `launch/train.py` runs.
+_OMP_PASSIVE = "--omp-passive" in sys.argv
+if _OMP_PASSIVE:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps  # noqa: E402
@@ -235,7 +241,13 @@ def bench_batched_workers(
         views = [vm.normalize(v.to(device, non_blocking=True)) for v in next(batches)]
         return views[0].shape[0]
 
-    return _timed(step, args, device)
+    # The workers have the cores; the main process's normalisation takes one thread (more would
+    # spin against the workers).
+    torch.set_num_threads(1)
+    try:
+        return _timed(step, args, device)
+    finally:
+        torch.set_num_threads(args.workers)
 
 
 # ----------------------------------------------------------------------------- main
@@ -267,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="best of this many measurements")
     p.add_argument("--num-images", type=int, default=2048)
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE (for a shared, busy machine; see the top of this file)")
     args = p.parse_args(argv)
     keep_freed_memory()  # as launch/train.py does; forked baseline workers inherit it too
 
@@ -299,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}  host: {platform.node()}  "
         f"cpu: {_cpu_name()}  cores: {cores}  load avg: {load}  torch {torch.__version__}  "
+        f"OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', 'OpenMP default')}  "
         f"device: {dev}"
     )
     print(f"command: python benchmarks/bench_augment.py {' '.join(sys.argv[1:])}".rstrip())
