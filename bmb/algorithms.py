@@ -288,6 +288,9 @@ class BMB(Algorithm):
     def _step_counts(self, aux_weak: torch.Tensor) -> torch.Tensor:
         """Per-class number of confident aux-head predictions on the weak view, float64 ``(C,)``."""
         _, hard, mask = confident_targets(aux_weak, self.threshold)
+        return self._class_counts(hard, mask)
+
+    def _class_counts(self, hard: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # scatter_add_, not bincount (CUDA's reads the maximum on the host) or hard[mask] (a sync).
         return torch.zeros(self.num_classes, device=hard.device, dtype=torch.float64).scatter_add_(
             0, hard, mask.to(torch.float64))
@@ -308,10 +311,9 @@ class BMB(Algorithm):
         """
         rest = list(rest)
         progress = rest.pop(0) if self.anneal else 0.0
-        counts = rest.pop(0) if self.coll.active else self._step_counts(aux_weak)
         c, dev = self.num_classes, labels.device
         p_a, hard_a, mask_a = confident_targets(aux_weak, self.threshold)
-        self.estimator.fold(counts)
+        self.estimator.fold(rest.pop(0) if self.coll.active else self._class_counts(hard_a, mask_a))
         w_u = self._weights(self.estimator.value(), progress)
         w_l = self._labeled_weights(dev, progress)
         k, b_l, b_u = self._num_strong, labels.shape[0], aux_weak.shape[0]

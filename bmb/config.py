@@ -57,8 +57,9 @@ class MethodConfig:
     bank_size: int = _f(128, "bank capacity", ge=1)
     get_num: int = _f(64, "items drawn from the bank per step (per rank)", ge=1)
     bank_check_every: int = _f(100, "distributed: compare a bank checksum across ranks every N updates (0: off)", ge=0)
-    cuda_graphs: bool = _f(True, "CUDA: replay the bank's enqueue and draw as CUDA graphs (same results, "
-                                 "fewer kernel launches; off: eager)")
+    cuda_graphs: bool = _f(True, "CUDA: replay BMB's per-step no-grad work (N-hat, targets, weights, the "
+                                 "bank's draw and enqueue) as CUDA graphs (same results, fewer kernel "
+                                 "launches; off: eager)")
     bank_view: str = _f("strong", "which view's features enter the bank", choices=("strong", "weak"))
     estimate: str = _f("mean", "N-hat estimator: running mean since warm-up, or ema", choices=("mean", "ema"))
     num_strong: int = _f(2, "strong views per unlabeled sample", ge=1)
