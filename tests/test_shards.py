@@ -259,8 +259,11 @@ def test_resume_after_real_sigint(tmp_path: Path) -> None:
     """A real SIGINT to a building process; the re-run completes byte-identically."""
     script = textwrap.dedent(
         """
-        import sys, time, numpy as np
+        import signal, sys, time, numpy as np
         from shards import writer as W
+        # Python keeps SIGINT ignored if the launcher ignored it (a background job of a
+        # non-interactive shell): restore Ctrl-C's usual behaviour for this test.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         enc = W._encode
         def slow_encode(*a):  # module-level in __main__, so the pool can pickle it
             time.sleep(0.05)
