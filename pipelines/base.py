@@ -8,11 +8,14 @@ Augmentation (weak/strong views, normalisation) happens afterwards, on that devi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -83,6 +86,24 @@ class EvalSource(Protocol):
 
 HostBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 """A reader's host batch: uint8 images, int64 labels, int64 indices, corrupt images skipped."""
+
+
+class StepAccounting:
+    """Step and skip accounting of a reader that pairs host batches (:func:`paired_batches`).
+
+    The reader sets ``skipped`` (corrupt images skipped, kept in checkpoints) and ``_steps``
+    (batches handed out since construction or restore) and passes :meth:`_count_step` as
+    ``on_step``.
+    """
+
+    skipped: int
+    _steps: int
+
+    def _count_step(self, skipped: int) -> None:
+        self._steps += 1
+        if skipped:
+            self.skipped += skipped
+            log.warning("%d corrupt images skipped so far", self.skipped)
 
 
 def paired_batches(

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.base import Batch, TrainStream, paired_batches
+from pipelines.base import Batch, StepAccounting, TrainStream, paired_batches
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import (
     SplitIndex,
@@ -155,7 +155,7 @@ def _loader(ds: Dataset, sampler: Any, num_workers: int, pin: bool, prefetch: in
     )
 
 
-class WdsStream:
+class WdsStream(StepAccounting):
     """Infinite, resumable :class:`~pipelines.base.TrainStream` over the tar shards.
 
     Args:
@@ -237,12 +237,6 @@ class WdsStream:
         yield from paired_batches(
             loaders["labeled"], loaders["unlabeled"], self.device, self._count_step
         )
-
-    def _count_step(self, skipped: int) -> None:
-        self._steps += 1
-        if skipped:
-            self.skipped += skipped
-            log.warning("%d corrupt images skipped so far", self.skipped)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "webdataset", "skipped": self.skipped}

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.base import Batch, HostBatch, paired_batches
+from pipelines.base import Batch, HostBatch, StepAccounting, paired_batches
 from pipelines.sampling import check_rank, epoch_permutation, stream_seed
 from pipelines.shard_index import (
     _octal,
@@ -429,7 +429,7 @@ def _checked(item: Any) -> HostBatch:
     return item
 
 
-class WdsShardStream:
+class WdsShardStream(StepAccounting):
     """Infinite :class:`~pipelines.base.TrainStream` streaming the tar shards (``order="stream"``).
 
     See the module docstring for the sampling, equal-step and resume guarantees.
@@ -537,12 +537,6 @@ class WdsShardStream:
         yield from paired_batches(
             loaders["labeled"], loaders["unlabeled"], self.device, self._count_step
         )
-
-    def _count_step(self, skipped: int) -> None:
-        self._steps += 1
-        if skipped:
-            self.skipped += skipped
-            log.warning("%d corrupt images skipped so far", self.skipped)
 
     def epoch_in_progress(self, name: str) -> int:
         """The earliest epoch of stream ``name`` that some worker of this rank has not finished
