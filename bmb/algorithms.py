@@ -14,6 +14,7 @@ Unlabeled terms (and the bank, and the N̂ estimate) are off during warm-up.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -272,17 +273,17 @@ class BMB(Algorithm):
         inputs = [out.unlabeled_weak.aux_logits, src.aux_logits, src.features, out.labels]
         if self.anneal:
             inputs.append(torch.full((), out.progress, device=out.labels.device, dtype=torch.float64))
-        self._num_strong = out.num_strong
-        if not self.anneal:
+        else:
             self._labeled_weights(out.labels.device, 0.0)  # cached now, not inside a capture
-        key = ("plan", *(tuple(t.shape) + (t.dtype,) for t in inputs))
+        k = out.num_strong
+        key = ("plan", k, *(tuple(t.shape) + (t.dtype,) for t in inputs))
         preserve = [self.estimator._t, self.estimator._sum, self.estimator._value]
         if self.coll.active:  # N̂ needs every rank's counts: count, sum over ranks, then plan
-            counts = self.graphs.run(("counts", *key[1:2]), self._step_counts, inputs[:1])
+            counts = self.graphs.run(("counts", key[2]), self._step_counts, inputs[:1])
             inputs.append(self.coll.all_reduce_sum(counts))
         self.estimator.steps += 1  # the device half of the update happens inside the plan
         n_draw = [self.bank.uniforms_per_draw(self.get_num * self.coll.world_size)] if self.use_bank else []
-        plan = self.graphs.run(key, self._plan, inputs, uniforms=n_draw, preserve=preserve)
+        plan = self.graphs.run(key, functools.partial(self._plan, k), inputs, uniforms=n_draw, preserve=preserve)
         return dict(zip(self._PLAN_KEYS, plan))
 
     def _step_counts(self, aux_weak: torch.Tensor) -> torch.Tensor:
@@ -295,7 +296,7 @@ class BMB(Algorithm):
         return torch.zeros(self.num_classes, device=hard.device, dtype=torch.float64).scatter_add_(
             0, hard, mask.to(torch.float64))
 
-    def _plan(self, aux_weak: torch.Tensor, src_logits: torch.Tensor, src_feats: torch.Tensor,
+    def _plan(self, k: int, aux_weak: torch.Tensor, src_logits: torch.Tensor, src_feats: torch.Tensor,
               labels: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Everything of a step that needs no gradient, as fixed-shape device work.
 
@@ -306,8 +307,9 @@ class BMB(Algorithm):
         logging, statistics, the drawn items (features, labels, valid) and the packed bank
         candidates (``features | label | valid``).
 
-        Args (after the four tensors): the annealing progress (float64 scalar) if annealing, the
-            all-reduced step counts if distributed, then the draw's uniforms if the bank is on.
+        Args: ``k``, the strong views per sample; the four tensors; then the annealing progress
+            (float64 scalar) if annealing, the all-reduced step counts if distributed, and the
+            draw's uniforms if the bank is on.
         """
         rest = list(rest)
         progress = rest.pop(0) if self.anneal else 0.0
@@ -316,7 +318,7 @@ class BMB(Algorithm):
         self.estimator.fold(rest.pop(0) if self.coll.active else self._class_counts(hard_a, mask_a))
         w_u = self._weights(self.estimator.value(), progress)
         w_l = self._labeled_weights(dev, progress)
-        k, b_l, b_u = self._num_strong, labels.shape[0], aux_weak.shape[0]
+        b_l, b_u = labels.shape[0], aux_weak.shape[0]
         # labeled rows: mean over B_L of w^L[y] CE(y); strong rows: mean over K B_U of mask w^U[hat y] CE(p_a)
         targets = [torch.zeros(b_l, c, device=dev).scatter_(1, labels[:, None], 1.0), p_a.repeat(k, 1)]
         coefs = [w_l[labels] / b_l, (mask_a.float() * w_u[hard_a]).repeat(k) / (k * b_u)]
