@@ -134,21 +134,23 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(torch.initial_seed() % 2**32)
 
 
+def _worker_loader(dataset: Dataset, args: argparse.Namespace, device: torch.device, worker_init_fn,
+                   **kw) -> DataLoader:
+    """A DataLoader with one persistent worker process per core (``args.workers``), as both
+    worker-process paths use it; ``kw``: batching and sampling."""
+    return DataLoader(dataset, num_workers=args.workers, persistent_workers=True, prefetch_factor=4,
+                      worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda", **kw)
+
+
 def bench_pil(images: np.ndarray, args: argparse.Namespace, device: torch.device) -> float:
     ds = _PILFixMatchViews(images, CIFAR10_MEAN, CIFAR10_STD)
-    loader = DataLoader(
-        ds,
+    batches = iter(_worker_loader(
+        ds, args, device, _seed_worker,
         batch_size=args.batch,
         # Random indices without an epoch end, as a long training run sees them.
         sampler=RandomSampler(ds, replacement=True, num_samples=10**9),
         drop_last=True,
-        num_workers=args.workers,
-        persistent_workers=True,
-        prefetch_factor=4,
-        worker_init_fn=_seed_worker,
-        pin_memory=device.type == "cuda",
-    )
-    batches = iter(loader)
+    ))
 
     def step() -> int:
         views = [v.to(device, non_blocking=True) for v in next(batches)]
@@ -225,17 +227,9 @@ def bench_batched_workers(
 ) -> float:
     """ViewMaker in ``args.workers`` DataLoader worker processes, 1 thread each, on the CPU."""
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    loader = DataLoader(
-        _BatchedViews(data, args.batch),
-        batch_size=None,
-        num_workers=args.workers,
-        persistent_workers=True,
-        prefetch_factor=4,
-        worker_init_fn=_init_batched_worker,
-        pin_memory=device.type == "cuda",
-    )
-    batches = iter(loader)
-    vm = loader.dataset.vm
+    ds = _BatchedViews(data, args.batch)
+    batches = iter(_worker_loader(ds, args, device, _init_batched_worker, batch_size=None))
+    vm = ds.vm
 
     def step() -> int:
         views = [vm.normalize(v.to(device, non_blocking=True)) for v in next(batches)]
