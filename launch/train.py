@@ -147,10 +147,19 @@ def main(argv: list[str] | None = None) -> int:
                       mean=cfg.data.mean, std=cfg.data.std)
     run_dir = Path(cfg.train.out_dir) / cfg.name
     trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir)
-    trainer.fit()
+    code = 0
+    try:
+        trainer.fit()
+    except SystemExit as stop:  # a signal: every rank stopped at the same step, after the checkpoint
+        code = stop.code
+    # The wrapped model goes before the process group: DDP's reducer keeps its last collective,
+    # and a DDP + gloo process that left it to interpreter shutdown was seen to abort after its
+    # work was done (tests/test_dist.py).
+    del trainer, model, algorithm
+    accelerator.free_memory()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
