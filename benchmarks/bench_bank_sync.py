@@ -14,6 +14,7 @@ the synchronisation's worst case. Prints rank 0's means and its share of the ste
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import time
@@ -70,6 +71,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         print("| processes | step (ms) | bank sync: all-gather + decisions + get (ms) | share of step |")
         print("|---:|---:|---:|---:|")
         print(f"| {world} | {st:.1f} | {sy:.2f} | {100 * sy / st:.2f}% |")
+    del model, opt, losses  # DDP before the group, as in launch/train.py
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
