@@ -277,7 +277,7 @@ class BMB(Algorithm):
             self._labeled_weights(out.labels.device, 0.0)  # cached now, not inside a capture
         k = out.num_strong
         key = ("plan", k, *(tuple(t.shape) + (t.dtype,) for t in inputs))
-        preserve = [self.estimator._t, self.estimator._sum, self.estimator._value]
+        preserve = self.estimator.state_tensors()
         if self.coll.active:  # N̂ needs every rank's counts: count, sum over ranks, then plan
             counts = self.graphs.run(("counts", key[2]), self._step_counts, inputs[:1])
             inputs.append(self.coll.all_reduce_sum(counts))

@@ -61,6 +61,11 @@ class UnlabeledCountEstimator:
             keep = torch.where(self._t > 1.0, self.momentum, 0.0)  # 0 at the first update
             self._value.mul_(keep).add_(counts * (1.0 - keep))
 
+    def state_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device tensors :meth:`fold` updates in place (updates, running sum, value): the
+        same objects for the estimator's lifetime."""
+        return self._t, self._sum, self._value
+
     def value(self) -> torch.Tensor:
         """``N̂`` clamped to >= 1 (safe as a denominator), float64 ``(C,)`` on ``device``."""
         return self._value.clamp_min(1.0)

@@ -99,7 +99,7 @@ class StepGraphs:
     def _run(self, key: tuple, fn: Callable, inputs: Sequence[torch.Tensor], uniforms: Sequence[int],
              preserve: Sequence[torch.Tensor]):
         if not self.enabled:
-            return fn(*inputs, *(self.bank._rand(n) for n in uniforms))
+            return fn(*inputs, *(self.bank.uniforms(n) for n in uniforms))
         key = (*key, self.bank.version)
         graph = self._graphs.get(key)
         if graph is None:
@@ -127,4 +127,4 @@ class StepGraphs:
 
         self.run(("enqueue", tuple(packed.shape), packed.dtype), enqueue, [packed],
                  uniforms=bank.uniforms_per_enqueue(packed.shape[0]),
-                 preserve=[bank._buf_feats, bank._buf_labels, bank._size])
+                 preserve=bank.state_tensors())

@@ -108,6 +108,11 @@ class BalancedMemoryBank:
         self._buf_labels.fill_(self.num_classes)
         self._size.zero_()
 
+    def state_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device tensors :meth:`enqueue_core` updates in place (features, labels, size):
+        the same objects until the bank reallocates (:attr:`version`)."""
+        return self._buf_feats, self._buf_labels, self._size
+
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
         """Number of stored items (reads the size from the device: not for the hot path)."""
@@ -165,7 +170,7 @@ class BalancedMemoryBank:
         )
 
     # ------------------------------------------------------------------ randomness
-    def _rand(self, n: int) -> torch.Tensor:
+    def uniforms(self, n: int) -> torch.Tensor:
         """``n`` uniforms in [0, 1) from the bank's generator, on the bank's device, float64.
 
         The core functions clamp them away from 0 (:func:`_positive`). ``torch.rand(n, generator=g)`` and
@@ -247,8 +252,8 @@ class BalancedMemoryBank:
             return torch.zeros(0, dtype=torch.bool, device=self.device)
         ok = torch.ones(b, dtype=torch.bool, device=self.device) if valid is None else valid.to(self.device)
         n_accept, n_race = self.uniforms_per_enqueue(b)
-        u_accept = self._rand(n_accept)
-        return self.enqueue_core(features, labels, ok, u_accept, self._rand(n_race))
+        u_accept = self.uniforms(n_accept)
+        return self.enqueue_core(features, labels, ok, u_accept, self.uniforms(n_race))
 
     def enqueue_core(self, features: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
                      u_accept: torch.Tensor, u_race: torch.Tensor) -> torch.Tensor:
@@ -332,7 +337,7 @@ class BalancedMemoryBank:
         # living on the GPU (the trainer's N-hat) never makes the step wait for the device.
         if prior.device.type == "cpu" and (not bool(torch.isfinite(prior).all()) or bool((prior < 0).any())):
             raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
-        return self.draw_core(n, prior.to(self.device), self._rand(self.uniforms_per_draw(n, replacement)),
+        return self.draw_core(n, prior.to(self.device), self.uniforms(self.uniforms_per_draw(n, replacement)),
                               replacement)
 
     def draw_core(self, n: int, class_prior: torch.Tensor, u: torch.Tensor, replacement: bool = False

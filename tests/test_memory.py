@@ -223,12 +223,12 @@ def test_draw_has_fixed_shapes_and_get_is_draw_without_invalid_rows():
 
 def test_clear_empties_in_place_and_reallocation_bumps_the_version():
     bank = BalancedMemoryBank(8, 3, 4, generator=torch.Generator().manual_seed(0))
-    buffers, version = (bank._buf_feats, bank._buf_labels, bank._size), bank.version
+    buffers, version = bank.state_tensors(), bank.version
     bank.enqueue(torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]))
     assert len(bank) > 0
     bank.clear()
     assert len(bank) == 0 and bank.class_counts().sum() == 0
-    assert all(a is b for a, b in zip(buffers, (bank._buf_feats, bank._buf_labels, bank._size)))
+    assert all(a is b for a, b in zip(buffers, bank.state_tensors()))
     assert bank.version == version  # same buffers: CUDA graphs captured on them stay valid
     bank.load_state_dict(bank.state_dict())
     assert bank.version == version + 1
