@@ -1397,8 +1397,8 @@ class ViewMaker:
         # outside it, so that the outputs are ordinary tensors (autograd may save them).
         with torch.inference_mode():
             weak, strong = self._views(labeled, unlabeled, generator)
-        weak = normalize(weak, self.mean, self.std)
-        strong_f = list(normalize(strong, self.mean, self.std).split(n_u)) if self.num_strong else []
+        weak = self.normalize(weak)
+        strong_f = list(self.normalize(strong).split(n_u)) if self.num_strong else []
         return weak[:n_l], weak[n_l:], strong_f
 
     def uint8_views(
