@@ -37,7 +37,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(BMBModel.build(args.encoder, 10))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    alg = BMB(10, model.module.feat_dim, torch.tensor([100, 60, 36, 22, 13, 8, 5, 3, 2, 1]), threshold=0.05,
+    alg = BMB(10, model.module.feat_dim, torch.tensor([100, 60, 36, 22, 13, 8, 5, 3, 2, 1]), unlabeled_size=500, threshold=0.05,
               put_power=0.0, bank_size=args.bank, get_num=args.bank // 2, bank_check_every=100,
               generator=torch.Generator().manual_seed(1), collectives=Collectives())
     g = torch.Generator().manual_seed(10 + rank)

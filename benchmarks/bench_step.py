@@ -46,7 +46,8 @@ def make_trainer(algorithm: str, args, acc: Accelerator, data: dict, cuda_graphs
     model = BMBModel.build(args.encoder, args.classes, stem="imagenet" if full_res else "small")
     counts = torch.bincount(data["labeled"].labels, minlength=args.classes)
     alg = build_algorithm(algorithm, num_classes=args.classes, feat_dim=model.feat_dim, labeled_counts=counts,
-                          threshold=0.01, put_power=0.0, bank_size=args.bank, get_num=args.bank // 2,
+                          unlabeled_size=len(data["unlabeled"].labels), threshold=0.01, put_power=0.0,
+                          bank_size=args.bank, get_num=args.bank // 2,
                           generator=torch.Generator(device=acc.device).manual_seed(1), device=acc.device,
                           cuda_graphs=cuda_graphs)
     stream = TensorStream(data["labeled"], data["unlabeled"], labeled_batch=args.batch, unlabeled_batch=args.batch,

@@ -150,6 +150,8 @@ class BMB(Algorithm):
         num_classes: ``C``.
         feat_dim: encoder feature dimension ``D``.
         labeled_counts: ``(C,)`` true labeled class counts ``N^L``.
+        unlabeled_size: ``|U|``, the unlabeled split's size: N̂ estimates each class's count in
+            ``U`` (:class:`bmb.estimate.UnlabeledCountEstimator`).
         threshold: tau.
         alpha: adaptive-weight spread (0 or ``adaptive_weights=False`` gives plain CE).
         put_power: beta of the bank's enqueue.
@@ -158,6 +160,8 @@ class BMB(Algorithm):
         lambda_mb: weight of the memory-bank loss.
         bank_size: bank capacity.
         get_num: items drawn from the bank per step and per rank.
+        get_replacement: draw them with replacement (the authors' ``np.random.choice``, for which
+            the paper's gamma values were tuned); False: without replacement.
         use_bank: ablation switch (False: no bank, no bank loss).
         adaptive: ablation switch for the adaptive weights.
         bank_view: ``"strong"`` (default) or ``"weak"``: which view's features enter the bank.
@@ -176,9 +180,9 @@ class BMB(Algorithm):
     eval_head = "aux"
 
     def __init__(self, num_classes: int, feat_dim: int, labeled_counts: torch.Tensor, *,
-                 threshold: float = 0.95, alpha: float = 1.5, put_power: float = 3.0,
+                 unlabeled_size: int, threshold: float = 0.95, alpha: float = 1.5, put_power: float = 3.0,
                  get_power: float = 0.75, lambda_u: float = 1.0, lambda_mb: float = 0.25,
-                 bank_size: int = 128, get_num: int = 64, use_bank: bool = True,
+                 bank_size: int = 128, get_num: int = 64, get_replacement: bool = True, use_bank: bool = True,
                  adaptive: bool = True, bank_view: str = "strong", estimate_mode: str = "mean",
                  anneal_weights: bool = False, bank_check_every: int = 0,
                  generator: torch.Generator | None = None,
@@ -195,13 +199,14 @@ class BMB(Algorithm):
         self.num_classes = num_classes
         self.threshold, self.alpha = threshold, alpha
         self.lambda_u, self.lambda_mb = lambda_u, lambda_mb
-        self.get_num, self.use_bank, self.adaptive = get_num, use_bank, adaptive
+        self.get_num, self.get_replacement = get_num, get_replacement
+        self.use_bank, self.adaptive = use_bank, adaptive
         self.bank_view, self.anneal = bank_view, anneal_weights
         self.coll = collectives or Collectives()
         self.register_buffer("labeled_counts", counts.to(torch.float32), persistent=False)
         self.bank = BalancedMemoryBank(bank_size, feat_dim, num_classes, put_power=put_power,
                                        get_power=get_power, generator=generator, device=device)
-        self.estimator = UnlabeledCountEstimator(num_classes, mode=estimate_mode, device=device)
+        self.estimator = UnlabeledCountEstimator(num_classes, unlabeled_size, mode=estimate_mode, device=device)
         self._pending: torch.Tensor | None = None  # this step's bank candidates, enqueued in after_step
         self.bank_check_every = bank_check_every
         self.bank_updates = 0
@@ -282,7 +287,8 @@ class BMB(Algorithm):
             counts = self.graphs.run(("counts", key[2]), self._step_counts, inputs[:1])
             inputs.append(self.coll.all_reduce_sum(counts))
         self.estimator.steps += 1  # the device half of the update happens inside the plan
-        n_draw = [self.bank.uniforms_per_draw(self.get_num * self.coll.world_size)] if self.use_bank else []
+        n_draw = ([self.bank.uniforms_per_draw(self.get_num * self.coll.world_size, self.get_replacement)]
+                  if self.use_bank else [])
         plan = self.graphs.run(key, functools.partial(self._plan, k), inputs, uniforms=n_draw, preserve=preserve)
         return dict(zip(self._PLAN_KEYS, plan))
 
@@ -315,7 +321,8 @@ class BMB(Algorithm):
         progress = rest.pop(0) if self.anneal else 0.0
         c, dev = self.num_classes, labels.device
         p_a, hard_a, mask_a = confident_targets(aux_weak, self.threshold)
-        self.estimator.fold(rest.pop(0) if self.coll.active else self._class_counts(hard_a, mask_a))
+        counts = rest.pop(0) if self.coll.active else self._class_counts(hard_a, mask_a)  # global (C,)
+        self.estimator.fold(counts / (aux_weak.shape[0] * self.coll.world_size))  # / the global B_U
         w_u = self._weights(self.estimator.value(), progress)
         w_l = self._labeled_weights(dev, progress)
         b_l, b_u = labels.shape[0], aux_weak.shape[0]
@@ -367,9 +374,9 @@ class BMB(Algorithm):
         world, rank = self.coll.world_size, self.coll.rank
         n = self.get_num * world
         if u is None:
-            drawn = self.bank.draw(n, self.estimator.value())
+            drawn = self.bank.draw(n, self.estimator.value(), self.get_replacement)
         else:
-            drawn = self.bank.draw_core(n, self.estimator.value(), u)
+            drawn = self.bank.draw_core(n, self.estimator.value(), u, self.get_replacement)
         return tuple(t[rank::world] for t in drawn)
 
     def check_bank_in_sync(self) -> None:

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def build_data(cfg: Config, rank: int, world: int, device: torch.device):
-    """Training stream, evaluation sources, labeled counts and class names for this rank."""
+    """Training stream, evaluation sources, labeled counts, the unlabeled split's size and class
+    names for this rank."""
     import pipelines
     from pipelines.shard_index import load_manifest
 
@@ -47,11 +48,19 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     manifest = load_manifest(root)
     dataset, backend = root, d.backend
     labeled_counts = torch.tensor(manifest["splits"]["labeled"]["class_counts"])
+    unlabeled_size = int(sum(manifest["splits"]["unlabeled"]["class_counts"]))
     names = list(manifest["class_names"])
     splits = set(manifest["splits"])
     for key, split in (("data.eval_split", d.eval_split), ("data.val_split", d.val_split)):
         if split is not None and split not in splits:
             raise ConfigError(f"{key}: the dataset has no split {split!r} (it has {sorted(splits)})")
+    size = manifest["image_size"]  # [H, W], or None for full-resolution data of varying size
+    if d.crop == "translate" and size is not None and list(size) != [d.image_size, d.image_size]:
+        # The translate crop keeps the source size: a smaller image_size would train and
+        # evaluate on crops of part of each image without a word.
+        raise ConfigError(f"data.image_size={d.image_size} does not match the dataset's {size[0]}x{size[1]} "
+                          f"images ({root}); the translate crop does not resize: set "
+                          f"data.image_size={size[0]}, or use data.crop=rrc to resize")
 
     options: dict = {}
     if backend == "tensor":
@@ -78,7 +87,7 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     for split in dict.fromkeys([d.eval_split] + ([d.val_split] if d.val_split else [])):
         evals[split] = pipelines.build_eval_source(backend, dataset, split, batch_size=d.eval_batch, rank=rank,
                                                    world_size=world, device=device, **eval_options)
-    return stream, evals, labeled_counts, names
+    return stream, evals, labeled_counts, unlabeled_size, names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.augment import ViewMaker
 
     try:
-        stream, evals, labeled_counts, names = build_data(cfg, rank, world, accelerator.device)
+        stream, evals, labeled_counts, unlabeled_size, names = build_data(cfg, rank, world, accelerator.device)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
@@ -135,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     me = cfg.method
     algorithm = build_algorithm(
         me.algorithm, num_classes=len(names), feat_dim=model.feat_dim, labeled_counts=labeled_counts,
-        threshold=me.threshold, alpha=me.alpha, put_power=me.put_power, get_power=me.get_power,
+        unlabeled_size=unlabeled_size, threshold=me.threshold, alpha=me.alpha, put_power=me.put_power, get_power=me.get_power,
         lambda_u=me.lambda_u, lambda_mb=me.lambda_mb, bank_size=me.bank_size, get_num=me.get_num,
-        use_bank=me.use_bank, adaptive=me.adaptive_weights, bank_view=me.bank_view, estimate_mode=me.estimate,
+        get_replacement=me.get_replacement, use_bank=me.use_bank, adaptive=me.adaptive_weights, bank_view=me.bank_view, estimate_mode=me.estimate,
         anneal_weights=me.anneal_weights, bank_check_every=me.bank_check_every, cuda_graphs=me.cuda_graphs,
         # On the training device, so that the bank's draws never copy across; seeded alike on
         # every rank, so that every rank makes the same enqueue/dequeue/get decisions.

@@ -53,13 +53,14 @@ def make_bmb(get_num: int = 4, **kw) -> BMB:
     args = dict(threshold=0.6, put_power=2.0, get_power=1.0, bank_size=24, get_num=get_num,
                 generator=torch.Generator().manual_seed(0), collectives=Collectives())
     args.update(kw)
-    return BMB(C, D, torch.tensor([9, 6, 4, 2, 1]), **args)
+    return BMB(C, D, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, **args)
 
 
 # ----------------------------------------------------------------------------- bank sync
 def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     _init(rank, world, port)
-    alg = make_bmb(bank_check_every=5)
+    # Without replacement, so that the ranks' slices of one draw are disjoint items.
+    alg = make_bmb(bank_check_every=5, get_replacement=False)
     head = nn.Linear(D, C)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
     for _ in range(40):
@@ -68,7 +69,7 @@ def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     state = alg.bank.generator.get_state()
     feats, labels, valid = alg.bank_slice()
     alg.bank.generator.set_state(state)
-    full_f, full_y, full_v = alg.bank.draw(alg.get_num * world, alg.estimator.value())  # the same draw again
+    full_f, full_y, full_v = alg.bank.draw(alg.get_num * world, alg.estimator.value(), replacement=False)  # again
     torch.save({"bank": alg.bank.state_dict(), "nhat": alg.estimator.value(), "steps": alg.estimator.steps,
                 "slice": feats, "valid": valid, "full": full_f, "full_valid": full_v}, f"{out_dir}/rank{rank}.pt")
     _finish()
@@ -151,7 +152,7 @@ def build_model() -> nn.Module:
 
 def build_alg(get_num: int) -> BMB:
     # threshold 0.2 so that the untrained model's predictions produce masks and candidates
-    return BMB(C, 32, torch.tensor([9, 6, 4, 2, 1]), threshold=0.2, put_power=0.0, get_power=1.0,
+    return BMB(C, 32, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, threshold=0.2, put_power=0.0, get_power=1.0,
                lambda_mb=1.0, bank_size=32, get_num=get_num, generator=torch.Generator().manual_seed(1),
                collectives=Collectives())
 

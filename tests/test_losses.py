@@ -37,7 +37,7 @@ def test_adaptive_weights():
 
 
 def bmb_alg(**kw):
-    args = dict(num_classes=2, feat_dim=2, labeled_counts=torch.tensor([4, 1]), threshold=0.9,
+    args = dict(num_classes=2, feat_dim=2, labeled_counts=torch.tensor([4, 1]), unlabeled_size=2, threshold=0.9,
                 alpha=1.0, put_power=0.0, get_power=0.0, lambda_u=1.0, lambda_mb=1.0,
                 bank_size=8, get_num=2, generator=torch.Generator().manual_seed(0))
     args.update(kw)
@@ -56,8 +56,8 @@ def test_aux_head_soft_targets_masks_and_weights_by_hand():
     # labeled: w^L = (1/4, 1) from N^L = (4, 1)
     ce_l = F.cross_entropy(lab.aux_logits, labels, reduction="none")
     assert losses["aux_l"].item() == pytest.approx(((torch.tensor([0.25, 1.0]) * ce_l).mean()).item(), rel=1e-6)
-    # unlabeled: N-hat after this step's update = counts of confident aux predictions = (1, 0) ->
-    # clamped (1, 1) -> w^U = (1, 1); soft CE against p_a of sample 0, masked sample 1, mean over 2
+    # unlabeled: N-hat after this step's update = confident fraction (1/2, 0) x |U| = 2 -> (1, 0)
+    # -> floored (1, 1) -> w^U = (1, 1); soft CE against p_a of sample 0, masked sample 1, mean over 2
     p0 = torch.softmax(torch.tensor([3.0, 0.0]), 0)
     soft = -(p0 * torch.log_softmax(strong_aux[0], 0)).sum()
     assert losses["aux_u"].item() == pytest.approx(soft.item() / 2, rel=1e-6)
@@ -66,16 +66,15 @@ def test_aux_head_soft_targets_masks_and_weights_by_hand():
 
 
 def test_unlabeled_weights_follow_the_estimate():
-    alg = bmb_alg(use_bank=False)
-    # N-hat = (4, 1) in effect -> w^U = (0.25, 1)
-    alg.estimator.update(torch.tensor([8.0, 2.0]))
-    alg.estimator.update(torch.tensor([0.0, 0.0]))  # mean: (4, 1) ... then this step adds (1, 0)
+    alg = bmb_alg(use_bank=False, unlabeled_size=30)
+    alg.estimator.update(torch.tensor([8.0, 2.0]), 10)  # confident fractions (0.8, 0.2)
+    alg.estimator.update(torch.tensor([0.0, 0.0]), 10)  # ... then this step adds (1, 0) of 1 sample
     labels = torch.tensor([0])
     lab = out_of(torch.zeros(1, 2), torch.zeros(1, 2))
     weak = out_of(torch.zeros(1, 2), torch.tensor([[5.0, 0.0]]))
     strong = out_of(torch.zeros(1, 2), torch.tensor([[0.0, 0.0]]))
     losses = alg(StepOutputs(labels, lab, weak, strong), torch.nn.Identity())
-    nhat = torch.tensor([(8 + 0 + 1) / 3, 2 / 3]).clamp_min(1)
+    nhat = torch.tensor([(0.8 + 0 + 1) / 3, 0.2 / 3]) * 30  # mean fraction x |U| = (18, 2)
     w0 = (nhat.min() / nhat[0]).item()
     p = torch.softmax(torch.tensor([5.0, 0.0]), 0)
     expected = w0 * -(p * torch.log_softmax(torch.zeros(2), 0)).sum().item()
@@ -85,7 +84,7 @@ def test_unlabeled_weights_follow_the_estimate():
 def test_bank_loss_trains_only_the_aux_head():
     torch.manual_seed(0)
     model = BMBModel.build("small", 3, width=4)
-    alg = BMB(3, model.feat_dim, torch.tensor([5, 3, 1]), threshold=0.0, put_power=0.0,
+    alg = BMB(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0,
               bank_size=16, get_num=4, lambda_u=0.0, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 3, 16, 16)
     o = model(x)
@@ -108,7 +107,7 @@ def test_bank_loss_trains_only_the_aux_head():
 def test_bank_features_are_detached_inside_the_step():
     torch.manual_seed(0)
     model = BMBModel.build("small", 3, width=4)
-    alg = BMB(3, model.feat_dim, torch.tensor([5, 3, 1]), threshold=0.0, put_power=0.0, bank_size=16,
+    alg = BMB(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0, bank_size=16,
               get_num=4, lambda_u=0.0, lambda_mb=1.0, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():

@@ -41,22 +41,28 @@ def test_shot_groups_imagenet_lt_thresholds():
 
 
 def test_estimator_mean_and_ema():
-    e = UnlabeledCountEstimator(3)
-    assert e.value().tolist() == [1, 1, 1]
-    e.update(torch.tensor([4.0, 0.0, 2.0]))
-    e.update(torch.tensor([2.0, 0.0, 4.0]))
-    assert e.value().tolist() == [3.0, 1.0, 3.0]  # mean (3, 0, 3), clamped to >= 1
-    ema = UnlabeledCountEstimator(3, mode="ema", momentum=0.5)
-    ema.update(torch.tensor([4.0, 0.0, 2.0]))
-    ema.update(torch.tensor([2.0, 0.0, 4.0]))
-    assert ema.value().tolist() == [3.0, 1.0, 3.0]
-    ema.update(torch.tensor([0.0, 8.0, 3.0]))
-    assert ema.value().tolist() == [1.5, 4.0, 3.0]
-    e2 = UnlabeledCountEstimator(3)
+    e = UnlabeledCountEstimator(3, unlabeled_size=600)
+    assert e.value().tolist() == [200, 200, 200]  # uniform before any update
+    e.update(torch.tensor([4.0, 0.0, 2.0]), 8)
+    e.update(torch.tensor([2.0, 0.0, 4.0]), 8)
+    # mean confident fraction (3/8, 0, 3/8) x |U| = 600; the empty class is floored at 1 sample
+    assert e.value().tolist() == [225.0, 1.0, 225.0]
+    ema = UnlabeledCountEstimator(3, unlabeled_size=80, mode="ema", momentum=0.5)
+    ema.update(torch.tensor([4.0, 0.0, 2.0]), 8)
+    ema.update(torch.tensor([2.0, 0.0, 4.0]), 8)
+    assert ema.value().tolist() == [30.0, 1.0, 30.0]
+    ema.update(torch.tensor([0.0, 8.0, 3.0]), 16)  # a different batch: fractions (0, 0.5, 0.1875)
+    assert ema.value().tolist() == [15.0, 20.0, 22.5]
+    e2 = UnlabeledCountEstimator(3, unlabeled_size=600)
     e2.load_state_dict(e.state_dict())
     assert torch.equal(e2.value(), e.value()) and e2.steps == 2
     with pytest.raises(ValueError, match="shape"):
-        e.update(torch.ones(4))
+        e.update(torch.ones(4), 8)
+    with pytest.raises(ValueError, match="unlabeled set of 600"):
+        UnlabeledCountEstimator(3, unlabeled_size=5).load_state_dict(e.state_dict())
+    old = {"mode": "mean", "momentum": 0.99, "steps": 2, "value": torch.ones(3), "sum": torch.ones(3)}
+    with pytest.raises(ValueError, match="scale of one batch"):
+        e2.load_state_dict(old)  # a checkpoint from before the rescale is refused, not misread
 
 
 def test_default_thresholds_of_balanced_counts_make_every_class_many_shot():
