@@ -10,6 +10,7 @@ The resolved config is written into every run directory (``dump_config``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key."""
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` and `2E5` as strings: its floats need a dot. A float key takes
+# them as the numbers they plainly are.
+_DOTLESS_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -56,6 +62,8 @@ class MethodConfig:
     use_bank: bool = _f(True, "ablation: the balanced memory bank and its loss")
     bank_size: int = _f(128, "bank capacity", ge=1)
     get_num: int = _f(64, "items drawn from the bank per step (per rank)", ge=1)
+    get_replacement: bool = _f(True, "draw the bank's items with replacement, as the authors' code (the "
+                                     "paper's gamma values were tuned that way); false: without")
     bank_check_every: int = _f(100, "distributed: compare a bank checksum across ranks every N updates (0: off)", ge=0)
     cuda_graphs: bool = _f(True, "CUDA: replay BMB's per-step no-grad work (N-hat, targets, weights, the "
                                  "bank's draw and enqueue) as CUDA graphs (same results, fewer kernel "
@@ -68,12 +76,16 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adam", "optimiser", choices=("adam", "sgd"))
+    name: str = _f("adamw", "optimiser: adamw (decoupled weight decay: the authors' recipe), adam (L2 added "
+                            "to the gradient), sgd", choices=("adamw", "adam", "sgd"))
     lr: float = _f(0.002, "learning rate", gt=0.0)
     momentum: float = _f(0.9, "sgd momentum", ge=0.0, lt=1.0)
-    nesterov: bool = _f(True, "sgd nesterov")
-    weight_decay: float = _f(0.0, "weight decay", ge=0.0)
+    nesterov: bool = _f(False, "sgd nesterov (the authors' SGD scripts use plain momentum)")
+    weight_decay: float = _f(0.02, "weight decay (adamw: each step multiplies the weights by 1 - lr x this, as "
+                                   "the authors' WeightEMA does with 0.02)", ge=0.0)
     schedule: str = _f("constant", "lr schedule", choices=("constant", "cosine"))
+    schedule_unit: str = _f("step", "the cosine moves every step, or once per epoch (the authors' SGD scripts: "
+                                    "CosineAnnealingLR stepped per epoch)", choices=("step", "epoch"))
     warmup_steps: int = _f(0, "linear lr warm-up steps", ge=0)
 
 
@@ -104,7 +116,8 @@ class TrainConfig:
     max_steps: int | None = _f(None, "stop after this many steps (default: epochs x iters_per_epoch)", ge=1)
     labeled_batch: int = _f(64, "labeled batch (global; split over ranks)", ge=1)
     unlabeled_batch: int = _f(64, "unlabeled batch (global; split over ranks)", ge=1)
-    ema_decay: float = _f(0.999, "EMA decay of the evaluated model", ge=0.0, lt=1.0)
+    ema_decay: float = _f(0.999, "EMA decay of the evaluated model (0: no EMA, the trained model itself is "
+                                 "evaluated, as the authors' --disable_ema_model)", ge=0.0, lt=1.0)
     eval_every: int = _f(500, "steps between evaluations", ge=1)
     eval_protocol: str = _f("last20", "result: mean of the last 20 evaluations, or best-val checkpoint then test",
                             choices=("last20", "best_val"))
@@ -170,6 +183,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
     elif tp is float:
+        if isinstance(value, str) and _DOTLESS_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)

@@ -14,7 +14,8 @@ class ModelEMA:
 
     Args:
         model: the model being trained (unwrapped, not DDP).
-        decay: in [0, 1); 0.999 in the paper.
+        decay: in [0, 1); 0.999 in the paper; 0 keeps an exact copy of the model (no EMA: the
+            authors' ``--disable_ema_model`` evaluates the trained model itself).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
@@ -29,7 +30,9 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         ema_p = [p for p in self.module.parameters()]
         src_p = [p.detach() for p in model.parameters()]
-        if ema_p:
+        if ema_p and self.decay == 0.0:
+            torch._foreach_copy_(ema_p, src_p)
+        elif ema_p:
             torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
         for eb, mb in zip(self.module.buffers(), model.buffers()):
             eb.copy_(mb)

@@ -42,20 +42,25 @@ EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): checkpoint written, stop
 
 def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     o = cfg.optim
+    if o.name == "adamw":  # decoupled: w <- w (1 - lr wd), the authors' WeightEMA decay (docs/fidelity.md)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
-    """Multiplier of the base lr at a step: linear warm-up, then constant or cosine to 0."""
+    """Multiplier of the base lr at a step: linear warm-up, then constant or cosine to 0 (moving
+    every step, or held through each epoch with ``optim.schedule_unit=epoch``)."""
     total, warm, cosine = cfg.total_steps, cfg.optim.warmup_steps, cfg.optim.schedule == "cosine"
+    per_epoch = cfg.train.iters_per_epoch if cfg.optim.schedule_unit == "epoch" else 1
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
         if not cosine:
             return 1.0
+        step -= step % per_epoch  # the epoch's first step
         return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / max(total - warm, 1)))
 
     return f

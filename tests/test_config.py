@@ -58,3 +58,15 @@ def test_every_key_documented():
     rows = describe()
     assert len(rows) > 40
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_dotless_scientific_numbers_are_floats(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; a float key takes it as the number it plainly is."""
+    cfg = load_config(None, ["data.dataset=x", "optim.lr=1e-3", "method.lambda_mb=2E-1", "optim.weight_decay=5e-4"])
+    assert (cfg.optim.lr, cfg.method.lambda_mb, cfg.optim.weight_decay) == (0.001, 0.2, 0.0005)
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  dataset: x\noptim:\n  lr: 3e-4\n")
+    assert load_config(f).optim.lr == 0.0003
+    for bad in ("optim.lr=1e", "optim.lr=e-3", "train.epochs=1e3"):  # not numbers / not an integer key
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, ["data.dataset=x", bad])

@@ -70,6 +70,8 @@ def test_run_writes_every_output(run, tmp_path, algorithm, capsys):
 @pytest.mark.parametrize("override, key", [
     ("method.alpah=1", "method.alpah"), ("train.epochs=-3", "train.epochs"),
     ("data.dataset=/nonexistent/dir", "data.dataset"), ("data.eval_split=val", "data.eval_split"),
+    # the translate crop does not resize: 16 px on 32 px data would train on quarter crops
+    ("data.image_size=16", "data.image_size=16 does not match the dataset's 32x32"),
 ])
 def test_bad_config_fails_before_training(run, tmp_path, override, key, capsys):
     assert run(tmp_path, override) == 2
