@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from pipelines import augment as A
+from pipelines.augment import geometry, policy
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -141,7 +142,7 @@ def test_rrc_matches_grid_sample(in_hw, out, monkeypatch):
     n = 32
     x = _images(n, max(h, w), seed=h + out)[..., :h, :w].contiguous()
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-    sx, tx, sy, ty = A._rrc_maps(n, h, w, _gen(6), scale, ratio, True)
+    sx, tx, sy, ty = geometry._rrc_maps(n, h, w, _gen(6), scale, ratio, True)
     lin = (torch.arange(out, dtype=torch.float32) * 2 + 1) / out - 1
     gx = (sx[:, None] * lin + tx[:, None])[:, None, :].expand(n, out, out)
     gy = (sy[:, None] * lin + ty[:, None])[:, :, None].expand(n, out, out)
@@ -158,7 +159,7 @@ def test_rrc_matches_grid_sample(in_hw, out, monkeypatch):
     assert diff.max() <= 1
     assert (diff > 0).float().mean() < 1e-3
     # Processing the views block by block (CPU) changes nothing.
-    monkeypatch.setattr(A, "_CPU_BLOCK_BYTES", 1)
+    monkeypatch.setattr(geometry, "_CPU_BLOCK_BYTES", 1)
     assert torch.equal(A.weak_view(x, _gen(6), crop="rrc", out_size=out), y)
 
 
@@ -241,7 +242,7 @@ def test_geometric_ops_pick_grid_sample_nearest_pixels(h, w):
             m[12:18] = torch.tensor([-1.5, -1.0, -0.97, 0.97, 1.0, 1.5])
         ops = torch.full((n, 1), A.OPS.index(name))
         out = A.apply_rand_augment(x, ops, m[:, None])
-        a = A._affine_coeffs(ops[:, 0], m, h, w)[:, :6].view(n, 2, 3, 1, 1)
+        a = policy._affine_coeffs(ops[:, 0], m, h, w)[:, :6].view(n, 2, 3, 1, 1)
         grid = (a[:, :, 0] * lin_x + (a[:, :, 1] * lin_y + a[:, :, 2])).permute(0, 2, 3, 1)
         ref = F.grid_sample(
             x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
