@@ -12,13 +12,25 @@ import functools
 import torch
 from torch import Tensor
 
-from pipelines.augment._common import _check_generator, _check_images, _on, _rand
+from pipelines.augment._common import _on
 
 
-def _cutout_boxes(u: Tensor, size: float, h: int, w: int) -> Tensor:
-    """Cutout squares from ``U(0, 1)`` draws ``u`` ``(N, 3)``: float ``(N, 2, 2)``.
+def cutout_boxes(u: Tensor, size: float, h: int, w: int) -> Tensor:
+    """FixMatch Cutout squares, one per sample, from three ``U(0, 1)`` draws each.
 
-    ``boxes[i, 0]`` is sample i's first and last + 1 row, ``boxes[i, 1]`` its columns.
+    Side ``floor(u[:, 0] * size * min(H, W))`` px, centred at pixel
+    ``floor(u[:, 1:] * (H, W))``, clipped at the borders (the top-left corner is clamped
+    first, as FixMatch's reference code does). Fill them with
+    :func:`~pipelines.augment.policy.apply_rand_augment` (``boxes=``).
+
+    Args:
+        u: float32 ``(N, 3)`` uniform draws, any device.
+        size: maximum side as a fraction of the image side (FixMatch: 0.5).
+        h, w: image size.
+
+    Returns:
+        float32 ``(N, 2, 2)`` on ``u.device``: ``boxes[i, 0]`` is sample i's first and
+        last + 1 row, ``boxes[i, 1]`` its first and last + 1 column.
     """
     side = torch.floor(u[:, :1] * size * min(h, w))  # (N, 1)
     start = torch.floor(u[:, 1:] * _positions(h, w, u.device)[1] - side / 2).clamp_(min=0)
@@ -26,7 +38,7 @@ def _cutout_boxes(u: Tensor, size: float, h: int, w: int) -> Tensor:
 
 
 def _cutout_(images: Tensor, boxes: Tensor, fill: int) -> None:
-    """Fill each sample's box (from :func:`_cutout_boxes`) with ``fill``, in place."""
+    """Fill each sample's box (from :func:`cutout_boxes`) with ``fill``, in place."""
     n, _, h, w = images.shape
     dev = images.device
     boxes = _on(boxes, dev)
@@ -46,35 +58,6 @@ def _positions(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """float32 ``0 .. max(H, W) - 1`` and ``(H, W)`` on ``device`` (cached), for Cutout."""
     pos = torch.arange(max(h, w), device=device, dtype=torch.float32)
     return pos, torch.tensor([float(h), float(w)], device=device)
-
-
-def cutout(
-    images: Tensor, generator: torch.Generator, *, size: float = 0.5, fill: int = 127
-) -> Tensor:
-    """FixMatch Cutout: one square of side ``U(0, size) * min(H, W)`` px per sample.
-
-    The square is centred at a uniformly drawn pixel and clipped at the borders (its top-left
-    corner is clamped first, as FixMatch's reference code does).
-
-    Args:
-        images: uint8 ``(N, 3, H, W)``.
-        generator: source of randomness (any device).
-        size: maximum side as a fraction of the image side (FixMatch: 0.5); 0 disables.
-        fill: gray level of the square.
-
-    Returns:
-        uint8 ``(N, 3, H, W)``.
-    """
-    _check_images(images)
-    _check_generator(generator)
-    _check_cutout(size, fill)
-    n, _, h, w = images.shape
-    u = _rand(generator, (n, 3))
-    if size == 0.0:
-        return images
-    out = images.clone(memory_format=torch.contiguous_format)
-    _cutout_(out, _cutout_boxes(u, size, h, w), fill)
-    return out
 
 
 def _check_cutout(size: float, fill: int) -> None:

@@ -245,6 +245,7 @@ def weak_view(
     images: Tensor,
     generator: torch.Generator,
     *,
+    source: Tensor | None = None,
     crop: str = "translate",
     out_size: int | None = None,
     translate: float = 0.125,
@@ -252,9 +253,9 @@ def weak_view(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Tensor:
-    """FixMatch weak view: random horizontal flip + random translation or resized crop.
+    """FixMatch weak views: random horizontal flip + random translation or resized crop.
 
-    ``crop="translate"``: each sample is shifted by an integer ``(dy, dx)`` drawn uniformly
+    ``crop="translate"``: each view is shifted by an integer ``(dy, dx)`` drawn uniformly
     from ``[-p, p]`` with ``p = round(translate * out_size)`` -- pad-and-crop with **reflect**
     padding, as FixMatch's reference code does: it adds no black border that the network could
     key on and keeps every output pixel real image content. With ``out_size`` smaller than the
@@ -263,13 +264,19 @@ def weak_view(
     ``crop="rrc"``: random-resized-crop (area fraction ``scale``, aspect ratio ``ratio``,
     first of 10 draws that fits) resized bilinearly to ``out_size``.
 
+    View ``i`` crops image ``source[i]`` (:class:`~pipelines.augment.views.ViewMaker` crops
+    several views of one image this way, without copying the batch): the same views, from the
+    same draws, as ``weak_view(images[source])``.
+
     Args:
-        images: uint8 ``(N, 3, H, W)`` on any device.
+        images: uint8 ``(M, 3, H, W)`` on any device.
         generator: source of all randomness; may live on another device than ``images``.
+        source: int64 ``(N,)`` image of each view, or ``None`` for one view per image
+            (``N = M``).
         crop: ``"translate"`` or ``"rrc"``.
         out_size: output side S; ``None`` keeps ``H x W`` (translate) or ``min(H, W)`` (rrc).
         translate: maximum shift as a fraction of the output side (translate mode).
-        flip: whether to flip half of the samples horizontally.
+        flip: whether to flip half of the views horizontally.
         scale: area fraction range of the crop (rrc mode).
         ratio: aspect-ratio range of the crop (rrc mode).
 
@@ -278,42 +285,6 @@ def weak_view(
     """
     _check_images(images)
     _check_generator(generator)
-    return _weak_view(
-        images,
-        generator,
-        None,
-        crop=crop,
-        out_size=out_size,
-        translate=translate,
-        flip=flip,
-        scale=scale,
-        ratio=ratio,
-    )
-
-
-def _weak_view(
-    images: Tensor,
-    generator: torch.Generator,
-    source: Tensor | None,
-    *,
-    crop: str,
-    out_size: int | None,
-    translate: float,
-    flip: bool = True,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Tensor:
-    """:func:`weak_view` of ``images[source]`` (``images`` when ``None``), without the copy.
-
-    Args:
-        images: uint8 ``(M, 3, H, W)``.
-        generator: source of all randomness.
-        source: int64 ``(N,)`` image of each view, or ``None`` for one view per image.
-        crop, out_size, translate, flip, scale, ratio: as in :func:`weak_view`.
-
-    Returns:
-        uint8 ``(N, 3, S, S)``; the random draws are those of :func:`weak_view` on N images.
-    """
     h, w = images.shape[-2:]
     if crop == "translate":
         if not 0.0 <= translate < 1.0:

@@ -27,6 +27,7 @@ from pipelines.augment.color import (
     _op_posterize_,
     _op_solarize_,
 )
+from pipelines.augment.cutout import _cutout_
 
 # The order groups ops that share work: after sorting a slot's samples by op index, the two
 # histogram ops and the five geometric ops each form one contiguous run handled by one kernel.
@@ -175,22 +176,35 @@ def _slot_ranks(ops: Tensor, m: Tensor) -> Tensor:
     return rank.masked_fill_(noop, 0)
 
 
-def apply_rand_augment(images: Tensor, ops: Tensor, magnitudes: Tensor) -> Tensor:
-    """Apply given per-sample RandAugment ops (deterministic part of :func:`rand_augment`).
+def apply_rand_augment(
+    images: Tensor,
+    ops: Tensor,
+    magnitudes: Tensor,
+    *,
+    boxes: Tensor | None = None,
+    fill: int = 127,
+    owned: bool = False,
+) -> Tensor:
+    """Apply given per-sample RandAugment ops, then Cutout boxes (the strong view's pixel work).
 
-    Per op slot, the samples are sorted by op (on the CPU) and each group of ops runs in place
-    on its contiguous run of the sorted batch: posterize, solarize and brightness as uint8 /
-    float arithmetic, autocontrast, equalize and contrast as one lookup-table gather, color
-    and sharpness on their own samples, the five geometric ops as one pixel gather.
+    Per op slot, the samples are sorted by op (on the CPU; one row permutation) and each group
+    of ops runs in place on its contiguous run of the sorted batch: posterize and solarize as
+    uint8 arithmetic, autocontrast, equalize and contrast as one lookup-table gather, color,
+    brightness and sharpness as float blends, the five geometric ops as one pixel gather. The
+    Cutout boxes are filled on the sorted copy too, before the one permutation back.
 
     Args:
         images: uint8 ``(N, 3, H, W)``.
         ops: int ``(N, K)`` indices into :data:`OPS`, applied left to right.
         magnitudes: float ``(N, K)`` in each op's units (:data:`MAGNITUDE_RANGES`).
+        boxes: float ``(N, 2, 2)`` Cutout boxes from
+            :func:`~pipelines.augment.cutout.cutout_boxes` (any device), or ``None``: no Cutout.
+        fill: gray level of the Cutout boxes.
+        owned: whether ``images`` may serve as scratch memory (it then holds scratch data
+            afterwards, or the result): saves fresh memory.
 
     Returns:
-        uint8 ``(N, 3, H, W)`` on ``images.device`` (``images`` itself when every op is
-        identity).
+        uint8 ``(N, 3, H, W)`` on ``images.device``: a new tensor unless ``owned``.
     """
     _check_images(images)
     n = images.shape[0]
@@ -199,15 +213,19 @@ def apply_rand_augment(images: Tensor, ops: Tensor, magnitudes: Tensor) -> Tenso
             f"ops {tuple(ops.shape)} and magnitudes {tuple(magnitudes.shape)} must both be "
             f"({n}, K) for {n} images"
         )
+    if boxes is not None and boxes.shape != (n, 2, 2):
+        raise ValueError(f"boxes must have shape ({n}, 2, 2), got {tuple(boxes.shape)}")
     # One device sync at most (none for a CPU generator): the grouping needs the op codes.
     ops_cpu = ops.to("cpu", torch.int64)
     if ops_cpu.numel() and (ops_cpu.min() < 0 or ops_cpu.max() >= len(OPS)):
         raise ValueError(f"ops must be in [0, {len(OPS)}), got {ops_cpu.unique().tolist()}")
     mags_cpu = magnitudes.to("cpu", torch.float32)
-    out, perm, spare = _rand_augment_sorted(images, ops_cpu, mags_cpu, owned=False)
-    if out is None:
-        return images
-    return _take_rows(out, _on(_inverse(perm), images.device), spare)
+    out, perm, spare = _rand_augment_sorted(images, ops_cpu, mags_cpu, owned=owned)
+    if out is None:  # every op an identity: nothing sorted
+        out = images if owned else images.clone(memory_format=torch.contiguous_format)
+    if boxes is not None:
+        _cutout_(out, boxes if perm is None else boxes[_on(perm, boxes.device)], fill)
+    return out if perm is None else _take_rows(out, _on(_inverse(perm), images.device), spare)
 
 
 def _rand_augment_sorted(
@@ -340,19 +358,3 @@ def _take_rows(x: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
 def _inverse(perm: Tensor) -> Tensor:
     """Inverse of a permutation of ``0..n-1``."""
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm)))
-
-
-def rand_augment(images: Tensor, generator: torch.Generator, *, num_ops: int = 2) -> Tensor:
-    """FixMatch RandAugment: ``num_ops`` random ops with random magnitudes, per sample.
-
-    Args:
-        images: uint8 ``(N, 3, H, W)``.
-        generator: source of randomness (any device).
-        num_ops: ops per sample.
-
-    Returns:
-        uint8 ``(N, 3, H, W)``.
-    """
-    _check_images(images)
-    ops, mags = sample_rand_augment(images.shape[0], generator, num_ops=num_ops)
-    return apply_rand_augment(images, ops, mags)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipelines.augment._common import _check_images, _on, _rand
-from pipelines.augment.cutout import _check_cutout, _cutout_, _cutout_boxes
-from pipelines.augment.geometry import CROPS, _weak_view, center_crop, weak_view
-from pipelines.augment.policy import _inverse, _rand_augment_sorted, _take_rows, sample_rand_augment
+from pipelines.augment._common import _check_images, _rand
+from pipelines.augment.cutout import _check_cutout, cutout_boxes
+from pipelines.augment.geometry import CROPS, center_crop, weak_view
+from pipelines.augment.policy import apply_rand_augment, sample_rand_augment
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -64,80 +64,44 @@ def _normalize_constants(
     return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
-def strong_view(
-    images: Tensor,
+def strong_from_weak(
+    x: Tensor,
     generator: torch.Generator,
     *,
     num_ops: int = 2,
     cutout: float = 0.5,
-    crop: str = "translate",
-    out_size: int | None = None,
-    translate: float = 0.125,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Tensor:
-    """FixMatch strong view: an independent weak view, RandAugment, then Cutout.
-
-    Args:
-        images: uint8 ``(N, 3, H, W)`` on any device.
-        generator: source of all randomness (any device).
-        num_ops: RandAugment ops per sample.
-        cutout: maximum Cutout side as a fraction of the image side; 0 disables.
-        crop, out_size, translate, scale, ratio: as in :func:`weak_view`.
-
-    Returns:
-        uint8 ``(N, 3, S, S)``.
-    """
-    x = weak_view(
-        images,
-        generator,
-        crop=crop,
-        out_size=out_size,
-        translate=translate,
-        scale=scale,
-        ratio=ratio,
-    )
-    return _strong_from_weak(x, generator, num_ops=num_ops, cutout=cutout, owned=True)
-
-
-def _strong_from_weak(
-    x: Tensor,
-    generator: torch.Generator,
-    *,
-    num_ops: int,
-    cutout: float,
     owned: bool = False,
     fill: int = 127,
 ) -> Tensor:
-    """RandAugment + Cutout of weak views ``x`` (:func:`rand_augment` then :func:`cutout`).
+    """FixMatch strong views of weak views ``x``: RandAugment, then Cutout.
 
-    Same draws, same result, but Cutout runs in place on RandAugment's sorted copy, before
-    the one permutation back to sample order.
+    Draws, in this order: the ops and magnitudes (:func:`~pipelines.augment.policy.
+    sample_rand_augment`), then three ``U(0, 1)`` per sample for the Cutout box (drawn even
+    when ``cutout`` is 0); then :func:`~pipelines.augment.policy.apply_rand_augment` does the
+    pixel work.
 
     Args:
-        x: uint8 ``(N, 3, S, S)`` weak views.
-        generator: source of all randomness.
+        x: uint8 ``(N, 3, S, S)`` weak views (:func:`~pipelines.augment.geometry.weak_view`).
+        generator: source of all randomness (any device).
         num_ops: RandAugment ops per sample.
-        cutout: maximum Cutout side as a fraction of the image side; 0 disables.
-        owned: whether ``x`` may be overwritten (and returned): saves fresh memory.
+        cutout: maximum Cutout side as a fraction of the image side (FixMatch: 0.5); 0 disables.
+        owned: whether ``x`` may serve as scratch memory (it then holds scratch data
+            afterwards, or the result): saves fresh memory.
         fill: gray level of the Cutout squares.
 
     Returns:
-        uint8 ``(N, 3, S, S)``: a new tensor, or ``x`` itself when ``owned``.
+        uint8 ``(N, 3, S, S)``: a new tensor unless ``owned``.
     """
+    _check_images(x)
     _check_cutout(cutout, fill)
     n, _, h, w = x.shape
     ops, mags = sample_rand_augment(n, generator, num_ops=num_ops)
-    u = _rand(generator, (n, 3))  # Cutout's draws, after RandAugment's as in strong_view
-    out, perm, spare = _rand_augment_sorted(
-        x, ops.to("cpu", torch.int64), mags.to("cpu"), owned=owned
-    )
-    if out is None:
-        out = x if owned else x.clone(memory_format=torch.contiguous_format)
-    if cutout > 0:
-        boxes = _cutout_boxes(u, cutout, h, w)
-        _cutout_(out, boxes if perm is None else boxes[_on(perm, boxes.device)], fill)
-    return out if perm is None else _take_rows(out, _on(_inverse(perm), x.device), spare)
+    u = _rand(generator, (n, 3))  # Cutout's draws, after RandAugment's
+    boxes = cutout_boxes(u, cutout, h, w) if cutout > 0 else None
+    return apply_rand_augment(x, ops, mags, boxes=boxes, fill=fill, owned=owned)
+
+
+# ----------------------------------------------------------------------------- trainer API
 
 
 @functools.lru_cache(maxsize=16)
@@ -231,13 +195,13 @@ class ViewMaker:
         n_l, n_u = labeled.shape[0], unlabeled.shape[0]
         # Samples are independent, so every view's crop runs in one call over
         # [labeled, unlabeled, unlabeled x num_strong]; the strong rows then get RandAugment and
-        # Cutout (== strong_view). Fewer, larger kernels: per-op overhead dominates small images.
+        # Cutout (strong_from_weak). Fewer, larger kernels: per-op overhead dominates small images.
         if labeled.shape[1:] == unlabeled.shape[1:]:
             # Cropped straight from the n_l + n_u distinct images (``source``: the image of
             # each view), without concatenating the unlabeled batch 1 + num_strong times.
             images = unlabeled if n_l == 0 else torch.cat([labeled, unlabeled])
             source = _view_sources(n_l, n_u, self.num_strong)
-            views = _weak_view(images, generator, source, **kw)
+            views = weak_view(images, generator, source=source, **kw)
         else:
             batches = [labeled, unlabeled] + [unlabeled] * self.num_strong
             views = torch.cat([weak_view(b, generator, **kw) for b in batches])
@@ -245,7 +209,7 @@ class ViewMaker:
         if self.num_strong:
             # RandAugment and Cutout may work in the strong rows' own memory (owned): the weak
             # rows before them are never written.
-            strong = _strong_from_weak(
+            strong = strong_from_weak(
                 strong, generator, num_ops=self.num_ops, cutout=self.cutout, owned=True
             )
         return weak, strong
