@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from pipelines import augment as A
+from pipelines.augment import geometry, policy
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -41,6 +42,19 @@ def _gen(seed: int = 0, device: str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _strong(x: torch.Tensor, g: torch.Generator, **crop) -> torch.Tensor:
+    """Strong views as ViewMaker makes them: a weak view, then RandAugment + Cutout in place."""
+    return A.strong_from_weak(A.weak_view(x, g, **crop), g, owned=True)
+
+
+def _fill_boxes(x: torch.Tensor, boxes: torch.Tensor, fill: int = 127) -> torch.Tensor:
+    """Reference Cutout fill, one sample at a time with plain slicing."""
+    out = x.clone()
+    for i, ((r0, r1), (c0, c1)) in enumerate(boxes.long().tolist()):
+        out[i, :, r0:r1, c0:c1] = fill
+    return out
+
+
 # ----------------------------------------------------------------------------- shapes, dtypes
 
 
@@ -52,9 +66,15 @@ def test_shapes_dtypes_devices(device):
     assert A.weak_view(x, g).shape == (6, 3, 32, 32)
     assert A.weak_view(x, g, out_size=24).shape == (6, 3, 24, 24)
     assert A.weak_view(x, g, crop="rrc", out_size=20).shape == (6, 3, 20, 20)
-    s = A.strong_view(x, g, crop="rrc", out_size=28)
+    for crop in ("translate", "rrc"):  # several views of one image: one per source entry
+        assert A.weak_view(x, g, source=torch.tensor([0, 0, 5]), crop=crop).shape == (3, 3, 32, 32)
+    s = _strong(x, g, crop="rrc", out_size=28)
     assert s.shape == (6, 3, 28, 28) and s.dtype == torch.uint8 and s.device.type == dev.type
-    for v in (A.weak_view(x, g), A.strong_view(x, g), A.center_crop(x, 16)):
+    ops, mags = A.sample_rand_augment(6, g)
+    boxes = A.cutout_boxes(torch.rand(6, 3, generator=g), 0.5, 32, 32)
+    assert boxes.shape == (6, 2, 2)
+    ra = A.apply_rand_augment(x, ops, mags, boxes=boxes)
+    for v in (A.weak_view(x, g), _strong(x, g), A.center_crop(x, 16), ra):
         assert v.dtype == torch.uint8 and v.device.type == dev.type
     assert A.center_crop(x, 16).shape == (6, 3, 16, 16)
     z = A.normalize(x, A.CIFAR10_MEAN, A.CIFAR10_STD)
@@ -141,7 +161,7 @@ def test_rrc_matches_grid_sample(in_hw, out, monkeypatch):
     n = 32
     x = _images(n, max(h, w), seed=h + out)[..., :h, :w].contiguous()
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-    sx, tx, sy, ty = A._rrc_maps(n, h, w, _gen(6), scale, ratio, True)
+    sx, tx, sy, ty = geometry._rrc_maps(n, h, w, _gen(6), scale, ratio, True)
     lin = (torch.arange(out, dtype=torch.float32) * 2 + 1) / out - 1
     gx = (sx[:, None] * lin + tx[:, None])[:, None, :].expand(n, out, out)
     gy = (sy[:, None] * lin + ty[:, None])[:, :, None].expand(n, out, out)
@@ -158,7 +178,7 @@ def test_rrc_matches_grid_sample(in_hw, out, monkeypatch):
     assert diff.max() <= 1
     assert (diff > 0).float().mean() < 1e-3
     # Processing the views block by block (CPU) changes nothing.
-    monkeypatch.setattr(A, "_CPU_BLOCK_BYTES", 1)
+    monkeypatch.setattr(geometry, "_CPU_BLOCK_BYTES", 1)
     assert torch.equal(A.weak_view(x, _gen(6), crop="rrc", out_size=out), y)
 
 
@@ -241,7 +261,7 @@ def test_geometric_ops_pick_grid_sample_nearest_pixels(h, w):
             m[12:18] = torch.tensor([-1.5, -1.0, -0.97, 0.97, 1.0, 1.5])
         ops = torch.full((n, 1), A.OPS.index(name))
         out = A.apply_rand_augment(x, ops, m[:, None])
-        a = A._affine_coeffs(ops[:, 0], m, h, w)[:, :6].view(n, 2, 3, 1, 1)
+        a = policy._affine_coeffs(ops[:, 0], m, h, w)[:, :6].view(n, 2, 3, 1, 1)
         grid = (a[:, :, 0] * lin_x + (a[:, :, 1] * lin_y + a[:, :, 2])).permute(0, 2, 3, 1)
         ref = F.grid_sample(
             x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
@@ -272,24 +292,34 @@ def test_sampled_ops_and_magnitudes_cover_the_documented_ranges():
 
 def test_each_sample_gets_its_own_ops():
     x = _images(48, 16, seed=2)
-    ops, mags = A.sample_rand_augment(48, _gen(7), num_ops=2)
+    g = _gen(7)
+    ops, mags = A.sample_rand_augment(48, g, num_ops=2)
     assert len(ops[:, 0].unique()) >= 8  # not one choice per batch
-    batched = A.apply_rand_augment(x, ops, mags)
-    # Grouping by op must not mix samples up: batched == one sample at a time.
-    for i in range(48):
-        single = A.apply_rand_augment(x[i : i + 1], ops[i : i + 1], mags[i : i + 1])
-        assert torch.equal(batched[i], single[0]), f"sample {i} ({ops[i].tolist()})"
+    boxes = A.cutout_boxes(torch.rand(48, 3, generator=g), 0.5, 16, 16)
+    for b in (None, boxes):  # Cutout runs on the sorted copy: its boxes must follow the samples
+        batched = A.apply_rand_augment(x, ops, mags, boxes=b)
+        # Grouping by op must not mix samples up: batched == one sample at a time.
+        for i in range(48):
+            one = slice(i, i + 1)
+            single = A.apply_rand_augment(
+                x[one], ops[one], mags[one], boxes=None if b is None else b[one]
+            )
+            assert torch.equal(batched[i], single[0]), f"sample {i} ({ops[i].tolist()})"
 
 
 def test_strong_views_of_one_image_all_differ():
     x = _images(1, 32).expand(32, -1, -1, -1).contiguous()
-    y = A.strong_view(x, _gen(4))
+    y = _strong(x, _gen(4))
     assert len({bytes(v.numpy()) for v in y}) == 32
+    # ... and so do a ViewMaker's strong views of one unlabeled batch.
+    _, _, strong = A.ViewMaker(image_size=32, num_strong=2).uint8_views(x[:0], x[:16], _gen(4))
+    assert len({bytes(v.numpy()) for v in torch.cat(strong)}) == 32
 
 
 def test_cutout_is_one_gray_square_per_sample():
+    # Cutout alone: the strong view's path with no RandAugment op (ViewMaker's num_ops=0).
     x = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
-    y = A.cutout(x, _gen(), size=0.5)
+    y = A.strong_from_weak(x, _gen(), num_ops=0, cutout=0.5)
     sides = []
     for i in range(64):
         gray = (y[i] == 127).all(0)
@@ -301,7 +331,12 @@ def test_cutout_is_one_gray_square_per_sample():
             assert r1 - r0 <= 16 and c1 - c0 <= 16
             sides.append(max(int(r1 - r0), int(c1 - c0)))
     assert len(sides) > 48 and len(set(sides)) > 5  # random size per sample
-    assert torch.equal(A.cutout(x, _gen(), size=0.0), x)
+    assert torch.equal(A.strong_from_weak(x, _gen(), num_ops=0, cutout=0.0), x)
+    # The box of each sample is the one cutout_boxes gives for the generator's next draws.
+    g = _gen()
+    A.sample_rand_augment(64, g, num_ops=0)
+    boxes = A.cutout_boxes(torch.rand(64, 3, generator=g), 0.5, 32, 32)
+    assert torch.equal(y, _fill_boxes(x, boxes))
 
 
 # ----------------------------------------------------------------------------- determinism, range
@@ -319,22 +354,39 @@ def test_same_seed_same_views_other_seed_other_views():
 
 
 @pytest.mark.parametrize(
-    "crop,size,in_size", [("translate", 32, 32), ("translate", 24, 32), ("rrc", 24, 40)]
+    "crop,size,l_size,u_size",
+    [
+        ("translate", 32, 32, 32),
+        ("translate", 24, 32, 32),
+        ("rrc", 24, 40, 40),
+        ("translate", 32, 36, 32),  # labeled and unlabeled of different sizes
+        ("rrc", 24, 40, 32),
+    ],
 )
-def test_viewmaker_equals_the_public_functions(crop, size, in_size):
-    # ViewMaker's shortcuts (crops straight from the distinct images, Cutout on RandAugment's
-    # sorted copy, reused buffers) give exactly weak_view / rand_augment / cutout / normalize.
-    x = _images(24, in_size, seed=8)
-    labeled, unlabeled = x[:8], x[8:]
+def test_viewmaker_shortcuts_change_nothing(crop, size, l_size, u_size):
+    # ViewMaker's shortcuts (crops straight from the distinct images via weak_view's
+    # ``source``, Cutout on RandAugment's sorted copy, strong views made in their own memory)
+    # give exactly the plain composition: weak views of the repeated batch, then
+    # sample_rand_augment, apply_rand_augment, Cutout boxes filled afterwards, normalize.
+    x = _images(24, max(l_size, u_size), seed=8)
+    labeled, unlabeled = x[:8, :, :l_size, :l_size], x[8:, :, :u_size, :u_size].contiguous()
     vm = A.ViewMaker(image_size=size, crop=crop, num_strong=2)
     wl, wu, strong = vm(labeled, unlabeled, _gen(9))
     g = _gen(9)
-    views = A.weak_view(
-        torch.cat([labeled, unlabeled, unlabeled, unlabeled]), g, crop=crop, out_size=size
-    )
-    s = A.cutout(A.rand_augment(views[24:], g), g)
+    kw = {"crop": crop, "out_size": size}
+    if l_size == u_size:
+        views = A.weak_view(torch.cat([labeled, unlabeled, unlabeled, unlabeled]), g, **kw)
+    else:  # one call per batch
+        batches = [labeled, unlabeled, unlabeled, unlabeled]
+        views = torch.cat([A.weak_view(b, g, **kw) for b in batches])
+    ops, mags = A.sample_rand_augment(32, g, num_ops=2)
+    boxes = A.cutout_boxes(torch.rand(32, 3, generator=g), 0.5, size, size)
+    s = _fill_boxes(A.apply_rand_augment(views[24:], ops, mags), boxes)
     for got, want in ((wl, views[:8]), (wu, views[8:24]), *zip(strong, s.split(16))):
         assert torch.equal(got, A.normalize(want, vm.mean, vm.std))
+    # strong_from_weak in the input's own memory (owned) == in fresh memory.
+    fresh = A.strong_from_weak(views[24:], _gen(10))
+    assert torch.equal(A.strong_from_weak(views[24:].clone(), _gen(10), owned=True), fresh)
 
 
 @pytest.mark.parametrize("crop", ["translate", "rrc"])
@@ -359,10 +411,17 @@ def test_non_contiguous_input_gives_the_same_views():
     assert not xc.is_contiguous()
     for crop in ("translate", "rrc"):
         assert torch.equal(A.weak_view(xc, _gen(2), crop=crop), A.weak_view(x, _gen(2), crop=crop))
-    assert torch.equal(A.strong_view(xc, _gen(3)), A.strong_view(x, _gen(3)))
+    assert torch.equal(A.strong_from_weak(xc, _gen(3)), A.strong_from_weak(x, _gen(3)))
     ops, mags = A.sample_rand_augment(16, _gen(4), num_ops=3)
     assert torch.equal(A.apply_rand_augment(xc, ops, mags), A.apply_rand_augment(x, ops, mags))
-    assert torch.equal(A.cutout(xc, _gen(5)), A.cutout(x, _gen(5)))
+    cut = {"num_ops": 0, "cutout": 0.5}  # Cutout alone
+    assert torch.equal(
+        A.strong_from_weak(xc, _gen(5), **cut), A.strong_from_weak(x, _gen(5), **cut)
+    )
+    for crop in ("translate", "rrc"):
+        vm = A.ViewMaker(image_size=32, crop=crop)
+        a, b = vm.uint8_views(xc[:4], xc, _gen(6)), vm.uint8_views(x[:4], x, _gen(6))
+        assert all(torch.equal(u, v) for u, v in zip([a[0], a[1], *a[2]], [b[0], b[1], *b[2]]))
 
 
 def test_bad_input_raises_value_error():
@@ -371,7 +430,11 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="uint8"):
         A.weak_view(x.float(), g)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        A.strong_view(x[:, :1], g)
+        A.strong_from_weak(x[:, :1], g)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        A.ViewMaker(image_size=16)(x[:, :1], x, g)
+    with pytest.raises(ValueError, match="cutout"):
+        A.strong_from_weak(x, g, cutout=1.5)
     with pytest.raises(ValueError, match="crop"):
         A.weak_view(x, g, crop="random")
     with pytest.raises(ValueError, match="out_size"):
@@ -386,6 +449,8 @@ def test_bad_input_raises_value_error():
         A.weak_view(x, 0)
     with pytest.raises(ValueError, match="ops"):
         A.apply_rand_augment(x, torch.full((2, 1), 14), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="boxes"):
+        A.apply_rand_augment(x, torch.zeros(2, 1), torch.zeros(2, 1), boxes=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="crop"):
         A.ViewMaker(image_size=32, crop="center")
 
@@ -413,8 +478,8 @@ def test_cuda_images_with_a_cpu_generator_match_cpu():
 def test_cuda_generator_is_deterministic():
     _device("cuda")
     x = _images(32, 32).cuda()
-    a = A.strong_view(x, _gen(3, "cuda"))
-    b = A.strong_view(x, _gen(3, "cuda"))
+    a = _strong(x, _gen(3, "cuda"))
+    b = _strong(x, _gen(3, "cuda"))
     assert a.is_cuda and torch.equal(a, b)
 
 
@@ -433,7 +498,9 @@ def test_viewmaker_outputs_are_ordinary_tensors():
 @pytest.mark.parametrize("crop", ["translate", "rrc"])
 def test_uint8_views_are_the_views_before_normalisation(crop):
     x = _images(12, 32)
-    vm = A.ViewMaker(image_size=28 if crop == "rrc" else 32, crop=crop, mean=A.CIFAR10_MEAN, std=A.CIFAR10_STD)
+    vm = A.ViewMaker(
+        image_size=28 if crop == "rrc" else 32, crop=crop, mean=A.CIFAR10_MEAN, std=A.CIFAR10_STD
+    )
     floats = vm(x[:4], x[4:], _gen(11))
     raw = vm.uint8_views(x[:4], x[4:], _gen(11))
     assert raw[0].dtype == torch.uint8 and len(raw[2]) == 2

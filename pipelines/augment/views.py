@@ -1,0 +1,229 @@
+"""The views a training step needs: :class:`ViewMaker`, strong views, normalisation.
+
+:class:`ViewMaker` crops every weak and strong view of a step in one call (straight from the
+distinct images), gives the strong rows RandAugment and Cutout in their own memory, all in
+``torch.inference_mode``, and normalises outside it. Same generator state, same views, on every
+device (parameters are drawn on the generator's device, in an order that never depends on the
+pixels). Design notes: ``docs/augmentation.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pipelines.augment._common import _check_images, _rand
+from pipelines.augment.cutout import _check_cutout, cutout_boxes
+from pipelines.augment.geometry import CROPS, center_crop, weak_view
+from pipelines.augment.policy import apply_rand_augment, sample_rand_augment
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 -> float32 ``(x / 255 - mean) / std`` per channel, on the images' device.
+
+    Args:
+        images: uint8 ``(N, C, H, W)``.
+        mean: ``C`` channel means in [0, 1] units.
+        std: ``C`` channel standard deviations in [0, 1] units.
+
+    Returns:
+        float32 ``(N, C, H, W)``.
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    c = images.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} must have {c} entries")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+    scale, shift = _normalize_constants(tuple(mean), tuple(std), images.device)
+    # x * 1/(255 std) - mean/std, in place (a broadcasting addcmul is 5x slower on CPU).
+    return images.float().mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """float32 ``(1, C, 1, 1)`` ``1 / (255 std)`` and ``-mean / std`` on ``device`` (cached)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device)
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+
+
+def strong_from_weak(
+    x: Tensor,
+    generator: torch.Generator,
+    *,
+    num_ops: int = 2,
+    cutout: float = 0.5,
+    owned: bool = False,
+    fill: int = 127,
+) -> Tensor:
+    """FixMatch strong views of weak views ``x``: RandAugment, then Cutout.
+
+    Draws, in this order: the ops and magnitudes (:func:`~pipelines.augment.policy.
+    sample_rand_augment`), then three ``U(0, 1)`` per sample for the Cutout box (drawn even
+    when ``cutout`` is 0); then :func:`~pipelines.augment.policy.apply_rand_augment` does the
+    pixel work.
+
+    Args:
+        x: uint8 ``(N, 3, S, S)`` weak views (:func:`~pipelines.augment.geometry.weak_view`).
+        generator: source of all randomness (any device).
+        num_ops: RandAugment ops per sample.
+        cutout: maximum Cutout side as a fraction of the image side (FixMatch: 0.5); 0 disables.
+        owned: whether ``x`` may serve as scratch memory (it then holds scratch data
+            afterwards, or the result): saves fresh memory.
+        fill: gray level of the Cutout squares.
+
+    Returns:
+        uint8 ``(N, 3, S, S)``: a new tensor unless ``owned``.
+    """
+    _check_images(x)
+    _check_cutout(cutout, fill)
+    n, _, h, w = x.shape
+    ops, mags = sample_rand_augment(n, generator, num_ops=num_ops)
+    u = _rand(generator, (n, 3))  # Cutout's draws, after RandAugment's
+    boxes = cutout_boxes(u, cutout, h, w) if cutout > 0 else None
+    return apply_rand_augment(x, ops, mags, boxes=boxes, fill=fill, owned=owned)
+
+
+# ----------------------------------------------------------------------------- trainer API
+
+
+@functools.lru_cache(maxsize=16)
+def _view_sources(n_l: int, n_u: int, num_strong: int) -> Tensor:
+    """int64 image of every view of :class:`ViewMaker` (cached): each labeled image once, then
+    the unlabeled images ``1 + num_strong`` times."""
+    return torch.cat([torch.arange(n_l), torch.arange(n_l, n_l + n_u).repeat(1 + num_strong)])
+
+
+@dataclass(kw_only=True)
+class ViewMaker:
+    """The views one training step needs, normalised, on the batch's device."""
+
+    image_size: int
+    """Side of every view (32/64 for the translate setting, 224 for rrc)."""
+    crop: str = "translate"
+    """``"translate"`` (pad-and-crop, small images) or ``"rrc"`` (random-resized-crop)."""
+    num_strong: int = 2
+    """Strong views per unlabeled sample (the BMB authors use 2)."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    """Per-channel mean, [0, 1] units."""
+    std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel standard deviation, [0, 1] units."""
+    num_ops: int = 2
+    """RandAugment ops per strong view."""
+    cutout: float = 0.5
+    """Maximum Cutout side as a fraction of the image side."""
+    translate: float = 0.125
+    """Maximum weak translation as a fraction of the image side (translate mode)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if self.num_strong < 0 or self.num_ops < 0:
+            raise ValueError(
+                f"num_strong ({self.num_strong}) and num_ops ({self.num_ops}) must be >= 0"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean {self.mean} and std {self.std} must have 3 entries")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    def __call__(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Weak views of both batches and ``num_strong`` strong views of the unlabeled one.
+
+        Args:
+            labeled: uint8 ``(B_L, 3, H, W)``.
+            unlabeled: uint8 ``(B_U, 3, H, W)``.
+            generator: source of all randomness (any device).
+
+        Returns:
+            float32 ``(B_L, 3, S, S)`` weak labeled, ``(B_U, 3, S, S)`` weak unlabeled, and a
+            list of ``num_strong`` ``(B_U, 3, S, S)`` strong views; ``S = image_size``.
+        """
+        n_l, n_u = labeled.shape[0], unlabeled.shape[0]
+        # The uint8 views in inference mode: hundreds of small ops, each spared autograd's
+        # dispatch and view bookkeeping (~10% of the call at 64 px on the CPU). Normalised
+        # outside it, so that the outputs are ordinary tensors (autograd may save them).
+        with torch.inference_mode():
+            weak, strong = self._views(labeled, unlabeled, generator)
+        weak = self.normalize(weak)
+        strong_f = list(self.normalize(strong).split(n_u)) if self.num_strong else []
+        return weak[:n_l], weak[n_l:], strong_f
+
+    def uint8_views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """:meth:`__call__` before normalisation: the same views as uint8.
+
+        For views that travel between processes (4x fewer bytes than float32); normalise them
+        on arrival with :meth:`normalize`. Same generator state, same views as :meth:`__call__`.
+        """
+        n_l, n_u = labeled.shape[0], unlabeled.shape[0]
+        weak, strong = self._views(labeled, unlabeled, generator)
+        return weak[:n_l], weak[n_l:], list(strong.split(n_u)) if self.num_strong else []
+
+    def normalize(self, views: Tensor) -> Tensor:
+        """uint8 views -> float32 with this maker's mean and std."""
+        return normalize(views, self.mean, self.std)
+
+    def _views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """uint8 weak views ``(B_L + B_U, ...)`` and strong views ``(num_strong * B_U, ...)``."""
+        _check_images(labeled, "labeled")
+        _check_images(unlabeled, "unlabeled")
+        kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
+        n_l, n_u = labeled.shape[0], unlabeled.shape[0]
+        # Samples are independent, so every view's crop runs in one call over
+        # [labeled, unlabeled, unlabeled x num_strong]; the strong rows then get RandAugment and
+        # Cutout (strong_from_weak). Fewer, larger kernels: per-op overhead dominates small images.
+        if labeled.shape[1:] == unlabeled.shape[1:]:
+            # Cropped straight from the n_l + n_u distinct images (``source``: the image of
+            # each view), without concatenating the unlabeled batch 1 + num_strong times.
+            images = unlabeled if n_l == 0 else torch.cat([labeled, unlabeled])
+            source = _view_sources(n_l, n_u, self.num_strong)
+            views = weak_view(images, generator, source=source, **kw)
+        else:
+            batches = [labeled, unlabeled] + [unlabeled] * self.num_strong
+            views = torch.cat([weak_view(b, generator, **kw) for b in batches])
+        weak, strong = views[: n_l + n_u], views[n_l + n_u :]
+        if self.num_strong:
+            # RandAugment and Cutout may work in the strong rows' own memory (owned): the weak
+            # rows before them are never written.
+            strong = strong_from_weak(
+                strong, generator, num_ops=self.num_ops, cutout=self.cutout, owned=True
+            )
+        return weak, strong
+
+    def eval(self, images: Tensor) -> Tensor:
+        """Evaluation input: centre crop to ``image_size`` when larger, normalised.
+
+        Args:
+            images: uint8 ``(N, 3, H, W)`` with ``H, W >= image_size``.
+
+        Returns:
+            float32 ``(N, 3, image_size, image_size)``.
+        """
+        _check_images(images)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = center_crop(images, self.image_size)
+        return normalize(images, self.mean, self.std)
