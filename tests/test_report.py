@@ -265,7 +265,7 @@ def test_strip_seed_and_formatting():
     )
     assert report.fmt([0.1, 0.2, 0.3], digits=2) == "20.00 ± 10.00"
     assert report.bank_entropy([0, 0, 0, 5]) == 0.0 and math.isnan(report.bank_entropy([0, 0]))
-    steps, mean, std = report._mean_curve(
+    steps, mean, std = report.mean_curve(
         [([1, 2, 3], [1.0, 2.0, 3.0]), ([2, 3, 4], [4.0, 6.0, 8.0])]
     )
     assert (
