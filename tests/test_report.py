@@ -296,6 +296,18 @@ def test_bad_inputs_name_the_path(tmp_path: Path, capsys):
         report.load_run(bad)
 
 
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out DIR", "--group", "--layout", "--rows KEY", "--cols KEY", "--metric"):
+        assert f"  {option}" in text, option
+    assert "  --digits N" in text and "  --no-plots" in text and "examples:" in text
+    flat = " ".join(text.split())  # argparse wraps to the terminal's width
+    assert "(default: config)" in flat and "(default: method.algorithm)" in flat
+
+
 # ------------------------------------------------------------------ plots
 def _png(path: Path) -> np.ndarray:
     import matplotlib.image as mpimg

@@ -18,23 +18,35 @@ from .plots import (
 )
 from .tables import METRIC_TITLES, footer, group_runs, groups_table, pivot_table, runs_table
 
-_DESCRIPTION = """Paper-style tables and plots from run directories.
+_DESCRIPTION = """\
+Paper-style tables and plots from training run directories.
 
-    python -m launch.report RUN_DIR [RUN_DIR ...] [--out DIR] [--group config|name|run]
-                            [--layout groups|pivot --rows KEY --cols KEY --metric top1]
+A RUN_DIR is one run's directory (metrics.jsonl, train.jsonl, final.json, config.yaml, as
+bmb/engine.py writes them) or a folder whose immediate sub-folders are runs. Runs are grouped
+(by default: runs whose resolved configs differ only in the seed and bookkeeping keys such as
+train.out_dir) and every number is a run's result under its evaluation protocol (final.json; for
+a run still going, the protocol applied to the evaluations so far, marked *), shown in percent
+as mean ± sample std over the group's seeds.
 
-A RUN_DIR is a training run's directory (``metrics.jsonl``, ``train.jsonl``, ``final.json``,
-``config.yaml``; see ``bmb/engine.py``) or a folder holding several. Runs are grouped (by default:
-runs whose resolved configs differ only in the seed and bookkeeping keys) and every number is the
-run's result under its evaluation protocol, reported as mean ± sample std over the group's seeds.
+Writes DIR/report.md (also printed) and, unless --no-plots, the PNGs that apply:
 
-Writes ``DIR/report.md`` (also printed) and PNGs:
+  recall_vs_class_size.png  per-class recall against the labeled class size (paper Fig. 1b)
+  bank_histogram.png        the memory bank's class histogram at the end and over training (Fig. 6)
+  bank_entropy.png          normalised entropy of the bank's class histogram (Fig. 5/6)
+  get_histogram.png         classes of the items drawn from the bank, cumulative (Fig. 7)
+  curves.png                training loss, test top-1, mean recall, pseudo-label mask rate
 
-- ``recall_vs_class_size.png``: per-class recall against the labeled class size (paper Fig. 1b);
-- ``bank_histogram.png``: the memory bank's class histogram at the end and over training (Fig. 6);
-- ``bank_entropy.png``: normalised entropy of the bank's class histogram over training (Fig. 5/6);
-- ``get_histogram.png``: classes of the items drawn from the bank, cumulative (Fig. 7);
-- ``curves.png``: training loss, test top-1, mean recall and pseudo-label mask rate.
+The bank plots appear only when some run is BMB (has a memory bank).
+"""
+
+_EPILOG = """\
+examples:
+  python -m launch.report runs/ --out reports/
+  python -m launch.report runs/ --layout pivot --rows method.put_power --cols name --metric few
+  python -m launch.report runs/bmb-s0 runs/bmb-s1 --group run --no-plots
+
+exit status: 0 on success; 2 when a path is not a run directory or a run's file does not parse
+(the message names the file).
 """
 
 
@@ -99,39 +111,74 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m launch.report",
         description=_DESCRIPTION,
+        epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories, or folders of them"
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a run directory, or a folder whose sub-folders are runs (several allowed)",
     )
-    ap.add_argument("--out", type=Path, help="output folder (default: <the runs' parent>/report)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder for report.md and the PNGs, created if needed (default: "
+        "<folder>/report when every RUN_DIR is, or sits in, the same folder; else ./report)",
+    )
     ap.add_argument(
         "--group",
         default="config",
         choices=("config", "name", "run"),
-        help="which runs are seeds of one row: equal configs apart from the seed (default), "
-        "equal names apart from a -s<N> suffix, or none",
+        help="which runs are the seeds of one row: config = equal resolved configs apart from "
+        "the seed and bookkeeping keys (a run without config.yaml falls back to its name); "
+        "name = equal run names once a -s<N>/_seed<N> suffix is removed; run = every run on "
+        "its own row (default: %(default)s)",
     )
     ap.add_argument(
         "--layout",
         default="groups",
         choices=("groups", "pivot"),
-        help="groups: one row per group, overall/many/medium/few; pivot: --rows x --cols of --metric",
+        help="groups = one row per group: top-1, mean recall, many/medium/few, EMA base head, "
+        "non-EMA, bank entropy, steps; pivot = one --metric in a table of --rows x --cols "
+        "(default: %(default)s). Both are followed by a table of every run",
     )
     ap.add_argument(
-        "--rows", default="method.algorithm", help="pivot rows: a dotted config key, name or group"
+        "--rows",
+        default="method.algorithm",
+        metavar="KEY",
+        help="pivot layout: what the rows are, a dotted config key (e.g. method.put_power; "
+        "data.dataset shows the folder's name), 'name' (the run name without its seed suffix) "
+        "or 'group' (the group's label) (default: %(default)s)",
     )
     ap.add_argument(
-        "--cols", default="data.dataset", help="pivot columns: a dotted config key, name or group"
+        "--cols",
+        default="data.dataset",
+        metavar="KEY",
+        help="pivot layout: what the columns are, as --rows (default: %(default)s)",
     )
     ap.add_argument(
         "--metric",
         default="top1",
         choices=METRICS,
-        help="pivot cell metric (ImageNet127: mean_recall)",
+        help="pivot layout: the number in each cell: top-1 accuracy, mean per-class recall, or "
+        "the mean recall of the many/medium/few-shot classes (default: %(default)s; for "
+        "ImageNet127, whose test set is imbalanced: mean_recall)",
     )
-    ap.add_argument("--digits", type=int, default=1, help="decimals of the percentages (default 1)")
-    ap.add_argument("--no-plots", action="store_true", help="tables only")
+    ap.add_argument(
+        "--digits",
+        type=int,
+        default=1,
+        metavar="N",
+        help="decimals of the percentages (default: %(default)s; bank entropy always has 2)",
+    )
+    ap.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="write report.md only: no PNGs (matplotlib is not imported)",
+    )
     a = ap.parse_args(argv)
     out = a.out or _default_out(a.runs)
     try:
