@@ -265,7 +265,7 @@ def test_strip_seed_and_formatting():
     )
     assert report.fmt([0.1, 0.2, 0.3], digits=2) == "20.00 ± 10.00"
     assert report.bank_entropy([0, 0, 0, 5]) == 0.0 and math.isnan(report.bank_entropy([0, 0]))
-    steps, mean, std = report._mean_curve(
+    steps, mean, std = report.mean_curve(
         [([1, 2, 3], [1.0, 2.0, 3.0]), ([2, 3, 4], [4.0, 6.0, 8.0])]
     )
     assert (
@@ -294,6 +294,18 @@ def test_bad_inputs_name_the_path(tmp_path: Path, capsys):
     (bad / "final.json").write_text('{"top1": 0.5}')
     with pytest.raises(ValueError, match="final.json: missing mean_recall"):
         report.load_run(bad)
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out DIR", "--group", "--layout", "--rows KEY", "--cols KEY", "--metric"):
+        assert f"  {option}" in text, option
+    assert "  --digits N" in text and "  --no-plots" in text and "examples:" in text
+    flat = " ".join(text.split())  # argparse wraps to the terminal's width
+    assert "(default: config)" in flat and "(default: method.algorithm)" in flat
 
 
 # ------------------------------------------------------------------ plots

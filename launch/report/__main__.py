@@ -1,0 +1,7 @@
+"""``python -m launch.report``: see :mod:`launch.report.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
