@@ -60,9 +60,11 @@ TOTAL_KEYS = ("train.epochs", "train.max_steps")
 
 # Keys that never change on resume, even opted in: the checkpointed state means something else
 # under another value (other weights' shapes, another optimizer's moments, another dataset's
-# reader position or bank), or the result would be mislabeled (final.json's "algorithm").
+# reader position or bank; the N-hat estimator's running sum is only kept in "mean" mode), or the
+# result would be mislabeled (final.json's "algorithm").
 FIXED_PREFIXES = ("model.",)
-FIXED = {"method.algorithm", "method.bank_size", "optim.name", "data.dataset", "data.backend", "train.seed"}
+FIXED = {"method.algorithm", "method.bank_size", "method.estimate", "optim.name", "data.dataset", "data.backend",
+         "data.order", "train.seed"}
 
 
 class RunDirError(RuntimeError):

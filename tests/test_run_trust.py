@@ -323,3 +323,29 @@ def test_deepspeed_optimizer_state_loads_with_its_allow_list(tmp_path):
     assert got["dyn"].cur_scale == 2.0**16 and got["param_slice_mappings"][0]["w"].numel == 4
     with pytest.raises(ckpt.CheckpointError, match="not a plain-data checkpoint"):
         ckpt.load_verified(path)  # not allowed outside DeepSpeed runs
+
+
+def test_classify_config_changes():
+    from bmb.config import config_to_dict, load_config
+    from bmb.rundir import classify
+
+    def kinds(saved_overrides, requested_overrides, edit=None):
+        saved = config_to_dict(load_config(None, ["data.dataset=x", *saved_overrides]))
+        if edit:
+            edit(saved)
+        return {c.key: c.kind for c in classify(saved, load_config(None, ["data.dataset=x", *requested_overrides]))}
+
+    def older_schema(saved):  # keys the checkpoint predates count as their defaults; retired keys are ignored
+        del saved["train"]["allow_config_change"], saved["method"]["use_bank"]
+        saved["method"]["retired_key"] = 1
+
+    assert kinds([], [], older_schema) == {}
+    assert kinds([], ["method.use_bank=false"], older_schema) == {"method.use_bank": "guarded"}
+    assert kinds([], ["train.epochs=9", "train.eval_every=7", "optim.lr=0.1", "model.width=4", "method.estimate=ema"]) == {
+        "train.epochs": "free", "train.eval_every": "free", "optim.lr": "guarded", "model.width": "fixed",
+        "method.estimate": "fixed"}
+    cosine = ["optim.schedule=cosine"]
+    assert kinds(cosine, [*cosine, "train.epochs=9"]) == {"train.epochs": "guarded"}
+    assert kinds(cosine, [*cosine, "train.max_steps=250000"]) == {"train.max_steps": "free"}  # same total (500 x 500)
+    assert kinds(["method.anneal_weights=true"], ["method.anneal_weights=true", "train.max_steps=10"]) == {
+        "train.max_steps": "guarded"}
