@@ -166,7 +166,8 @@ class Trainer:
     def _rank_state(self, template: bool = False) -> dict[str, Any]:
         """This rank's state; ``template``: the same keys, without asking the reader or DeepSpeed
         for their state (what a checkpoint is checked against before it is restored)."""
-        return {"stream": None if template else self.stream.state_dict(), "aug_gen": self.aug_gen.get_state(),
+        return {"run_id": self.run_id, "stream": None if template else self.stream.state_dict(),
+                "aug_gen": self.aug_gen.get_state(),
                 "optimizer": self.optimizer.state_dict() if self.deepspeed and not template else None,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
@@ -251,9 +252,10 @@ class Trainer:
             if not rp.is_file():
                 raise ckpt.CheckpointError(f"{path.name}: rank file {rp.name} missing")
             state, rseal = ckpt.load_verified(rp, self._safe_globals())
-            if rseal.get("run_id") != main["run_id"] or rseal.get("step") != step:
-                raise ckpt.CheckpointError(f"{rp.name} belongs to run {rseal.get('run_id')} step {rseal.get('step')}")
             self._check_keys(rp.name, state, self._rank_state(template=True), ())
+            if {rseal.get("run_id"), state["run_id"]} != {main["run_id"]} or rseal.get("step") != step:
+                raise ckpt.CheckpointError(f"{rp.name} belongs to run {state['run_id']} (sealed as "
+                                           f"{rseal.get('run_id')}, step {rseal.get('step')})")
             return state
 
         for r in range(1, world):  # complete = every rank file present and sealed

@@ -47,8 +47,10 @@ def run(demo_data, tmp_path):
 
 
 def snapshot(d):
-    """Every file under ``d``: bytes and mtime (a refusal must change neither, nor add or remove files)."""
-    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file under ``d``: bytes and mtime; every folder: mtime (a refusal must change none,
+    nor add or remove anything)."""
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted([d, *d.rglob("*")])}
 
 
 def ckpts(d):
