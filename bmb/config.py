@@ -128,6 +128,8 @@ class TrainConfig:
     checkpoint_every: int = _f(500, "steps between checkpoints", ge=1)
     keep_checkpoints: int = _f(2, "checkpoints kept", ge=1)
     resume: str = _f("auto", "auto (newest complete checkpoint in the run dir), none, or a checkpoint path")
+    allow_config_change: bool = _f(False, "resume even though hyperparameters differ from the checkpoint's "
+                                          "(the new values apply; the change is recorded in history.jsonl)")
     log_every: int = _f(50, "steps between scalar logs", ge=1)
     progress: bool = _f(True, "show a progress bar")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", ge=1)

@@ -6,7 +6,9 @@ supplies the device, mixed precision and DDP/DeepSpeed wrapping.
 
 Run directory (``train.out_dir/name``)::
 
-    config.yaml        the resolved config
+    config.yaml        the resolved config (written once the start/resume checks pass: the truth)
+    run.json           run id and the config the run was started with (bmb.rundir)
+    history.jsonl      start / resume / config_change / finish events (bmb.rundir)
     metrics.jsonl      one JSON object per evaluation
     train.jsonl        smoothed training scalars every ``log_every`` steps
     final.json         the result under the configured protocol
@@ -29,11 +31,13 @@ import torch
 from torch import nn
 
 from bmb import checkpoint as ckpt
+from bmb import rundir
 from bmb.algorithms import Algorithm, StepOutputs
 from bmb.config import Config, config_to_dict, dump_config
 from bmb.dist import Collectives
 from bmb.ema import ModelEMA
 from bmb.metrics import ConfusionMatrix, default_thresholds, group_recall, mean_recall, shot_groups
+from bmb.rundir import RunDirError
 
 # Exit codes the SLURM scripts understand.
 EXIT_PREEMPTED = 3  # SIGTERM / SIGUSR1: checkpoint written, please requeue
@@ -148,6 +152,7 @@ class Trainer:
         # inside the algorithm, is identical on every rank.
         self.aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + self.coll.rank)
         self.step = 0
+        self.run_id: str | None = None  # set by fit(): a new id, or the resumed checkpoint's
         self.history: list[dict[str, Any]] = []
         many, few = cfg.train.many_above, cfg.train.few_at_most
         if many is None or few is None:
@@ -163,61 +168,218 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ state
-    def _rank_state(self) -> dict[str, Any]:
-        return {"stream": self.stream.state_dict(), "aug_gen": self.aug_gen.get_state(),
-                "optimizer": self.optimizer.state_dict() if self.deepspeed else None,
+    def _rank_state(self, template: bool = False) -> dict[str, Any]:
+        """This rank's state; ``template``: the same keys, without asking the reader or DeepSpeed
+        for their state (what a checkpoint is checked against before it is restored)."""
+        return {"run_id": self.run_id, "stream": None if template else self.stream.state_dict(),
+                "aug_gen": self.aug_gen.get_state(),
+                "optimizer": self.optimizer.state_dict() if self.deepspeed and not template else None,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
 
+    def _main_state(self, template: bool = False) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT, "run_id": self.run_id,
+            "step": self.step, "world_size": self.coll.world_size, "config": config_to_dict(self.cfg),
+            "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "algorithm": self.algorithm.extra_state(), "history": self.history,
+            "get_hist": self.get_hist.cpu().clone(), "rank0": self._rank_state(template),
+        }
+
     def save_checkpoint(self) -> None:
-        """All ranks call this; rank files first, then rank 0's main file (its presence = complete)."""
+        """All ranks call this; rank files first, then rank 0's main file (its presence = complete).
+        Every file is sealed with its hash, this run's id and the step; pruning only ever removes
+        this run's checkpoints."""
         self.acc.wait_for_everyone()
+        meta = {"run_id": self.run_id, "step": self.step}
         if self.coll.rank > 0:
-            ckpt.atomic_save(self._rank_state(), ckpt.rank_path(self.ckpt_dir, self.step, self.coll.rank))
+            ckpt.atomic_save(self._rank_state(), ckpt.rank_path(self.ckpt_dir, self.step, self.coll.rank),
+                             {**meta, "rank": self.coll.rank})
         self.acc.wait_for_everyone()
         if self.main:
-            state = {
-                "step": self.step, "world_size": self.coll.world_size, "config": config_to_dict(self.cfg),
-                "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "algorithm": self.algorithm.extra_state(), "history": self.history,
-                "get_hist": self.get_hist.cpu().clone(), "rank0": self._rank_state(),
-            }
-            ckpt.atomic_save(state, ckpt.main_path(self.ckpt_dir, self.step))
-            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+            ckpt.atomic_save(self._main_state(), ckpt.main_path(self.ckpt_dir, self.step),
+                             {**meta, "world_size": self.coll.world_size})
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints, self.run_id)
         self.acc.wait_for_everyone()
 
-    def maybe_resume(self) -> bool:
-        """Restore the newest complete checkpoint per ``train.resume``; True if one was loaded."""
-        mode = self.cfg.train.resume
+    # ------------------------------------------------------------------ resume
+    def _safe_globals(self) -> list[Any]:
+        return ckpt.deepspeed_safe_globals() if self.deepspeed else []
+
+    def _check_keys(self, name: str, got: Any, template: dict[str, Any], skip: tuple[str, ...]) -> None:
+        """Raise :class:`ckpt.CheckpointError` naming every key of ``template`` (what this trainer
+        saves now, nested dicts followed) that ``got`` lacks."""
+        missing: list[str] = []
+
+        def walk(t: dict, g: Any, prefix: str) -> None:
+            if not isinstance(g, dict):
+                missing.append(f"{prefix.rstrip('.') or '<top level>'} (not a mapping)")
+                return
+            for k, v in t.items():
+                key = f"{prefix}{k}"
+                if k not in g:
+                    missing.append(key)
+                elif isinstance(v, dict) and key not in skip:
+                    walk(v, g[k], key + ".")
+
+        walk(template, got, "")
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+            raise ckpt.CheckpointError(f"{name} lacks key(s) {shown}")
+
+    def _load_candidate(self, path: Path, step: int | None, run_id: str | None) -> tuple[dict, dict | None, list]:
+        """Verify and load one checkpoint for this rank: ``(main, this rank's state, DeepSpeed
+        optimizer parts)``. Raises :class:`ckpt.CheckpointError` on anything unusable."""
+        folder = path.parent
+        main, seal = ckpt.load_verified(path, self._safe_globals())
+        # "config" may predate keys added since (compared by value later); the DeepSpeed
+        # optimizer's layout is DeepSpeed's business; history rows vary.
+        skip = ("config", "history", "optimizer", "rank0.optimizer")
+        self._check_keys(path.name, main, self._main_state(template=True), skip)
+        if not self.deepspeed:
+            self._check_keys(path.name, main["optimizer"], {"state": {}, "param_groups": []}, ())
+        if step is None:
+            step = main["step"]
+        if main["step"] != step or seal.get("step") != step:
+            raise ckpt.CheckpointError(f"{path.name}: holds step {main['step']} (sealed as {seal.get('step')})")
+        if main["run_id"] != seal.get("run_id") or (run_id is not None and main["run_id"] != run_id):
+            raise ckpt.CheckpointError(f"{path.name}: written by run {main['run_id']} (sealed as "
+                                       f"{seal.get('run_id')}), not by run {run_id}")
+        world = main["world_size"]
+        if world != self.coll.world_size:
+            raise RunDirError(f"run dir {self.run_dir}: checkpoint {path.name} (step {step}) was written by {world} "
+                              f"processes, this run has {self.coll.world_size}; resume with the same number")
+
+        def rank_file(r: int) -> dict:
+            rp = ckpt.rank_path(folder, step, r)
+            if not rp.is_file():
+                raise ckpt.CheckpointError(f"{path.name}: rank file {rp.name} missing")
+            state, rseal = ckpt.load_verified(rp, self._safe_globals())
+            self._check_keys(rp.name, state, self._rank_state(template=True), ())
+            if {rseal.get("run_id"), state["run_id"]} != {main["run_id"]} or rseal.get("step") != step:
+                raise ckpt.CheckpointError(f"{rp.name} belongs to run {state['run_id']} (sealed as "
+                                           f"{rseal.get('run_id')}, step {rseal.get('step')})")
+            return state
+
+        for r in range(1, world):  # complete = every rank file present and sealed
+            if not ckpt.rank_path(folder, step, r).is_file() or ckpt.read_seal(ckpt.rank_path(folder, step, r)) is None:
+                raise ckpt.CheckpointError(f"{path.name}: rank file {ckpt.rank_path(folder, step, r).name} missing "
+                                           "or unsealed")
+        mine = rank_file(self.coll.rank) if self.coll.rank > 0 else None
+        parts: list = []
+        if self.deepspeed:
+            parts = [main["rank0"]["optimizer"]] + [
+                mine["optimizer"] if r == self.coll.rank else rank_file(r)["optimizer"] for r in range(1, world)]
+        return main, mine, parts
+
+    def _load_newest(self, candidates: list[tuple[int, Path]], run_id: str) -> tuple | None:
+        """Newest of this run's checkpoints that every rank can load; the others are skipped loudly."""
+        for step, path in reversed(candidates):
+            err: Exception | None = None
+            try:
+                found = self._load_candidate(path, step, run_id)
+            except ckpt.CheckpointError as e:
+                err = e
+            if self.coll.any_true(err is not None):  # all ranks move on together
+                why = err if err is not None else "another rank could not load its part"
+                self.log(f"[checkpoint] skipping {path.name}: {why}")
+                continue
+            return path, found
+        return None
+
+    def plan_start(self) -> dict[str, Any]:
+        """Decide, reading only, how this run starts: afresh or from which checkpoint, and load that
+        checkpoint into the trainer. Raises :class:`RunDirError` (on every rank) before anything in
+        the run directory is written when it cannot start as asked."""
+        cfg, run_dir, mode = self.cfg, self.run_dir, self.cfg.train.resume
+        ident = rundir.read_identity(run_dir)
+        results = rundir.results_present(run_dir)
+        all_ckpts = [p for _, p in ckpt.list_checkpoints(self.ckpt_dir)]
+        fresh = {"fresh": True, "run_id": None}
         if mode == "none":
-            return False
+            if all_ckpts or results:
+                rundir.refuse_leftovers(
+                    run_dir, "train.resume=none starts a new run here, but the directory is in use", ident, all_ckpts,
+                    results, "Start the new run elsewhere (another name=... or train.out_dir=...), move or delete "
+                    "this directory, or continue its run with train.resume=auto.")
+            return fresh
         if mode == "auto":
-            folder = self.ckpt_dir
-            found = ckpt.load_complete(folder, self.coll.rank, warn=self.log)
-            if found is None:
-                return False
-            main, mine = found
+            own, other = ckpt.split_by_run(self.ckpt_dir, ident["run_id"] if ident else None)
+            if ident is None:
+                if other or results:
+                    rundir.refuse_leftovers(
+                        run_dir, f"no {rundir.RUN_FILE}, so it cannot tell which run these belong to", None,
+                        [p for _, p in other], results, "Move or delete them (or the directory) to start afresh, or "
+                        "use another name=...")
+                return fresh
+            if other:
+                self.log(f"[checkpoint] ignoring {len(other)} file(s) in {self.ckpt_dir} not sealed by run "
+                         f"{ident['run_id']} (they are never loaded nor pruned): "
+                         + ", ".join(p.name for _, p in other))
+            loaded = self._load_newest(own, ident["run_id"])
+            if loaded is None:
+                if own or results:
+                    rundir.refuse_leftovers(
+                        run_dir, f"no usable checkpoint of run {ident['run_id']} to resume from, and starting over "
+                        "would overwrite its results", ident, [p for _, p in own], results,
+                        "To start over, move or delete the directory (or those files); to keep it, use another "
+                        "name=...; to resume from a particular checkpoint, train.resume=<path>.")
+                return fresh
+            path, (main, mine, parts) = loaded
         else:
             path = Path(mode)
             if not path.is_file():
                 raise FileNotFoundError(f"train.resume: checkpoint file not found: {path}")
-            folder = path.parent
-            main = torch.load(path, map_location="cpu", weights_only=False)
-            mine = None
-            if self.coll.rank > 0:
-                mine = torch.load(ckpt.rank_path(folder, main["step"], self.coll.rank), map_location="cpu",
-                                  weights_only=False)
-        if main["world_size"] != self.coll.world_size:
-            raise ValueError(f"checkpoint step {main['step']} was written by {main['world_size']} processes, "
-                             f"this run has {self.coll.world_size}; resume with the same number")
+            try:
+                main, mine, parts = self._load_candidate(path, None, None)
+            except ckpt.CheckpointError as e:
+                raise RunDirError(f"run dir {run_dir}: train.resume={path}: {e}") from None
+            if ident is not None and ident["run_id"] != main["run_id"]:
+                raise RunDirError(f"run dir {run_dir} holds run {ident['run_id']}, but {path} belongs to run "
+                                  f"{main['run_id']}; nothing was written. Resume it in its own directory or a "
+                                  "new one (another name=...)")
+            if ident is None:
+                stray = all_ckpts
+                if stray or results:
+                    rundir.refuse_leftovers(run_dir, f"no {rundir.RUN_FILE}, so it cannot tell which run these "
+                                            "belong to", None, stray, results, "Resume into an empty directory.")
+        # This run's checkpoints past the one resumed from are off the new timeline (skipped as
+        # unusable, or abandoned by resuming from an older file): set aside once the checks pass,
+        # so that neither a later resume=auto nor pruning mistakes them for the newest.
+        own_now, _ = ckpt.split_by_run(self.ckpt_dir, main["run_id"])
+        later = [p for s, p in own_now if s > main["step"]]
+        changes = rundir.classify(main["config"], cfg)
+        rundir.refuse_changes(run_dir, main["run_id"], main["step"], changes, cfg.train.allow_config_change)
+        self._apply(main, mine, parts)
+        if any(c.kind == "guarded" for c in changes):
+            self._apply_config_to_restored_state()
+        self.log(f"[resume] from {path if mode != 'auto' else ckpt.main_path(self.ckpt_dir, self.step)} "
+                 f"at step {self.step}")
+        return {"fresh": False, "run_id": main["run_id"], "path": str(path), "step": self.step,
+                "changes": changes, "adopted": ident is None, "config": main["config"], "later": later}
+
+    def _agree_run_id(self) -> str:
+        """A new run id, the same on every rank (rank 0's)."""
+        ids = [rundir.new_run_id()]
+        if self.coll.active:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(ids, src=0, group=self.coll._host())
+        return ids[0]
+
+    def maybe_resume(self) -> bool:
+        """Restore the newest usable checkpoint per ``train.resume`` (see :meth:`plan_start`);
+        True if one was loaded."""
+        plan = self.plan_start()
+        self.run_id = plan["run_id"] if not plan["fresh"] else self._agree_run_id()
+        return not plan["fresh"]
+
+    def _apply(self, main: dict, mine: dict | None, parts: list) -> None:
         self.raw_model.load_state_dict(main["model"])  # before the optimizer: ZeRO refreshes its masters from it
         self.ema.load_state_dict(main["ema"])
         if self.deepspeed:
-            parts = [main["rank0"]["optimizer"]] + [
-                torch.load(ckpt.rank_path(folder, main["step"], r), map_location="cpu", weights_only=False)["optimizer"]
-                for r in range(1, self.coll.world_size)]
             self.optimizer.load_state_dict(parts)
         else:
             self.optimizer.load_state_dict(main["optimizer"])
@@ -232,8 +394,54 @@ class Trainer:
         if rs["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rs["cuda_rng"])
         self.step = int(main["step"])
-        self.log(f"[resume] from {ckpt.main_path(self.ckpt_dir, self.step)} at step {self.step}")
-        return True
+
+    def _apply_config_to_restored_state(self) -> None:
+        """After an opted-in config change: the hyperparameters the restored state carries (the
+        optimizer's lr and decay, the schedule's base lr, the bank's powers, the EMA decay) take the
+        requested values, so that the run does what ``config.yaml`` says."""
+        o = self.cfg.optim
+        sched = getattr(self.scheduler, "scheduler", self.scheduler)
+        groups = self.optimizer.param_groups
+        for g in groups:
+            g["initial_lr"], g["weight_decay"] = o.lr, o.weight_decay
+            if o.name == "sgd":
+                g["momentum"], g["nesterov"] = o.momentum, o.nesterov
+        sched.base_lrs = [o.lr for _ in groups]
+        factor = lr_lambda(self.cfg)(sched.last_epoch)
+        for g in groups:
+            g["lr"] = o.lr * factor
+        sched._last_lr = [g["lr"] for g in groups]
+        bank = getattr(self.algorithm, "bank", None)
+        if bank is not None:
+            bank.put_power, bank.get_power = float(self.cfg.method.put_power), float(self.cfg.method.get_power)
+        self.ema.decay = self.cfg.train.ema_decay
+
+    def _record_start(self, plan: dict[str, Any]) -> None:
+        """Rank 0, after :meth:`plan_start` accepted: the run's files say what this run is."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if plan["fresh"]:
+            rundir.write_identity(self.run_dir, self.run_id, config_to_dict(self.cfg))
+            rundir.append_history(self.run_dir, "start", self.run_id, step=0)
+        else:
+            if plan["adopted"]:  # resumed from a checkpoint file into an empty directory
+                rundir.write_identity(self.run_dir, self.run_id, plan["config"], adopted_from=plan["path"])
+            changes = plan["changes"]
+            if plan["later"]:
+                ckpt.set_aside(self.ckpt_dir, plan["later"], "set-aside")
+                self.log(f"[checkpoint] moved checkpoint(s) of run {self.run_id} past step {plan['step']} (unusable, "
+                         f"or abandoned by this resume) to {self.ckpt_dir / 'set-aside'}: "
+                         + ", ".join(p.name for p in plan["later"]))
+            rundir.append_history(self.run_dir, "resume", self.run_id, step=plan["step"], checkpoint=plan["path"],
+                                  changed=[c.as_json() for c in changes if c.kind == "free"],
+                                  set_aside=[p.name for p in plan["later"]])
+            guarded = [c for c in changes if c.kind == "guarded"]
+            if guarded:
+                rundir.append_history(self.run_dir, "config_change", self.run_id, step=plan["step"],
+                                      changes=[c.as_json() for c in guarded])
+                self.log(f"[config] run {self.run_id} continues at step {plan['step']} with "
+                         + "; ".join(c.describe() for c in guarded) + f" (train.allow_config_change=true; "
+                         f"recorded in {self.run_dir / rundir.HISTORY_FILE})")
+        dump_config(self.cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -328,12 +536,13 @@ class Trainer:
         """
         cfg = self.cfg
         total = cfg.total_steps
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+        # Every check (run identity, checkpoint seals, config changes) happens before the first
+        # write: a refusal leaves the run directory exactly as it was.
+        plan = self.plan_start()
+        self.run_id = plan["run_id"] if not plan["fresh"] else self._agree_run_id()
         self.acc.wait_for_everyone()
-        self.maybe_resume()
         if self.main:
+            self._record_start(plan)
             self._rewrite_logs()
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -435,8 +644,10 @@ class Trainer:
         result.update({"steps": self.step, "seconds": self.history[-1]["seconds"] if self.history else 0.0,
                        "algorithm": self.cfg.method.algorithm, "name": self.cfg.name,
                        "labeled_counts": self.labeled_counts.tolist(), "class_names": self.class_names,
-                       "many_above": self.thresholds[0], "few_at_most": self.thresholds[1]})
+                       "many_above": self.thresholds[0], "few_at_most": self.thresholds[1],
+                       "run_id": self.run_id})
         (self.run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+        rundir.append_history(self.run_dir, "finish", self.run_id, step=self.step)
         self.log(format_table(result))
         return result
 

@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from bmb.dist import Collectives
     from bmb.engine import Trainer
     from bmb.models import BMBModel
+    from bmb.rundir import RunDirError
     from pipelines.augment import ViewMaker
 
     try:
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
     except SystemExit as stop:  # a signal: every rank stopped at the same step, after the checkpoint
         code = stop.code
+    except RunDirError as e:  # refused before anything in the run directory was written
+        if rank == 0:
+            print(f"run dir error: {e}", file=sys.stderr)
+        code = 2
     # The wrapped model goes before the process group: DDP's reducer keeps its last collective,
     # and a DDP + gloo process that left it to interpreter shutdown was seen to abort after its
     # work was done (tests/test_dist.py).

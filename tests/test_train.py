@@ -60,7 +60,7 @@ def test_run_writes_every_output(run, tmp_path, algorithm, capsys):
     assert load_config(d / "config.yaml") == load_config(CONFIG, TINY + [
         f"data.dataset={run.dataset}", f"train.out_dir={tmp_path}", "name=r", f"method.algorithm={algorithm}"])
     assert any((d / "tb").iterdir())
-    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["ckpt-00000020.pt"]
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["ckpt-00000020.pt", "ckpt-00000020.pt.json"]
     out = capsys.readouterr().out
     assert "| ring-a | 40 |" in out and "mean recall" in out
     if algorithm == "bmb":
