@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(run, tmp_path, monkeypatch):
         assert torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]), k
     assert torch.equal(a["algorithm"]["bank"]["features"], b["algorithm"]["bank"]["features"])
     assert torch.equal(a["algorithm"]["bank"]["labels"], b["algorithm"]["bank"]["labels"])
-    assert torch.equal(a["algorithm"]["estimator"]["value"], b["algorithm"]["estimator"]["value"])
+    assert torch.equal(a["algorithm"]["estimator"]["fraction"], b["algorithm"]["estimator"]["fraction"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
     fa = json.loads((tmp_path / "full" / "final.json").read_text())
