@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bmb.algorithms import BMB, StepOutputs
+from bmb.algorithms import BMB, AlgorithmContext, StepOutputs
+from bmb.config import MethodConfig
 from bmb.dist import Collectives
 from bmb.models import BMBModel, ModelOutput
 
@@ -37,9 +38,10 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(BMBModel.build(args.encoder, 10))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    alg = BMB(10, model.module.feat_dim, torch.tensor([100, 60, 36, 22, 13, 8, 5, 3, 2, 1]), unlabeled_size=500, threshold=0.05,
-              put_power=0.0, bank_size=args.bank, get_num=args.bank // 2, bank_check_every=100,
-              generator=torch.Generator().manual_seed(1), collectives=Collectives())
+    method = MethodConfig(threshold=0.05, put_power=0.0, bank_size=args.bank, get_num=args.bank // 2)
+    alg = BMB(method, AlgorithmContext(10, model.module.feat_dim, torch.tensor([100, 60, 36, 22, 13, 8, 5, 3, 2, 1]),
+                                       unlabeled_size=500, generator=torch.Generator().manual_seed(1),
+                                       collectives=Collectives()))
     g = torch.Generator().manual_seed(10 + rank)
     b = args.batch
     step_t, sync_t = [], []

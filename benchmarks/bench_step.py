@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from bmb.algorithms import build_algorithm
-from bmb.config import load_config
+from bmb.algorithms import AlgorithmContext, build_algorithm
+from bmb.config import MethodConfig, load_config
 from bmb.engine import Trainer
 from bmb.models import BMBModel
 from pipelines.augment import ViewMaker
@@ -45,11 +45,11 @@ def make_trainer(algorithm: str, args, acc: Accelerator, data: dict, cuda_graphs
     full_res = args.size >= 128  # the 224 px recipe: ImageNet stem, random-resized-crop from 256
     model = BMBModel.build(args.encoder, args.classes, stem="imagenet" if full_res else "small")
     counts = torch.bincount(data["labeled"].labels, minlength=args.classes)
-    alg = build_algorithm(algorithm, num_classes=args.classes, feat_dim=model.feat_dim, labeled_counts=counts,
-                          unlabeled_size=len(data["unlabeled"].labels), threshold=0.01, put_power=0.0,
-                          bank_size=args.bank, get_num=args.bank // 2,
-                          generator=torch.Generator(device=acc.device).manual_seed(1), device=acc.device,
-                          cuda_graphs=cuda_graphs)
+    method = MethodConfig(algorithm=algorithm, threshold=0.01, put_power=0.0, bank_size=args.bank,
+                          get_num=args.bank // 2, cuda_graphs=cuda_graphs)
+    alg = build_algorithm(method, AlgorithmContext(
+        args.classes, model.feat_dim, counts, unlabeled_size=len(data["unlabeled"].labels),
+        generator=torch.Generator(device=acc.device).manual_seed(1), device=acc.device))
     stream = TensorStream(data["labeled"], data["unlabeled"], labeled_batch=args.batch, unlabeled_batch=args.batch,
                           device=acc.device)
     views = ViewMaker(image_size=args.size, num_strong=2, crop="rrc" if full_res else "translate")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmb.config import MethodConfig
 from bmb.dist import Collectives
 from bmb.estimate import UnlabeledCountEstimator
 from bmb.graphs import StepGraphs
@@ -57,6 +58,29 @@ class StepOutputs:
         return self.unlabeled_strong.base_logits.shape[0] // self.unlabeled_weak.base_logits.shape[0]
 
 
+@dataclass
+class AlgorithmContext:
+    """What an algorithm needs from the run besides its hyperparameters (:class:`MethodConfig`).
+
+    Attributes:
+        num_classes: ``C``.
+        feat_dim: the encoder's feature dimension ``D``.
+        labeled_counts: ``(C,)`` true labeled class counts ``N^L``.
+        unlabeled_size: ``|U|``, the unlabeled split's size (N̂ estimates each class's count in U).
+        generator: source of the bank's randomness; seed it identically on every rank.
+        collectives: cross-rank operations (default: one process).
+        device: where the algorithm's state (bank, N̂) lives: the training device.
+    """
+
+    num_classes: int
+    feat_dim: int
+    labeled_counts: torch.Tensor
+    unlabeled_size: int
+    generator: torch.Generator | None = None
+    collectives: Collectives | None = None
+    device: torch.device | str = "cpu"
+
+
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {}
 
 
@@ -69,11 +93,11 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
-def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
-    """The algorithm registered as ``name`` (``fixmatch`` or ``bmb``)."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name](**kwargs)
+def build_algorithm(method: MethodConfig, ctx: AlgorithmContext) -> Algorithm:
+    """The algorithm ``method.algorithm`` (``fixmatch`` or ``bmb``), built from its config section."""
+    if method.algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {method.algorithm!r}; choose one of {', '.join(sorted(ALGORITHMS))}")
+    return ALGORITHMS[method.algorithm](method, ctx)
 
 
 def confident_targets(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,22 +139,32 @@ class Algorithm(nn.Module):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def retune(self, method: MethodConfig) -> None:
+        """Re-apply hyperparameters that restored state carries (after an opted-in config change)."""
+
+    def take_drawn(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``(labels, valid)`` of the items drawn from a memory bank since the last call (the
+        engine's ``get`` histogram), or None."""
+        return None
+
+    def eval_stats(self) -> dict[str, Any]:
+        """State worth a row of ``metrics.jsonl`` at each evaluation (bank histogram, N̂ ...)."""
+        return {}
+
 
 @register("fixmatch")
 class FixMatch(Algorithm):
     """The paper's baseline: the base head alone, trained with FixMatch.
 
-    Args:
-        threshold: confidence threshold tau.
-        lambda_u: weight of the unlabeled loss.
+    Reads ``method.threshold`` (tau) and ``method.lambda_u``; needs nothing from ``ctx``.
     """
 
     eval_head = "base"
 
-    def __init__(self, threshold: float = 0.95, lambda_u: float = 1.0, **_: Any) -> None:
+    def __init__(self, method: MethodConfig, ctx: AlgorithmContext | None = None) -> None:
         super().__init__()
-        self.threshold = threshold
-        self.lambda_u = lambda_u
+        self.threshold = method.threshold
+        self.lambda_u = method.lambda_u
 
     def forward(self, out: StepOutputs, aux_head: nn.Module | None = None) -> dict[str, torch.Tensor]:
         loss_l = F.cross_entropy(out.labeled.base_logits.float(), out.labels)
@@ -146,72 +180,45 @@ class FixMatch(Algorithm):
 class BMB(Algorithm):
     """BMB: base head (FixMatch) + aux head with adaptive weights and the balanced memory bank.
 
-    Args:
-        num_classes: ``C``.
-        feat_dim: encoder feature dimension ``D``.
-        labeled_counts: ``(C,)`` true labeled class counts ``N^L``.
-        unlabeled_size: ``|U|``, the unlabeled split's size: N̂ estimates each class's count in
-            ``U`` (:class:`bmb.estimate.UnlabeledCountEstimator`).
-        threshold: tau.
-        alpha: adaptive-weight spread (0 or ``adaptive_weights=False`` gives plain CE).
-        put_power: beta of the bank's enqueue.
-        get_power: gamma of the bank's get.
-        lambda_u: weight of the unlabeled losses.
-        lambda_mb: weight of the memory-bank loss.
-        bank_size: bank capacity.
-        get_num: items drawn from the bank per step and per rank.
-        get_replacement: draw them with replacement (the authors' ``np.random.choice``, for which
-            the paper's gamma values were tuned); False: without replacement.
-        use_bank: ablation switch (False: no bank, no bank loss).
-        adaptive: ablation switch for the adaptive weights.
-        bank_view: ``"strong"`` (default) or ``"weak"``: which view's features enter the bank.
-        estimate_mode: ``"mean"`` or ``"ema"`` for N̂.
-        anneal_weights: authors' optional ``w' = 1 - (t/T)(1 - w)``.
-        bank_check_every: every this many bank updates, compare a checksum of the bank across
-            ranks and raise if they differ (0: never). Costs one tiny all-gather.
-        generator: generator of the bank (seed it identically on every rank).
-        collectives: cross-rank operations (default: single process).
-        device: where the bank lives.
-        cuda_graphs: replay the step's no-grad work (targets, weights, N̂, the bank's draw and
-            enqueue) as CUDA graphs (:mod:`bmb.graphs`) when the bank and its generator are on a
-            CUDA device; same results, far fewer kernel launches. Ignored elsewhere.
+    Every hyperparameter comes from ``method`` (:class:`bmb.config.MethodConfig`: one default
+    each, documented there): tau ``threshold``, ``alpha`` and ``adaptive_weights`` (the weights),
+    beta ``put_power`` and gamma ``get_power`` (the bank), ``lambda_u``, ``lambda_mb``,
+    ``bank_size``, ``get_num`` (per step and rank) and ``get_replacement``, ``use_bank``,
+    ``bank_view`` (which view's features enter the bank), ``estimate`` (N̂: mean or ema),
+    ``anneal_weights``, ``bank_check_every`` (compare a bank checksum across ranks every N updates)
+    and ``cuda_graphs`` (replay the step's no-grad work -- targets, weights, N̂, the bank's draw
+    and enqueue -- as CUDA graphs, :mod:`bmb.graphs`, when the bank is on a CUDA device). The run
+    supplies the rest through ``ctx`` (:class:`AlgorithmContext`).
     """
 
     eval_head = "aux"
 
-    def __init__(self, num_classes: int, feat_dim: int, labeled_counts: torch.Tensor, *,
-                 unlabeled_size: int, threshold: float = 0.95, alpha: float = 1.5, put_power: float = 3.0,
-                 get_power: float = 0.75, lambda_u: float = 1.0, lambda_mb: float = 0.25,
-                 bank_size: int = 128, get_num: int = 64, get_replacement: bool = True, use_bank: bool = True,
-                 adaptive: bool = True, bank_view: str = "strong", estimate_mode: str = "mean",
-                 anneal_weights: bool = False, bank_check_every: int = 0,
-                 generator: torch.Generator | None = None,
-                 collectives: Collectives | None = None, device: torch.device | str = "cpu",
-                 cuda_graphs: bool = True) -> None:
+    def __init__(self, method: MethodConfig, ctx: AlgorithmContext) -> None:
         super().__init__()
-        if bank_view not in ("strong", "weak"):
-            raise ValueError(f"BMB: bank_view must be 'strong' or 'weak', got {bank_view!r}")
-        if get_num < 1:
-            raise ValueError(f"BMB: get_num must be >= 1, got {get_num}")
-        counts = torch.as_tensor(labeled_counts)
-        if counts.shape != (num_classes,):
-            raise ValueError(f"BMB: labeled_counts must have shape ({num_classes},), got {tuple(counts.shape)}")
-        self.num_classes = num_classes
-        self.threshold, self.alpha = threshold, alpha
-        self.lambda_u, self.lambda_mb = lambda_u, lambda_mb
-        self.get_num, self.get_replacement = get_num, get_replacement
-        self.use_bank, self.adaptive = use_bank, adaptive
-        self.bank_view, self.anneal = bank_view, anneal_weights
-        self.coll = collectives or Collectives()
+        m, c = method, ctx.num_classes
+        if m.bank_view not in ("strong", "weak"):
+            raise ValueError(f"BMB: bank_view must be 'strong' or 'weak', got {m.bank_view!r}")
+        if m.get_num < 1:
+            raise ValueError(f"BMB: get_num must be >= 1, got {m.get_num}")
+        counts = torch.as_tensor(ctx.labeled_counts)
+        if counts.shape != (c,):
+            raise ValueError(f"BMB: labeled_counts must have shape ({c},), got {tuple(counts.shape)}")
+        self.num_classes = c
+        self.threshold, self.alpha = m.threshold, m.alpha
+        self.lambda_u, self.lambda_mb = m.lambda_u, m.lambda_mb
+        self.get_num, self.get_replacement = m.get_num, m.get_replacement
+        self.use_bank, self.adaptive = m.use_bank, m.adaptive_weights
+        self.bank_view, self.anneal = m.bank_view, m.anneal_weights
+        self.coll = ctx.collectives or Collectives()
         self.register_buffer("labeled_counts", counts.to(torch.float32), persistent=False)
-        self.bank = BalancedMemoryBank(bank_size, feat_dim, num_classes, put_power=put_power,
-                                       get_power=get_power, generator=generator, device=device)
-        self.estimator = UnlabeledCountEstimator(num_classes, unlabeled_size, mode=estimate_mode, device=device)
+        self.bank = BalancedMemoryBank(m.bank_size, ctx.feat_dim, c, put_power=m.put_power, get_power=m.get_power,
+                                       generator=ctx.generator, device=ctx.device)
+        self.estimator = UnlabeledCountEstimator(c, ctx.unlabeled_size, mode=m.estimate, device=ctx.device)
         self._pending: torch.Tensor | None = None  # this step's bank candidates, enqueued in after_step
-        self.bank_check_every = bank_check_every
+        self.bank_check_every = m.bank_check_every
         self.bank_updates = 0
         self.last_get: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels, valid): get histogram
-        self.graphs = StepGraphs(self.bank, enabled=cuda_graphs)
+        self.graphs = StepGraphs(self.bank, enabled=m.cuda_graphs)
         self._w_labeled: torch.Tensor | None = None  # constant unless annealed: computed once
 
     def _weights(self, counts: torch.Tensor, progress: float | torch.Tensor) -> torch.Tensor:
@@ -391,6 +398,17 @@ class BMB(Algorithm):
                 f"memory bank diverged across ranks after {self.bank_updates} updates (rank "
                 f"{self.coll.rank}: {len(self.bank)} items, checksum {self.bank.checksum().tolist()}); "
                 "every rank must see the same gathered candidates and the same bank generator seed")
+
+    def retune(self, method: MethodConfig) -> None:
+        self.bank.put_power, self.bank.get_power = float(method.put_power), float(method.get_power)
+
+    def take_drawn(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        drawn, self.last_get = self.last_get, None
+        return drawn
+
+    def eval_stats(self) -> dict[str, Any]:
+        return {"bank_class_counts": self.bank.class_counts().cpu().tolist(),
+                "nhat": self.estimator.value().tolist()}
 
     def extra_state(self) -> dict[str, Any]:
         return {"bank": self.bank.state_dict(), "estimator": self.estimator.state_dict(),

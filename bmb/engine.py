@@ -411,9 +411,7 @@ class Trainer:
         for g in groups:
             g["lr"] = o.lr * factor
         sched._last_lr = [g["lr"] for g in groups]
-        bank = getattr(self.algorithm, "bank", None)
-        if bank is not None:
-            bank.put_power, bank.get_power = float(self.cfg.method.put_power), float(self.cfg.method.get_power)
+        self.algorithm.retune(self.cfg.method)
         self.ema.decay = self.cfg.train.ema_decay
 
     def _record_start(self, plan: dict[str, Any]) -> None:
@@ -469,11 +467,10 @@ class Trainer:
         self.scheduler.step()
         self.algorithm.after_step()
         self.ema.update(self.raw_model)
-        got = getattr(self.algorithm, "last_get", None)
-        if got is not None:  # (labels, valid) of the items drawn from the bank this step
-            labels, valid = got
+        drawn = self.algorithm.take_drawn()
+        if drawn is not None:  # (labels, valid) of the items drawn from the bank this step
+            labels, valid = drawn
             self.get_hist.scatter_add_(0, labels.to(self.device), valid.to(self.device, torch.long))
-            self.algorithm.last_get = None
         self.step += 1
         return losses
 
@@ -520,11 +517,10 @@ class Trainer:
                 raw = "raw_" + self.algorithm.eval_head
                 row.update({f"{other}_top1": res[other].top1, f"{other}_mean_recall": res[other].mean_recall,
                             f"{raw}_top1": res[raw].top1, f"{raw}_mean_recall": res[raw].mean_recall})
-        bank = getattr(self.algorithm, "bank", None)
-        if bank is not None:
-            row["bank_class_counts"] = bank.class_counts().cpu().tolist()
+        stats = self.algorithm.eval_stats()
+        if stats:  # BMB: the bank's histogram and N-hat, with the engine's get histogram
+            row.update(stats)
             row["get_class_counts"] = self.get_hist.cpu().tolist()
-            row["nhat"] = self.algorithm.estimator.value().tolist()
         return row
 
     # ------------------------------------------------------------------ the loop

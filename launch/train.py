@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
-    from bmb.algorithms import build_algorithm
+    from bmb.algorithms import AlgorithmContext, build_algorithm
     from bmb.dist import Collectives
     from bmb.engine import Trainer
     from bmb.models import BMBModel
@@ -142,18 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if m.sync_bn and world > 1 and accelerator.device.type == "cuda":
         # Without it each rank normalises with its own B/world samples' statistics.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    me = cfg.method
-    algorithm = build_algorithm(
-        me.algorithm, num_classes=len(names), feat_dim=model.feat_dim, labeled_counts=labeled_counts,
-        unlabeled_size=unlabeled_size, threshold=me.threshold, alpha=me.alpha, put_power=me.put_power, get_power=me.get_power,
-        lambda_u=me.lambda_u, lambda_mb=me.lambda_mb, bank_size=me.bank_size, get_num=me.get_num,
-        get_replacement=me.get_replacement, use_bank=me.use_bank, adaptive=me.adaptive_weights, bank_view=me.bank_view, estimate_mode=me.estimate,
-        anneal_weights=me.anneal_weights, bank_check_every=me.bank_check_every, cuda_graphs=me.cuda_graphs,
+    algorithm = build_algorithm(cfg.method, AlgorithmContext(
+        num_classes=len(names), feat_dim=model.feat_dim, labeled_counts=labeled_counts,
+        unlabeled_size=unlabeled_size,
         # On the training device, so that the bank's draws never copy across; seeded alike on
         # every rank, so that every rank makes the same enqueue/dequeue/get decisions.
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 7),
-        collectives=Collectives(), device=accelerator.device)
-    views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=me.num_strong,
+        collectives=Collectives(), device=accelerator.device))
+    views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=cfg.method.num_strong,
                       mean=cfg.data.mean, std=cfg.data.std)
     run_dir = Path(cfg.train.out_dir) / cfg.name
     trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir)

@@ -15,6 +15,7 @@ from torch import nn
 from bmb.algorithms import BMB, StepOutputs
 from bmb.dist import Collectives
 from bmb.models import BMBModel, ModelOutput
+from tests.algos import make_bmb
 from tests.ports import free_port
 
 pytestmark = pytest.mark.dist
@@ -49,18 +50,18 @@ def random_outputs(g: torch.Generator, b: int, k: int = 2) -> StepOutputs:
     return StepOutputs(torch.randint(0, C, (b,), generator=g), out(b), out(b), out(k * b), unlabeled_on=True)
 
 
-def make_bmb(get_num: int = 4, **kw) -> BMB:
+def dist_bmb(get_num: int = 4, **kw) -> BMB:
     args = dict(threshold=0.6, put_power=2.0, get_power=1.0, bank_size=24, get_num=get_num,
                 generator=torch.Generator().manual_seed(0), collectives=Collectives())
     args.update(kw)
-    return BMB(C, D, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, **args)
+    return make_bmb(C, D, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, **args)
 
 
 # ----------------------------------------------------------------------------- bank sync
 def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     _init(rank, world, port)
     # Without replacement, so that the ranks' slices of one draw are disjoint items.
-    alg = make_bmb(bank_check_every=5, get_replacement=False)
+    alg = dist_bmb(bank_check_every=5, get_replacement=False)
     head = nn.Linear(D, C)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
     for _ in range(40):
@@ -93,7 +94,7 @@ def test_banks_identical_nhat_summed_slices_disjoint(tmp_path):
 
 def _diverge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     _init(rank, world, port)
-    alg = make_bmb(bank_check_every=3)
+    alg = dist_bmb(bank_check_every=3)
     head = nn.Linear(D, C)
     g = torch.Generator().manual_seed(7 + rank)
     message = ""
@@ -152,7 +153,7 @@ def build_model() -> nn.Module:
 
 def build_alg(get_num: int) -> BMB:
     # threshold 0.2 so that the untrained model's predictions produce masks and candidates
-    return BMB(C, 32, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, threshold=0.2, put_power=0.0, get_power=1.0,
+    return make_bmb(C, 32, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, threshold=0.2, put_power=0.0, get_power=1.0,
                lambda_mb=1.0, bank_size=32, get_num=get_num, generator=torch.Generator().manual_seed(1),
                collectives=Collectives())
 

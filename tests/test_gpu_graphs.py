@@ -15,6 +15,7 @@ from bmb.algorithms import BMB, StepOutputs
 from bmb.graphs import StepGraphs
 from bmb.memory import BalancedMemoryBank
 from bmb.models import ModelOutput
+from tests.algos import make_bmb
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -65,10 +66,10 @@ def test_graphed_enqueue_and_draw_match_the_eager_bank(put_power):
 
 
 @pytest.mark.parametrize("options", [{}, {"use_bank": False}, {"anneal_weights": True, "bank_view": "weak"},
-                                     {"estimate_mode": "ema", "adaptive": False}])
+                                     {"estimate": "ema", "adaptive_weights": False}])
 def test_bmb_trains_the_same_with_and_without_graphs(options):
     def make(cuda_graphs: bool) -> BMB:
-        return BMB(C, D, torch.arange(1, C + 1) * 10, unlabeled_size=1000, threshold=0.3, bank_size=CAP, get_num=16,
+        return make_bmb(C, D, torch.arange(1, C + 1) * 10, unlabeled_size=1000, threshold=0.3, bank_size=CAP, get_num=16,
                    generator=torch.Generator(device="cuda").manual_seed(1), device="cuda",
                    cuda_graphs=cuda_graphs, **options)
 

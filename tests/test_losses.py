@@ -6,9 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bmb.algorithms import BMB, FixMatch, StepOutputs, build_algorithm, fixmatch_unlabeled_loss
+from bmb.algorithms import (
+    AlgorithmContext,
+    FixMatch,
+    StepOutputs,
+    build_algorithm,
+    fixmatch_unlabeled_loss,
+)
+from bmb.config import MethodConfig
 from bmb.models import BMBModel, ModelOutput
 from bmb.weights import adaptive_weights
+from tests.algos import make_bmb
 
 
 def out_of(logits_base, logits_aux, feats=None):
@@ -41,7 +49,7 @@ def bmb_alg(**kw):
                 alpha=1.0, put_power=0.0, get_power=0.0, lambda_u=1.0, lambda_mb=1.0,
                 bank_size=8, get_num=2, generator=torch.Generator().manual_seed(0))
     args.update(kw)
-    return BMB(**args)
+    return make_bmb(**args)
 
 
 def test_aux_head_soft_targets_masks_and_weights_by_hand():
@@ -84,7 +92,7 @@ def test_unlabeled_weights_follow_the_estimate():
 def test_bank_loss_trains_only_the_aux_head():
     torch.manual_seed(0)
     model = BMBModel.build("small", 3, width=4)
-    alg = BMB(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0,
+    alg = make_bmb(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0,
               bank_size=16, get_num=4, lambda_u=0.0, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 3, 16, 16)
     o = model(x)
@@ -107,7 +115,7 @@ def test_bank_loss_trains_only_the_aux_head():
 def test_bank_features_are_detached_inside_the_step():
     torch.manual_seed(0)
     model = BMBModel.build("small", 3, width=4)
-    alg = BMB(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0, bank_size=16,
+    alg = make_bmb(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0, bank_size=16,
               get_num=4, lambda_u=0.0, lambda_mb=1.0, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
@@ -125,7 +133,7 @@ def test_bank_features_are_detached_inside_the_step():
 
 def test_warmup_turns_unlabeled_terms_off():
     alg = bmb_alg(put_power=0.0)
-    fm = FixMatch(threshold=0.9)
+    fm = FixMatch(MethodConfig(threshold=0.9))
     labels = torch.tensor([0, 1])
     lab = out_of(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     weak = out_of(torch.tensor([[5.0, 0.0], [5.0, 0.0]]), torch.tensor([[5.0, 0.0], [0.0, 5.0]]),
@@ -145,6 +153,9 @@ def test_warmup_turns_unlabeled_terms_off():
 
 
 def test_registry():
-    assert isinstance(build_algorithm("fixmatch"), FixMatch)
+    ctx = AlgorithmContext(2, 4, torch.tensor([3, 1]), unlabeled_size=8)
+    assert isinstance(build_algorithm(MethodConfig(algorithm="fixmatch"), ctx), FixMatch)
+    bmb = build_algorithm(MethodConfig(put_power=2.5, get_power=0.5, bank_size=16, get_num=4), ctx)
+    assert (bmb.bank.put_power, bmb.bank.get_power, bmb.bank.capacity, bmb.get_num) == (2.5, 0.5, 16, 4)
     with pytest.raises(ValueError, match="unknown algorithm 'nope'"):
-        build_algorithm("nope")
+        build_algorithm(MethodConfig(algorithm="nope"), ctx)

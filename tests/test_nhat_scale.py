@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bmb.algorithms import BMB, StepOutputs
+from bmb.algorithms import StepOutputs
 from bmb.estimate import UnlabeledCountEstimator
 from bmb.memory import BalancedMemoryBank
 from bmb.models import ModelOutput
 from bmb.weights import adaptive_weights
+from tests.algos import make_bmb
 
 SAMPLE_NUM = Path(__file__).resolve().parents[2] / "shared/data/imagenet_lt/ImageNet_LT_train_semi_20_sample_num.txt"
 B_U = 64  # global unlabeled batch
@@ -117,8 +118,8 @@ def _global_batch(step: int, n: torch.Tensor):
 
 def _run_rank(rank: int, world: int, n: torch.Tensor, steps: int, shared: dict, out: dict) -> None:
     c, b = len(n), B_U // world
-    alg = BMB(c, 8, n.clone(), unlabeled_size=int(n.sum()), threshold=0.95, alpha=0.75, use_bank=False,
-              collectives=ThreadCollectives(rank, world, shared))
+    alg = make_bmb(c, 8, n.clone(), unlabeled_size=int(n.sum()), threshold=0.95, alpha=0.75, use_bank=False,
+                   collectives=ThreadCollectives(rank, world, shared))
     for step in range(steps):
         logits, _ = _global_batch(step, n)
         mine = logits[rank * b:(rank + 1) * b]  # this rank's slice of the global batch
