@@ -1,6 +1,6 @@
 """Start-of-run checks of a dataset directory against its ``manifest.json``.
 
-The manifest's per-class counts drive the method (adaptive weights, N-hat's prior, the
+The manifest's per-class counts drive the method (adaptive weights, the
 many/medium/few groups), so a split whose labels were changed after the build would train
 "normally" on inconsistent numbers. :func:`check_labels` re-counts the labels each backend will
 actually read and stops before training on any difference. It reads labels only, never images:
