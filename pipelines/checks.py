@@ -31,7 +31,13 @@ def _wds_labels(root: Path, info: dict[str, Any], split: str) -> tuple[np.ndarra
         path = root / entry["file"]
         if not path.is_file():
             raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
-        for key, _, small in index_shard(path):
+        samples = index_shard(path)
+        if len(samples) != entry["count"]:
+            raise ValueError(
+                f"{path}: {len(samples)} samples, manifest says {entry['count']} "
+                "(truncated or foreign shard?)"
+            )
+        for key, _, small in samples:
             try:
                 labels.append(int(small["cls"].decode()))
             except (KeyError, ValueError) as e:
