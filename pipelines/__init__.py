@@ -136,10 +136,14 @@ def _check_dataset(dataset: Any) -> None:
         raise ValueError(f"dataset directory {dataset} does not exist")
 
 
-def _check_labels(dataset: Any, name: str, splits: tuple[str, ...]) -> None:
+def _check_labels(
+    dataset: Any, name: str, splits: tuple[str, ...], options: dict[str, Any]
+) -> None:
     """The start-of-run label check (:mod:`pipelines.checks`) for a dataset directory."""
     if isinstance(dataset, dict) or not (Path(dataset) / "manifest.json").is_file():
         return  # in-memory splits / bare arrays: no manifest to check against
+    if name == "webdataset" and options.get("order") == "stream":
+        return  # no up-front random access in that mode (see pipelines.checks)
     from pipelines.checks import check_labels
 
     check_labels(Path(dataset), name, splits)
@@ -212,7 +216,7 @@ def build_train_stream(
     name = _resolve(backend)
     _check_options(name, options, _TRAIN_OPTIONS[name])
     _check_dataset(dataset)
-    _check_labels(dataset, name, ("labeled", "unlabeled"))
+    _check_labels(dataset, name, ("labeled", "unlabeled"), options)
     common = dict(
         labeled_batch=labeled_batch,
         unlabeled_batch=unlabeled_batch,
@@ -260,7 +264,7 @@ def build_eval_source(
     name = _resolve(backend)
     _check_options(name, options, _EVAL_OPTIONS[name])
     _check_dataset(dataset)
-    _check_labels(dataset, name, (split,))
+    _check_labels(dataset, name, (split,), options)
     if name == "tensor":
         from pipelines.tensor import TensorEval
 

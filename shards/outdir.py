@@ -130,10 +130,15 @@ def owned_files(manifest: Any = None, progress: Any = None) -> set[str]:
     return out
 
 
+def _is_our_temp(rel: str) -> bool:
+    """``.<name>.tmp-<pid>`` directly in ``out`` or in a split folder (where we write)."""
+    parent, _, name = rel.rpartition("/")
+    return parent in ("", *mf.SPLITS) and bool(_TEMP.match(name))
+
+
 def is_temp_or_lock(rel: str) -> bool:
     """Our temp files (``.<name>.tmp-<pid>``) and the lock (and its creation temp)."""
-    name = rel.rsplit("/", 1)[-1]
-    return (rel == LOCK or rel.startswith(LOCK + "-")) or bool(_TEMP.match(name))
+    return rel == LOCK or rel.startswith(LOCK + "-") or _is_our_temp(rel)
 
 
 def unknown_files(out: Path, owned: set[str]) -> list[str]:
@@ -141,7 +146,9 @@ def unknown_files(out: Path, owned: set[str]) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(out):
         base = Path(dirpath).relative_to(out)
-        for name in sorted(filenames) + sorted(d for d in dirnames if (Path(dirpath) / d).is_symlink()):
+        for name in sorted(filenames) + sorted(
+            d for d in dirnames if (Path(dirpath) / d).is_symlink()
+        ):
             rel = (base / name).as_posix()
             if rel not in owned and not is_temp_or_lock(rel):
                 found.append(rel)
@@ -158,11 +165,12 @@ def delete_owned(out: Path, owned: set[str]) -> int:
             p.unlink()
             n += 1
             dirs.update(q for q in p.parents if q != out and out in q.parents)
-    for dirpath, _, filenames in os.walk(out):
-        for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(out).as_posix()
-            if _TEMP.match(name) and not rel.startswith(LOCK):
-                (Path(dirpath) / name).unlink(missing_ok=True)
+    for d in ("", *mf.SPLITS):
+        if (out / d).is_dir():
+            for p in (out / d).iterdir():
+                rel = p.relative_to(out).as_posix()
+                if p.is_file() and _is_our_temp(rel):
+                    p.unlink(missing_ok=True)
     for d in sorted(dirs, key=lambda q: len(q.parts), reverse=True):
         try:
             d.rmdir()  # only if empty
@@ -227,12 +235,21 @@ class BuildLock:
 
     def _try_create(self) -> bool:
         tmp = self.path.with_name(f"{LOCK}-{os.getpid()}-{self.token}")
-        tmp.write_text(json.dumps(self._record(), sort_keys=True) + "\n", encoding="ascii")
+        text = json.dumps(self._record(), sort_keys=True) + "\n"
+        tmp.write_text(text, encoding="ascii")
         try:
-            os.link(tmp, self.path)  # atomic; fails if the lock exists
+            os.link(tmp, self.path)  # atomic, and the lock is never seen half-written
             return True
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: exclusive create instead
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text)
+            return True
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -19,7 +19,10 @@ from shards.writer import sha256_file
 
 
 def verify_dataset(
-    dataset_dir: str | os.PathLike, *, decode: bool = False, workers: int = 1,
+    dataset_dir: str | os.PathLike,
+    *,
+    decode: bool = False,
+    workers: int = 1,
     progress: bool = False,
 ) -> list[str]:
     """Check a built dataset; returns one message per problem (empty list: all good).
@@ -118,9 +121,7 @@ def _decode_shard(task: tuple[str, str, list[int] | None]) -> tuple[int, list[st
     return n, problems
 
 
-def decode_shards(
-    root: Path, m: dict, *, workers: int = 1, progress: bool = False
-) -> list[str]:
+def decode_shards(root: Path, m: dict, *, workers: int = 1, progress: bool = False) -> list[str]:
     """Decode every image of every (present) shard; one message per undecodable sample, naming
     the shard and the sample key, in manifest order."""
     tasks, counts = [], []
@@ -133,7 +134,11 @@ def decode_shards(
     from tqdm import tqdm
 
     bar = tqdm(
-        total=sum(counts), desc="decode", unit="img", unit_scale=True, dynamic_ncols=True,
+        total=sum(counts),
+        desc="decode",
+        unit="img",
+        unit_scale=True,
+        dynamic_ncols=True,
         disable=not progress,
     )
     results: list[list[str]] = [[] for _ in tasks]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -412,8 +411,8 @@ class DatasetBuilder:
         state = od.read_json(prog) if prog.exists() else None
         if man.exists() and not od.manifest_is_ours(old):
             raise ValueError(
-                f"--out {out}: {man} was not written by bmb-shards (no \"tool\": "
-                f"\"{od.TOOL}\" marker, or not a valid format-v1 manifest); refusing to touch "
+                f'--out {out}: {man} was not written by bmb-shards (no "tool": '
+                f'"{od.TOOL}" marker, or not a valid format-v1 manifest); refusing to touch '
                 "anything in this directory, --overwrite included. Choose another --out"
             )
         if prog.exists() and not od.progress_is_ours(state):

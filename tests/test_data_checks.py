@@ -29,8 +29,14 @@ def _arrays(seed: int = 0, size: int = 8) -> dict:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("checks") / "d"
-    write_dataset(root, name="tiny", class_names=list("abc"), splits=_arrays(),
-                  formats=("wds", "arrays"), shard_size=8)
+    write_dataset(
+        root,
+        name="tiny",
+        class_names=list("abc"),
+        splits=_arrays(),
+        formats=("wds", "arrays"),
+        shard_size=8,
+    )
     return root
 
 
@@ -72,10 +78,14 @@ def test_tensor_labels_changed_stop_the_run_naming_split_file_and_classes(data) 
 
 def test_webdataset_cls_changed_stop_the_run(data) -> None:
     assert _relabel_cls(data, "unlabeled", 0, 2, limit=5) == 5
-    with pytest.raises(ValueError, match=r"split 'unlabeled'.*\.cls members.*unlabeled.*"
-                                         r"class 0: manifest 20, data 15; class 2: manifest 20, data 25"):
-        pipelines.build_train_stream("webdataset", data, labeled_batch=4, unlabeled_batch=4,
-                                     num_workers=0)
+    with pytest.raises(
+        ValueError,
+        match=r"split 'unlabeled'.*\.cls members.*unlabeled.*"
+        r"class 0: manifest 20, data 15; class 2: manifest 20, data 25",
+    ):
+        pipelines.build_train_stream(
+            "webdataset", data, labeled_batch=4, unlabeled_batch=4, num_workers=0
+        )
     assert _relabel_cls(data, "test", 1, 0, limit=1) == 1
     with pytest.raises(ValueError, match=r"split 'test'.*class 0: manifest 5, data 6"):
         pipelines.build_eval_source("webdataset", data, "test", batch_size=4, num_workers=0)
@@ -103,25 +113,49 @@ def test_on_corrupt_maps_to_the_backends() -> None:
 
 
 TINY = [
-    "model.encoder=small", "model.width=8", "train.labeled_batch=8", "train.unlabeled_batch=8",
-    "train.iters_per_epoch=5", "train.epochs=2", "train.eval_every=5", "train.checkpoint_every=100",
-    "train.log_every=5", "train.progress=false", "method.warmup_epochs=0", "method.bank_size=16",
-    "method.get_num=8", "data.eval_batch=16", "train.threads=1", "data.workers=0",
+    "model.encoder=small",
+    "model.width=8",
+    "train.labeled_batch=8",
+    "train.unlabeled_batch=8",
+    "train.iters_per_epoch=5",
+    "train.epochs=2",
+    "train.eval_every=5",
+    "train.checkpoint_every=100",
+    "train.log_every=5",
+    "train.progress=false",
+    "method.warmup_epochs=0",
+    "method.bank_size=16",
+    "method.get_num=8",
+    "data.eval_batch=16",
+    "train.threads=1",
+    "data.workers=0",
     "data.image_size=8",
 ]
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch",
-                      "configs", "demo.yaml")
+CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs", "demo.yaml"
+)
 
 
 def test_train_stops_before_training_on_changed_labels(data, tmp_path, capsys) -> None:
     from launch import train
 
     _relabel_cls(data, "labeled", 1, 0, limit=2)
-    code = train.main(["--config", CONFIG, *TINY, f"data.dataset={data}", "data.backend=webdataset",
-                       f"train.out_dir={tmp_path}", "name=r"])
+    code = train.main(
+        [
+            "--config",
+            CONFIG,
+            *TINY,
+            f"data.dataset={data}",
+            "data.backend=webdataset",
+            f"train.out_dir={tmp_path}",
+            "name=r",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
-    assert "data error" in err and "split 'labeled'" in err and "class 0: manifest 10, data 12" in err
+    assert (
+        "data error" in err and "split 'labeled'" in err and "class 0: manifest 10, data 12" in err
+    )
     assert not (tmp_path / "r" / "train.jsonl").exists()
 
 
@@ -135,15 +169,30 @@ def test_train_on_corrupt_skip_counts_skips_in_the_logs(data, tmp_path, capsys) 
     with open(path, "r+b") as f:
         f.seek(off)
         f.write(b"\0" * size)
-    args = ["--config", CONFIG, *TINY, f"data.dataset={data}", "data.backend=webdataset",
-            f"train.out_dir={tmp_path}"]
+    args = [
+        "--config",
+        CONFIG,
+        *TINY,
+        f"data.dataset={data}",
+        "data.backend=webdataset",
+        f"train.out_dir={tmp_path}",
+    ]
     with pytest.raises(ValueError, match=f"sample {key!r}: cannot decode image"):
         train.main([*args, "name=err"])  # default data.on_corrupt=error: stops, naming it
     assert train.main([*args, "name=skip", "data.on_corrupt=skip"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "skip" / "train.jsonl").read_text().splitlines()]
     # 10 steps x 8 labeled samples over a 30-sample split: the bad one is drawn at least twice
     assert rows[-1]["corrupt_skipped"] >= 2
-    metrics = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert metrics[-1]["corrupt_skipped"] == rows[-1]["corrupt_skipped"]
     assert train.main([*args, "name=ffcv", "data.backend=ffcv", "data.on_corrupt=skip"]) == 2
     assert "data.on_corrupt" in capsys.readouterr().err
+
+
+def test_dali_reads_the_same_cls_members_and_is_checked_before_it_is_built(data) -> None:
+    _relabel_cls(data, "labeled", 2, 1, limit=3)
+    # the check runs before the backend module is imported: no GPU or DALI needed for this
+    with pytest.raises(ValueError, match=r"split 'labeled'.*class 1: manifest 10, data 13"):
+        pipelines.build_train_stream("dali", data, labeled_batch=4, unlabeled_batch=4)

@@ -32,12 +32,32 @@ KW = dict(class_names=list("abc"), shard_size=10)
 
 
 def tree_bytes(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
-DEMO = ["--num-classes", "3", "--n1", "12", "--m1", "20", "--gamma-l", "2", "--gamma-u", "2",
-        "--test-per-class", "4", "--size", "8", "--shard-size", "8", "--workers", "1",
-        "--no-progress"]
+DEMO = [
+    "--num-classes",
+    "3",
+    "--n1",
+    "12",
+    "--m1",
+    "20",
+    "--gamma-l",
+    "2",
+    "--gamma-u",
+    "2",
+    "--test-per-class",
+    "4",
+    "--size",
+    "8",
+    "--shard-size",
+    "8",
+    "--workers",
+    "1",
+    "--no-progress",
+]
 
 
 # ---------------------------------------------------------------------------------- row 8
@@ -76,8 +96,9 @@ def test_overwrite_refuses_when_our_dataset_dir_also_holds_user_files(tmp_path) 
 def test_overwrite_deletes_exactly_the_listed_files(tmp_path) -> None:
     d = tmp_path / "d"
     W.write_dataset(d, name="one", splits=tiny_splits(), formats=("wds", "arrays"), **KW)
-    m = W.write_dataset(d, name="two", splits=tiny_splits(1), overwrite=True, class_names=list("abc"),
-                        shard_size=30)
+    m = W.write_dataset(
+        d, name="two", splits=tiny_splits(1), overwrite=True, class_names=list("abc"), shard_size=30
+    )
     files = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
     listed = {sh["file"] for sp in m["splits"].values() for sh in sp["shards"]}
     assert files == listed | {"manifest.json"}  # old shards and arrays gone, nothing else left
@@ -135,8 +156,13 @@ def test_cli_build_with_a_live_lock_fails_and_a_stale_lock_is_taken_over(tmp_pat
     d.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock = {"tool": "bmb-shards", "pid": holder.pid, "host": socket.gethostname(),
-                "started": "x", "token": "t"}
+        lock = {
+            "tool": "bmb-shards",
+            "pid": holder.pid,
+            "host": socket.gethostname(),
+            "started": "x",
+            "token": "t",
+        }
         (d / ".bmb-shards.lock").write_text(json.dumps(lock))
         assert main(["demo", "--out", str(d), *DEMO]) == 2
         err = capsys.readouterr().err
@@ -214,7 +240,10 @@ def test_verify_decode_names_every_undecodable_sample(tmp_path, capsys) -> None:
 
 def test_verify_help_documents_decode() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "shards", "verify", "--help"], capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, check=True,
+        [sys.executable, "-m", "shards", "verify", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        check=True,
     ).stdout
     assert "--decode" in out and "--workers" in out
