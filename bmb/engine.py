@@ -309,6 +309,9 @@ class Trainer:
                             f"{raw}_top1": res[raw].top1, f"{raw}_mean_recall": res[raw].mean_recall})
         if hasattr(self.stream, "skipped"):  # corrupt training images skipped so far (this rank)
             row["corrupt_skipped"] = self.stream.skipped
+        for split, source in self.eval_sources.items():  # ... and in this evaluation's passes
+            if hasattr(source, "skipped"):
+                row[f"{split}_corrupt_skipped"] = source.skipped
         bank = getattr(self.algorithm, "bank", None)
         if bank is not None:
             row["bank_class_counts"] = bank.class_counts().cpu().tolist()

@@ -162,13 +162,14 @@ def test_train_stops_before_training_on_changed_labels(data, tmp_path, capsys) -
 def test_train_on_corrupt_skip_counts_skips_in_the_logs(data, tmp_path, capsys) -> None:
     from launch import train
 
-    sh = json.loads((data / "manifest.json").read_text())["splits"]["labeled"]["shards"][0]
-    path = data / sh["file"]
-    key, members, _ = index_shard(path)[3]
-    off, size = members["png"]
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(b"\0" * size)
+    splits = json.loads((data / "manifest.json").read_text())["splits"]
+    for split in ("labeled", "test"):
+        path = data / splits[split]["shards"][0]["file"]
+        key, members, _ = index_shard(path)[3]
+        off, size = members["png"]
+        with open(path, "r+b") as f:
+            f.seek(off)
+            f.write(b"\0" * size)
     args = [
         "--config",
         CONFIG,
@@ -187,6 +188,7 @@ def test_train_on_corrupt_skip_counts_skips_in_the_logs(data, tmp_path, capsys) 
         json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
     ]
     assert metrics[-1]["corrupt_skipped"] == rows[-1]["corrupt_skipped"]
+    assert [m["test_corrupt_skipped"] for m in metrics] == [1, 1]  # one per evaluation pass
     assert train.main([*args, "name=ffcv", "data.backend=ffcv", "data.on_corrupt=skip"]) == 2
     assert "data.on_corrupt" in capsys.readouterr().err
 
