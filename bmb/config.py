@@ -107,6 +107,10 @@ class DataConfig:
                     "stream (shards split by global worker id, read front to back: for network storage)",
                     choices=("index", "stream"))
     shuffle_buffer: int = _f(1000, "webdataset order=stream: per-worker shuffle buffer (samples)", ge=1)
+    on_corrupt: str = _f("error", "an undecodable image in the shards: error (stop, naming shard and key) or "
+                         "skip (webdataset: replaced by a valid sample of the batch, logged, counted as "
+                         "corrupt_skipped in train.jsonl/metrics.jsonl; refused by ffcv/dali; tensor: no decoding)",
+                         choices=("error", "skip"))
 
 
 @dataclass

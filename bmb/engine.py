@@ -517,6 +517,11 @@ class Trainer:
                 raw = "raw_" + self.algorithm.eval_head
                 row.update({f"{other}_top1": res[other].top1, f"{other}_mean_recall": res[other].mean_recall,
                             f"{raw}_top1": res[raw].top1, f"{raw}_mean_recall": res[raw].mean_recall})
+        if hasattr(self.stream, "skipped"):  # corrupt training images skipped so far (this rank)
+            row["corrupt_skipped"] = self.stream.skipped
+        for split, source in self.eval_sources.items():  # ... and in this evaluation's passes
+            if hasattr(source, "skipped"):
+                row[f"{split}_corrupt_skipped"] = source.skipped
         stats = self.algorithm.eval_stats()
         if stats:  # BMB: the bank's histogram and N-hat, with the engine's get histogram
             row.update(stats)
@@ -576,6 +581,8 @@ class Trainer:
                     running = None
                     if bar is not None:
                         bar.set_postfix(loss=f"{avg['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2g}")
+                    if hasattr(self.stream, "skipped"):  # data.on_corrupt=skip: images skipped so far
+                        avg["corrupt_skipped"] = self.stream.skipped
                     self._log_scalars("train", avg)
                 if self.step % cfg.train.eval_every == 0 or self.step == total:
                     row = self.evaluate()

@@ -73,6 +73,10 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
         options["num_workers"] = d.workers
     elif backend == "dali":
         options["num_threads"] = max(d.workers, 1)
+    try:
+        options.update(pipelines.corrupt_options(backend, d.on_corrupt))
+    except ValueError as e:
+        raise ConfigError(f"data.on_corrupt: {e}") from e
     if backend != "tensor" and d.crop == "rrc":
         options["load_size"] = d.load_size
     t = cfg.train

@@ -10,6 +10,9 @@ ffcv       the ``.beton`` files (``--formats ffcv``); ``pip install bmb[ffcv]``
 dali       the tar shards via ``fn.readers.webdataset``; GPU decode; ``pip install bmb[dali]``
 ========== ============================================================================
 
+Before a backend is built, the labels it will read are re-counted against the manifest's
+per-class counts (:mod:`pipelines.checks`); a changed split stops the run at start.
+
 Backend modules are imported lazily so a missing optional package only matters when that
 backend is asked for.
 """
@@ -28,9 +31,11 @@ __all__ = [
     "BACKENDS",
     "Batch",
     "EvalSource",
+    "ON_CORRUPT",
     "TrainStream",
     "build_eval_source",
     "build_train_stream",
+    "corrupt_options",
 ]
 
 # name -> (module, pip extra or None when only core dependencies are needed)
@@ -131,6 +136,49 @@ def _check_dataset(dataset: Any) -> None:
         raise ValueError(f"dataset directory {dataset} does not exist")
 
 
+def _check_labels(
+    dataset: Any, name: str, splits: tuple[str, ...], options: dict[str, Any]
+) -> None:
+    """The start-of-run label check (:mod:`pipelines.checks`) for a dataset directory."""
+    if isinstance(dataset, dict) or not (Path(dataset) / "manifest.json").is_file():
+        return  # in-memory splits / bare arrays: no manifest to check against
+    if name == "webdataset" and options.get("order") == "stream":
+        return  # no up-front random access in that mode (see pipelines.checks)
+    from pipelines.checks import check_labels
+
+    check_labels(Path(dataset), name, splits)
+
+
+ON_CORRUPT = ("error", "skip")
+
+
+def corrupt_options(backend: str, on_corrupt: str) -> dict[str, Any]:
+    """Backend options for the run's corrupt-image policy (config ``data.on_corrupt``).
+
+    ``"error"`` stops on the first undecodable image, naming shard and key; ``"skip"`` replaces
+    it by a copy of a valid sample of the same batch (with that sample's label and index),
+    logs it and counts it in the stream's ``skipped``. The ``webdataset`` readers (both
+    orders) implement both; ``tensor`` decodes nothing (no option); ``ffcv`` and ``dali``
+    decode inside their own libraries, which stop on a corrupt image, so ``"skip"`` is refused
+    for them (check the shards first with ``bmb-shards verify --decode``).
+
+    Raises:
+        ValueError: unknown policy, or ``"skip"`` with ``ffcv``/``dali``.
+    """
+    name = _resolve(backend)
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+    if name == "webdataset":
+        return {"on_corrupt": "raise" if on_corrupt == "error" else "skip"}
+    if name in ("ffcv", "dali") and on_corrupt == "skip":
+        raise ValueError(
+            f"on_corrupt=skip is not supported by the {name!r} backend (it decodes inside "
+            f"{name.upper()}, which stops on a corrupt image); use the webdataset backend, or "
+            "find bad samples first with `bmb-shards verify --decode DIR`"
+        )
+    return {}
+
+
 def build_train_stream(
     backend: str,
     dataset: str | Path | dict[str, Any],
@@ -161,12 +209,14 @@ def build_train_stream(
         A :class:`~pipelines.base.TrainStream` yielding :class:`~pipelines.base.Batch`.
 
     Raises:
-        ValueError: unknown backend or option, or a bad dataset.
+        ValueError: unknown backend or option, or a bad dataset -- including labels that do
+            not match the manifest's per-class counts (:mod:`pipelines.checks`).
         ImportError: the backend's optional package is missing (names the pip extra).
     """
     name = _resolve(backend)
     _check_options(name, options, _TRAIN_OPTIONS[name])
     _check_dataset(dataset)
+    _check_labels(dataset, name, ("labeled", "unlabeled"), options)
     common = dict(
         labeled_batch=labeled_batch,
         unlabeled_batch=unlabeled_batch,
@@ -214,6 +264,7 @@ def build_eval_source(
     name = _resolve(backend)
     _check_options(name, options, _EVAL_OPTIONS[name])
     _check_dataset(dataset)
+    _check_labels(dataset, name, (split,), options)
     if name == "tensor":
         from pipelines.tensor import TensorEval
 

@@ -271,13 +271,17 @@ class _EvalBatches(Dataset):
 
     def __getitem__(self, j: int):
         sl = slice(j * self.bs, (j + 1) * self.bs)
-        x, y, _, _ = self.reader.read_batch(self.idx[sl].numpy())
-        return x, y, self.valid[sl]
+        x, y, _, skipped = self.reader.read_batch(self.idx[sl].numpy())
+        return x, y, self.valid[sl], skipped
 
 
 class WdsEval:
     """One pass over a split's shards (an :class:`~pipelines.base.EvalSource`); same batch
-    layout and rank split as :class:`~pipelines.tensor.TensorEval`."""
+    layout and rank split as :class:`~pipelines.tensor.TensorEval`.
+
+    With ``on_corrupt="skip"``, :attr:`skipped` counts the corrupt images replaced in the
+    latest pass.
+    """
 
     def __init__(
         self,
@@ -307,6 +311,7 @@ class WdsEval:
         pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
         self._ds = _EvalBatches(reader, idx, valid, batch_size)
         self._args = (num_workers, pin, prefetch_factor)
+        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -316,7 +321,11 @@ class WdsEval:
         loader = _loader(
             self._ds, range(len(self._ds)), min(num_workers, len(self._ds)), pin, prefetch
         )
-        for x, y, valid in loader:
+        self.skipped = 0
+        for x, y, valid, skipped in loader:
+            if skipped:
+                self.skipped += int(skipped)
+                log.warning("%d corrupt evaluation images skipped in this pass", self.skipped)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
 

@@ -1,8 +1,8 @@
 """``bmb-shards`` / ``python -m shards``: build the paper's long-tailed SSL datasets as shards.
 
 Commands: ``cifar-lt``, ``imagenet127``, ``imagenet-lt``, ``subset-lt``, ``demo`` (build), ``verify`` and
-``info`` (inspect). Exit status: 0 ok, 1 ``verify`` found a problem, 2 bad input, 130
-interrupted (re-run the same command to resume).
+``info`` (inspect). Exit status: 0 ok, 1 ``verify`` found a problem, 2 bad input (also: another
+build holds ``--out``'s lock), 130 interrupted (re-run the same command to resume).
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ def _formats(text: str) -> list[str]:
 
 def _add_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    g.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="dataset directory to create (locked by .bmb-shards.lock while building: a second "
+        "build of it fails at once). Re-running resumes an interrupted build and rebuilds files "
+        "of a finished one that are missing or changed size",
+    )
     g.add_argument(
         "--formats",
         type=_formats,
@@ -65,7 +72,9 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a different dataset already in --out (only a shards dataset is deleted)",
+        help="replace a different dataset already in --out: deletes exactly the files its own "
+        "manifest.json / .shards-progress.json list; refuses (deleting nothing), naming them, "
+        "if --out holds any other file or a manifest.json not written by bmb-shards",
     )
 
 
@@ -219,8 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed (0)")
     _add_output(p)
 
-    p = sub.add_parser("verify", help="re-hash every file and re-count samples")
+    p = sub.add_parser(
+        "verify",
+        help="re-hash every file and re-count samples (--decode: also decode every image)",
+        description="Re-hash every file a dataset's manifest lists and re-count its samples and "
+        "labels. With --decode also decode every image and report each undecodable sample by "
+        "shard and key (what a training run would otherwise find only when it draws it). Exit "
+        "status 1 when anything is wrong.",
+    )
     p.add_argument("dir", type=Path, help="dataset directory")
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="also decode every image of every shard and list each undecodable sample "
+        "(shard, key)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="--decode: decode processes, one shard each at a time (default: min(8, CPUs))",
+    )
+    p.add_argument("--no-progress", action="store_true", help="--decode: no progress bar")
     p = sub.add_parser("info", help="print a dataset's summary")
     p.add_argument("dir", type=Path, help="dataset directory")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -336,12 +365,18 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "verify":
             from shards.verify import verify_dataset
 
-            problems = verify_dataset(a.dir)
+            problems = verify_dataset(
+                a.dir, decode=a.decode, workers=a.workers, progress=not a.no_progress
+            )
             for p in problems:
                 print(f"FAIL {p}", file=sys.stderr)
             if problems:
+                print(f"{len(problems)} problem(s) in {a.dir}", file=sys.stderr)
                 return 1
-            print(f"OK {a.dir}: every file matches its manifest")
+            print(
+                f"OK {a.dir}: every file matches its manifest"
+                + ("; every image decodes" if a.decode else "")
+            )
             return 0
         if a.command == "info":
             m = load_manifest(a.dir)

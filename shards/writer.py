@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from shards import manifest as mf
+from shards import outdir as od
 from shards.tario import (
     JPEG_QUALITY,
     PNG_COMPRESS_LEVEL,
@@ -250,7 +249,10 @@ class _SplitSink:
         final = self.b.out / self.shard_file(sid)
         os.replace(tmp, final)
         a, z = self.shard_range(sid)
-        self.b.record_done(self.shard_file(sid), {"count": z - a, "sha256": sha256_file(final)})
+        self.b.record_done(
+            self.shard_file(sid),
+            {"count": z - a, "sha256": sha256_file(final), "size": final.stat().st_size},
+        )
         self.cur = None
 
     def abort(self) -> None:
@@ -269,7 +271,10 @@ class _SplitSink:
             with open(tmp, "wb") as fh:
                 TarShardWriter(fh).close()
             os.replace(tmp, final)
-            self.b.record_done(self.shard_file(0), {"count": 0, "sha256": sha256_file(final)})
+            self.b.record_done(
+                self.shard_file(0),
+                {"count": 0, "sha256": sha256_file(final), "size": final.stat().st_size},
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +300,9 @@ class DatasetBuilder:
         workers: encoding processes; ``<= 1`` encodes in this process.
         max_side: JPEG only: longest side after the optional build-time resize.
         progress: show a tqdm bar on stderr.
-        overwrite: delete an existing dataset at ``out_dir`` (only if it is a shards dataset).
+        overwrite: replace an existing dataset at ``out_dir``: deletes exactly the files its
+            own manifest / progress record list, and refuses (deleting nothing) when ``out_dir``
+            holds anything else or a ``manifest.json`` not written by this tool.
     """
 
     def __init__(
@@ -354,6 +361,7 @@ class DatasetBuilder:
         self.overwrite = overwrite
         self.encoding = encoding
         self.meta: dict[str, Any] = {
+            "tool": od.TOOL,  # ownership marker: only such a manifest's files are ever deleted
             "format_version": mf.FORMAT_VERSION,
             "tool_version": mf.TOOL_VERSION,
             "name": name,
@@ -367,7 +375,7 @@ class DatasetBuilder:
             "formats": self.formats,
         }
         ident = {
-            **{k: v for k, v in self.meta.items() if k not in ("tool_version",)},
+            **{k: v for k, v in self.meta.items() if k not in ("tool_version", "tool")},
             "source": None
             if source is None
             else {k: v for k, v in source.items() if k != "path"},  # moving the source is ok
@@ -381,33 +389,74 @@ class DatasetBuilder:
         self.done: dict[str, dict[str, Any]] = {}
         self.sinks: dict[str, _SplitSink] = {}
         self.stats = {"encoded": 0, "seconds": 0.0, "resumed_shards": 0, "up_to_date": False}
+        self._lock: od.BuildLock | None = None
 
     # -- out-dir state ------------------------------------------------------------------------
 
     def _prepare_out(self) -> dict[str, Any] | None:
-        """Check ``out`` and load resume state; returns the manifest if already complete."""
+        """Lock ``out``, check it and load resume state; returns the manifest if complete.
+
+        Only files that our own manifest / progress record list are ever deleted or reused
+        (:mod:`shards.outdir`); a complete build is "up to date" only if every listed file
+        exists with its recorded size, otherwise the missing files are rebuilt.
+        """
         out = self.out
         man, prog = out / mf.MANIFEST, out / PROGRESS
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out}: exists and is not a directory")
-        ours = man.exists() or prog.exists()
-        if self.overwrite and ours:
-            self._clear()
-        elif man.exists():
-            try:
-                old = json.loads(man.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{man}: not valid JSON ({e}); use --overwrite") from e
-            if old.get("build_id") == self.build_id:
+        out.mkdir(parents=True, exist_ok=True)
+        self._lock = od.BuildLock(out)
+        self._lock.acquire()
+        old = od.read_json(man) if man.exists() else None
+        state = od.read_json(prog) if prog.exists() else None
+        if man.exists() and not od.manifest_is_ours(old):
+            raise ValueError(
+                f'--out {out}: {man} was not written by bmb-shards (no "tool": '
+                f'"{od.TOOL}" marker, or not a valid format-v1 manifest); refusing to touch '
+                "anything in this directory, --overwrite included. Choose another --out"
+            )
+        if prog.exists() and not od.progress_is_ours(state):
+            raise ValueError(
+                f"--out {out}: {prog} is not a bmb-shards progress record; refusing to touch "
+                "this directory. Choose another --out"
+            )
+        if self.overwrite and (old is not None or state is not None):
+            owned = od.owned_files(old, state)
+            unknown = od.unknown_files(out, owned)
+            if unknown:
+                raise ValueError(
+                    f"--out {out}: --overwrite deletes only files listed in the dataset's "
+                    "manifest.json / .shards-progress.json, and this directory also holds "
+                    f"other files: {od.describe(unknown)}. Nothing was deleted; move those "
+                    "files away or choose another --out"
+                )
+            n = od.delete_owned(out, owned)
+            self._say(f"{out}: --overwrite deleted {n} file(s) of the previous build")
+            old = state = None
+        if old is not None:
+            if old.get("build_id") != self.build_id:
+                raise ValueError(
+                    f"--out {out} already holds a different dataset ({old.get('name')!r}, "
+                    f"build_id {str(old.get('build_id'))[:12]}); choose another --out or pass "
+                    "--overwrite to replace it (it deletes only the files its manifest lists)"
+                )
+            bad = od.check_complete(out, old)
+            if not bad:
                 self.stats["up_to_date"] = True
                 return mf.load_manifest(out)
-            raise ValueError(
-                f"--out {out} already holds a different dataset ({old.get('name')!r}, "
-                f"build_id {str(old.get('build_id'))[:12]}); choose another --out or pass "
-                "--overwrite to replace it"
+            print(
+                f"WARNING: {out} holds this dataset, but {len(bad)} file(s) its manifest lists "
+                f"are missing or changed size: {od.describe(bad)}; rebuilding them (the build "
+                "is deterministic: the result is byte-identical to a fresh build)",
+                file=sys.stderr,
             )
-        elif prog.exists():
-            state = json.loads(prog.read_text())
+            # Back to an unfinished build whose done files are the manifest's: the resume path
+            # below re-hashes what is there and rebuilds the rest.
+            state = {"build_id": self.build_id, "done": self._done_from_manifest(old)}
+            self.done = {}
+            mf.atomic_write_text(prog, mf.dumps({**state, "tool": od.TOOL}))
+            man.unlink()
+        if state is not None:
             if state.get("build_id") != self.build_id:
                 raise ValueError(
                     f"--out {out} holds an unfinished build of a different dataset "
@@ -418,13 +467,15 @@ class DatasetBuilder:
                 if p.is_file() and sha256_file(p) == rec.get("sha256"):
                     self.done[rel] = rec
             self.stats["resumed_shards"] = len(self.done)
-        elif out.is_dir() and any(out.iterdir()):
-            raise ValueError(
-                f"--out {out}: directory is not empty and is not a shards dataset; refusing to "
-                "write into it (choose an empty or new directory)"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        for s in ("", *mf.SPLITS):  # temp files of an interrupted run
+        else:
+            unknown = od.unknown_files(out, set())
+            if unknown:
+                raise ValueError(
+                    f"--out {out}: directory is not empty and is not a shards dataset "
+                    f"({od.describe(unknown)}); refusing to write into it (choose an empty or "
+                    "new directory)"
+                )
+        for s in ("", *mf.SPLITS):  # temp files of an interrupted run (we hold the lock)
             d = out / s
             if d.is_dir():
                 for t in d.glob(".*.tmp-*"):
@@ -432,16 +483,36 @@ class DatasetBuilder:
         self._save_progress()
         return None
 
-    def _clear(self) -> None:
-        for s in mf.SPLITS:
-            shutil.rmtree(self.out / s, ignore_errors=True)
-        for f in (mf.MANIFEST, PROGRESS):
-            (self.out / f).unlink(missing_ok=True)
+    @staticmethod
+    def _done_from_manifest(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Progress records equivalent to a finished manifest's files."""
+        done: dict[str, dict[str, Any]] = {}
+        for sp in m["splits"].values():
+            for sh in sp["shards"]:
+                done[sh["file"]] = {k: v for k, v in sh.items() if k != "file"}
+            a = sp.get("arrays")
+            if a:
+                for k in ("images", "labels"):
+                    rec = {"sha256": a["sha256"][k]}
+                    if isinstance(a.get("size"), dict) and k in a["size"]:
+                        rec["size"] = a["size"][k]
+                    done[a[k]] = rec
+            f = sp.get("ffcv")
+            if f:
+                done[f["file"]] = {k: v for k, v in f.items() if k != "file"}
+        return done
 
     def _save_progress(self) -> None:
         mf.atomic_write_text(
             self.out / PROGRESS,
-            mf.dumps({"build_id": self.build_id, "name": self.meta["name"], "done": self.done}),
+            mf.dumps(
+                {
+                    "tool": od.TOOL,
+                    "build_id": self.build_id,
+                    "name": self.meta["name"],
+                    "done": self.done,
+                }
+            ),
         )
 
     def record_done(self, rel: str, rec: dict[str, Any]) -> None:
@@ -457,11 +528,23 @@ class DatasetBuilder:
     def run(self, make_jobs: Callable[[DatasetBuilder], Iterable[Job]]) -> dict[str, Any]:
         """Build everything and return the manifest.
 
+        Holds ``out``'s build lock (:class:`shards.outdir.BuildLock`) from start to end.
+
         Args:
             make_jobs: called with this builder once resume state is known; yields the jobs in
                 order (per split, consecutive index ranges; splits may interleave). It should
                 skip ranges for which :meth:`pending` is false.
+
+        Raises:
+            shards.outdir.OutDirLocked: another live build holds ``out``.
         """
+        try:
+            return self._run(make_jobs)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self, make_jobs: Callable[[DatasetBuilder], Iterable[Job]]) -> dict[str, Any]:
         done = self._prepare_out()
         if done is not None:
             self._say(f"{self.out}: already holds this dataset, complete; nothing to do")
@@ -567,8 +650,10 @@ class DatasetBuilder:
                         os.replace(tmp, final)
                     finally:
                         tmp.unlink(missing_ok=True)
-                    self.record_done(rel, {"sha256": sha256_file(final)})
-                res[(s, "ffcv")] = {"file": rel, "sha256": self.done[rel]["sha256"]}
+                    self.record_done(
+                        rel, {"sha256": sha256_file(final), "size": final.stat().st_size}
+                    )
+                res[(s, "ffcv")] = {"file": rel, **self.done[rel]}
         return res
 
     def _arrays(self, s: str, sk: _SplitSink, files: list[Path]) -> dict[str, Any]:
@@ -596,13 +681,19 @@ class DatasetBuilder:
             finally:
                 tmp_i.unlink(missing_ok=True)
                 tmp_l.unlink(missing_ok=True)
-            self.done[rel_i] = {"sha256": sha256_file(final_i)}
-            self.record_done(rel_l, {"sha256": sha256_file(final_l)})
-        return {
+            self.done[rel_i] = {"sha256": sha256_file(final_i), "size": final_i.stat().st_size}
+            self.record_done(
+                rel_l, {"sha256": sha256_file(final_l), "size": final_l.stat().st_size}
+            )
+        out = {
             "images": rel_i,
             "labels": rel_l,
             "sha256": {"images": self.done[rel_i]["sha256"], "labels": self.done[rel_l]["sha256"]},
         }
+        sizes = {k: self.done[r].get("size") for k, r in (("images", rel_i), ("labels", rel_l))}
+        if all(isinstance(v, int) for v in sizes.values()):
+            out["size"] = sizes
+        return out
 
 
 def _pool(workers: int) -> Any:

@@ -253,6 +253,27 @@ def test_missing_beton_names_the_file(dataset, tmp_path):
         build_train_stream("ffcv", root, labeled_batch=2, unlabeled_batch=2)
 
 
+@pytest.mark.skipif(not HAS_FFCV, reason="no ffcv")
+def test_changed_beton_labels_stop_the_ffcv_backend_at_start(dataset, tmp_path):
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
+
+    root = _copy(dataset[0], tmp_path)
+    path = root / "labeled" / "labeled.beton"
+    r = Reader(str(path))
+    row, field = 0, f"f{r.field_names.index('label')}"
+    old = int(r.metadata[field][row])
+    new = (old + 1) % NUM_CLASSES
+    at = HeaderType.itemsize + r.field_descriptors.nbytes + r.metadata.dtype.fields[field][1]
+    with open(path, "r+b") as f:  # the label of row 0, in the beton's metadata table
+        f.seek(at + row * r.metadata.dtype.itemsize)
+        f.write(np.int64(new).tobytes())
+    with pytest.raises(
+        ValueError, match=rf"split 'labeled'.*labeled\.beton.*class {min(old, new)}"
+    ):
+        build_train_stream("ffcv", root, labeled_batch=2, unlabeled_batch=2)
+
+
 def test_factory_rejects_unknown_backend_and_option(dataset):
     root, _ = dataset
     with pytest.raises(ValueError, match="'nope'"):
