@@ -84,7 +84,9 @@ def build_jpeg(root: Path, n: int, ffcv: bool = False) -> None:
         if ffcv and split != "test":
             from shards.ffcv_out import write_beton
 
-            write_beton(root / f"{split}.beton", [root / rel], np.arange(k) % 10, "jpg")
+            write_beton(
+                root / f"{split}.beton", [root / rel], np.arange(k) % 10, "jpg", np.arange(k)
+            )
             beton = {"file": f"{split}.beton", "sha256": ""}
         splits[split] = {
             "count": k,
