@@ -16,7 +16,8 @@ version of the writer and the readers):
 
 Backends whose package is missing, or whose files the dataset lacks, print ``n/a``. Every
 reader runs with its defaults (webdataset ``num_workers=2``, ``order="stream"`` buffer 1000;
-DALI's default buffer) except ``num_threads``/``num_workers`` fixed for a 2-core machine.
+DALI's default buffer) except ``num_threads``/``num_workers`` fixed for a 2-core machine; the
+"1 reader" row streams all shards through one buffer (``num_workers=0``), the worst case.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CASES = [
     ("tensor", "tensor", {}),
     ("webdataset order=index", "webdataset", {"num_workers": 2}),
     ("webdataset order=stream", "webdataset", {"num_workers": 2, "order": "stream"}),
+    ("webdataset order=stream, 1 reader", "webdataset", {"num_workers": 0, "order": "stream"}),
     ("ffcv order=exact", "ffcv", {"num_workers": 2}),
     ("ffcv order=quasi_random", "ffcv", {"num_workers": 2, "order": "quasi_random"}),
     ("dali", "dali", {"num_threads": 2}),
