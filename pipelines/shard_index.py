@@ -105,15 +105,15 @@ def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
                           ("gamma_u", "--gamma-u")):  # fmt: skip
             args += [flag, num(rule[key])]
     elif name == "imagenet127":
-        args = ["imagenet127", "--source", path, "--meta-dir", "<class-map folder>",
+        args = ["imagenet127", "--source", path, "--meta-dir", "<class-map-folder>",
                 "--labeled-ratio", num(rule["labeled_ratio"])]  # fmt: skip
     elif name == "imagenet-lt":
-        args = ["imagenet-lt", "--imagenet-root", path, "--split-lists", "<split-list folder>",
+        args = ["imagenet-lt", "--imagenet-root", path, "--split-lists", "<split-list-folder>",
                 "--labeled-ratio", num(rule["labeled_ratio"])]  # fmt: skip
         if rule.get("max_side"):
             args += ["--max-side", str(rule["max_side"])]
     else:
-        args = ["<command>", "<options as for the original build>"]
+        args = ["<command>", "<options-of-the-original-build>"]
     args += ["--seed", str(manifest.get("seed", 0))]
     formats = ["wds"]
     for fmt in ("arrays", "ffcv"):

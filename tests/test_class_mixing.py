@@ -163,3 +163,30 @@ def test_the_named_command_rebuilds_the_same_samples_shuffled(class_sorted, tmp_
         warnings.simplefilter("error")  # the rebuilt dataset streams without a warning
         build_train_stream("webdataset", old, labeled_batch=4, unlabeled_batch=8,
                            order="stream", num_workers=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rule,source",
+    [
+        ({"rule": "cifar-lt", "n1": 1500, "m1": 3000, "gamma_l": 100.0, "gamma_u": 100.0},
+         {"kind": "cifar10", "path": "/data/cifar-10-python.tar.gz"}),
+        ({"rule": "subset-lt", "n1": 300, "m1": 600, "gamma_l": 10.0, "gamma_u": 1.0,
+          "classes": [0, 1, 2]}, {"kind": "imagenet32", "path": "/data/Imagenet32"}),
+        ({"rule": "imagenet127", "labeled_ratio": 0.01, "rounding": "floor"},
+         {"kind": "imagenet64", "path": "/data/Imagenet64"}),
+        ({"rule": "imagenet-lt", "labeled_ratio": 0.2, "rounding": "ceil", "max_side": 320},
+         {"kind": "imagenet-lt", "path": "/data/ILSVRC2012"}),
+    ],
+)  # fmt: skip
+def test_rebuild_command_parses_for_every_builder(rule, source):
+    from pipelines.shard_index import rebuild_command
+    from shards.cli import build_parser
+
+    shard = {"file": "x", "count": 1000, "sha256": ""}
+    split = {"count": 2000, "shards": [shard, shard], "arrays": None, "ffcv": None}
+    m = {"split_rule": rule, "source": source, "seed": 3, "splits": {"unlabeled": split}}
+    cmd = rebuild_command(Path("/data/out"), m)
+    argv = shlex.split(cmd.replace("<", "").replace(">", ""))
+    a = build_parser().parse_args(argv[1:])
+    assert a.command == rule["rule"] and a.seed == 3 and a.shard_size == 1000 and a.overwrite
+    assert str(a.out) == "/data/out" and a.formats == ["wds"]
