@@ -310,7 +310,7 @@ class DatasetBuilder:
         image_size: ``[H, W]`` or ``None`` for variable-size images.
         source: ``{"kind", "path", "checksum"}`` record of the input.
         split_rule: the rule and its parameters.
-        seed: split seed.
+        seed: split seed; also seeds the training splits' write order (:mod:`shards.order`).
         formats: subset of ``("wds", "arrays", "ffcv")``; ``wds`` is always written.
         shard_size: samples per tar shard (default 5000 for PNG, 1000 for JPEG).
         workers: encoding processes; ``<= 1`` encodes in this process.
