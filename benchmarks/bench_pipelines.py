@@ -4,6 +4,7 @@
 DataLoader workers).
 
     .venv/bin/python benchmarks/bench_pipelines.py [--steps 20] [--sizes 32 64 224]
+        [--backends webdataset tensor ffcv dali]   (the naive baseline always runs)
 
 Prints one markdown table. Synthetic data (smooth images, so PNG/JPEG sizes are realistic):
 32/64 px as lossless PNG shards + arrays + .beton, 224 px as full-res JPEG shards (~320x280)
@@ -84,7 +85,9 @@ def build_jpeg(root: Path, n: int, ffcv: bool = False) -> None:
         if ffcv and split != "test":
             from shards.ffcv_out import write_beton
 
-            write_beton(root / f"{split}.beton", [root / rel], np.arange(k) % 10, "jpg")
+            write_beton(
+                root / f"{split}.beton", [root / rel], np.arange(k) % 10, "jpg", np.arange(k)
+            )
             beton = {"file": f"{split}.beton", "sha256": ""}
         splits[split] = {
             "count": k,
@@ -164,14 +167,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where batches are delivered and augmented")
     ap.add_argument("--workers", type=int, default=2,
                     help="decode workers/threads of every pipeline, the naive one included")
+    ap.add_argument("--backends", nargs="+", default=["webdataset", "tensor", "ffcv", "dali"],
+                    help="backends to time beside the naive baseline (default: all installed)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     keep_freed_memory()  # as launch/train.py does: every pipeline, the naive one included
 
-    has_ffcv = importlib.util.find_spec("ffcv") is not None
+    has_ffcv = importlib.util.find_spec("ffcv") is not None and "ffcv" in args.backends
     has_dali = (
         importlib.util.find_spec("nvidia") is not None
         and importlib.util.find_spec("nvidia.dali") is not None
+        and "dali" in args.backends
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,8 +200,10 @@ def main() -> None:
             res = {naive: time_naive(root, size, fixed, views, steps, args.workers)}
             kw = dict(labeled_batch=BL, unlabeled_batch=BU, device=args.device)
             w = args.workers
-            cands = {f"webdataset ({w} workers)": ("webdataset", {"num_workers": w})}
-            if fixed:
+            cands = {}
+            if "webdataset" in args.backends:
+                cands[f"webdataset ({w} workers)"] = ("webdataset", {"num_workers": w})
+            if fixed and "tensor" in args.backends:
                 cands["tensor"] = ("tensor", {})
             if has_ffcv:
                 cands[f"ffcv ({w} threads)"] = ("ffcv", {"num_workers": w})

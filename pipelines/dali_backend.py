@@ -3,7 +3,23 @@
 Decode runs in DALI: ``decoders.image(device="mixed")`` (nvJPEG) when ``device`` is CUDA, else
 a CPU pipeline with ``device_id=None``. Sampling is DALI's own (the reader splits the split's
 samples into ``world_size`` contiguous shards, one per rank, and shuffles within a buffer;
-every rank's stream is infinite, so step counts are equal). Resume uses DALI's pipeline
+every rank's stream is infinite, so step counts are equal).
+
+Class mixing comes from the data, not the buffer: the training splits are written in a seeded
+shuffled order (docs/datasets.md, "Sample order"), so any run of consecutive samples -- a
+rank's contiguous part, a buffer's worth -- is a uniform sample of the split. The shuffle buffer
+(``initial_fill``) then only has to keep the same samples from meeting in the same batch every
+epoch (DALI reads a rank's part in the same order each epoch): by default it holds
+``max(1024, 4 * batch)`` samples, so each sample moves across several batch boundaries, at a
+memory cost of that many *encoded* samples per stream (about 3 MB for 32 px PNGs, 110 MB for
+full-resolution ImageNet JPEGs at 1024). Datasets built before the shuffled order are in class
+order; a buffer would need most of the split to mix them, so the reader warns and names the
+``bmb-shards`` command that rebuilds them.
+
+The builder writes DALI's tar index files (``<split>-NNNNNN.idx``, ``wds2idx`` format) beside
+the shards and the manifest lists them; they are passed as ``index_paths``, so a pipeline does
+not parse every tar header when it starts. For older datasets without them DALI builds the
+index itself in memory at start-up (nothing is written into the dataset directory). Resume uses DALI's pipeline
 checkpointing (``enable_checkpointing``): the reader position is serialized into the state.
 Orders therefore differ from the tensor/webdataset/ffcv backends (same samples, other order).
 """
@@ -17,10 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.backend import TensorListGPU
 
 from pipelines.base import Batch
 from pipelines.sampling import check_rank, eval_rank_indices
-from pipelines.shard_index import load_manifest, output_size, split_info
+from pipelines.shard_index import load_manifest, output_size, split_info, warn_if_class_sorted
+
+MIN_SHUFFLE_BUFFER = 1024
 
 
 def _paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
@@ -33,21 +52,55 @@ def _paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
     return out
 
 
+def _index_paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
+    """The shards' DALI index files, or ``[]`` (DALI indexes the tars itself) when any is
+    missing (datasets built before the builder wrote them)."""
+    out = []
+    for entry in split_info(root, manifest, split)["shards"]:
+        rec = entry.get("dali_index")
+        if not rec or not (root / rec["file"]).is_file():
+            return []
+        out.append(str(root / rec["file"]))
+    return out
+
+
+def shuffle_buffer_size(requested: int | None, batch: int, samples: int) -> int:
+    """``initial_fill`` of a stream: ``requested``, or ``max(1024, 4 * batch)`` (see the module
+    docstring), never more than the rank's ``samples``."""
+    size = int(requested) if requested is not None else max(MIN_SHUFFLE_BUFFER, 4 * batch)
+    if size < 1:
+        raise ValueError(f"dali shuffle_buffer must be >= 1, got {requested}")
+    return max(1, min(size, samples))
+
+
 def _decode_ascii(batch: Any) -> torch.Tensor:
     # .cls/.idx are ASCII decimals of a few bytes: parsing B of them is negligible.
     return torch.tensor([int(bytes(np.asarray(s)).decode()) for s in batch], dtype=torch.int64)
 
 
 def _to_torch(images: Any) -> torch.Tensor:
-    if hasattr(images, "as_cpu"):
-        images = images.as_cpu()
-    arr = np.stack([np.asarray(images[i]) for i in range(len(images))])  # (B, H, W, 3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    """uint8 ``(B, 3, H, W)`` from a DALI batch of ``(H, W, 3)`` images, in one bulk copy.
+
+    A CPU batch is viewed as one dense numpy array (no copy) and copied once, straight into
+    NCHW. A GPU batch (``mixed`` decode) stays on the GPU: DALI's PyTorch plugin copies it into
+    a CUDA tensor on the current stream, which is then made NCHW there -- no host round trip.
+    The result never aliases DALI's buffers, which the next ``run()`` reuses.
+    """
+    dense = images.as_tensor()  # (B, H, W, 3): every sample has the output size
+    if isinstance(images, TensorListGPU):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        out = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+        return out.permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.asarray(dense)).permute(0, 3, 1, 2).contiguous()
 
 
 def _pipe(
     paths: list[str],
     *,
+    index_paths: list[str],
     batch_size: int,
     seed: int,
     shard_id: int,
@@ -74,6 +127,7 @@ def _pipe(
     def pipe():
         img, cls, idx = fn.readers.webdataset(
             paths=paths,
+            index_paths=index_paths,
             ext=["png;jpg;jpeg", "cls", "idx"],
             missing_component_behavior="error",
             random_shuffle=shuffle,
@@ -105,7 +159,8 @@ class DaliStream:
         load_size: output square size for variable-size (JPEG) datasets.
         decode_device: ``"cpu"`` or ``"mixed"`` (default: mixed on CUDA devices).
         prefetch: DALI prefetch queue depth.
-        shuffle_buffer: reader shuffle buffer (samples).
+        shuffle_buffer: reader shuffle buffer (samples); default ``max(1024, 4 * batch)``
+            capped at the rank's part of the split (see the module docstring).
     """
 
     def __init__(
@@ -122,7 +177,7 @@ class DaliStream:
         load_size: int | None = None,
         decode_device: str | None = None,
         prefetch: int = 2,
-        shuffle_buffer: int = 1024,
+        shuffle_buffer: int | None = None,
     ) -> None:
         check_rank(rank, world_size)
         root, self.device = Path(root), torch.device(device)
@@ -130,10 +185,13 @@ class DaliStream:
         gpu = (decode_device or ("mixed" if self.device.type == "cuda" else "cpu")) == "mixed"
         if gpu and not torch.cuda.is_available():
             raise ValueError("dali decode_device='mixed' needs a CUDA device")
+        warn_if_class_sorted(root, manifest, "dali", ("labeled", "unlabeled"))
         self._cfg = {}
         for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
+            per_rank = int(split_info(root, manifest, name)["count"]) // world_size
             self._cfg[name] = dict(
                 paths=_paths(root, manifest, name),
+                index_paths=_index_paths(root, manifest, name),
                 batch_size=batch,
                 seed=seed + (0 if name == "labeled" else 1),
                 shard_id=rank,
@@ -144,7 +202,7 @@ class DaliStream:
                 out_hw=output_size(manifest, load_size),
                 num_threads=num_threads,
                 prefetch=prefetch,
-                buffer=shuffle_buffer,
+                buffer=shuffle_buffer_size(shuffle_buffer, batch, per_rank),
                 pad=False,
             )
         self._pipes: dict[str, Any] = {}
@@ -206,6 +264,7 @@ class DaliEval:
         # strided part, so the rank split equals the other backends'.
         self._cfg = dict(
             paths=_paths(root, manifest, split),
+            index_paths=_index_paths(root, manifest, split),
             batch_size=batch_size,
             seed=0,
             shard_id=0,
@@ -238,7 +297,7 @@ class DaliEval:
             # pad_last_batch repeats the last sample to fill the final batch: drop those.
             keep = (i % world == rank) & (torch.arange(len(i)) + read < self.n)
             read += len(i)
-            xs.append(x[keep])
+            xs.append(x[keep.to(x.device)])
             ys.append(y[keep])
             have += int(keep.sum())
             while have >= bs or (read >= self.n and have > 0):

@@ -9,6 +9,11 @@ Orders (option ``order``):
   than RAM) over this rank's static share ``r::R``; FFCV seeds it from ``seed + epoch``.
   Resume is exact too but costs decoding the skipped part of the epoch.
 
+Rows of a ``.beton`` are in the tar shards' file order (shuffled for the training splits, so
+``quasi_random``'s page-wise reading mixes classes); the stable index of each row is its
+``index`` field, read once from the file's metadata, and the ``exact`` order and evaluation
+passes map indices to rows through it.
+
 FFCV reuses its batch buffers, so every batch is copied out (``contiguous`` NCHW) before it is
 kept. Batches run across epoch boundaries like the other backends.
 """
@@ -24,6 +29,7 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.reader import Reader
 from ffcv.transforms import ToTensor, ToTorchImage
 
 from pipelines.base import Batch
@@ -44,6 +50,20 @@ def beton_path(root: Path, split: str, manifest: dict[str, Any]) -> Path:
     if not path.is_file():
         raise ValueError(f"missing FFCV file {path} (listed in manifest split {split!r})")
     return path
+
+
+def rows_of_indices(path: Path) -> np.ndarray:
+    """int64 ``(N,)``: the .beton row holding each stable index (from the ``index`` field)."""
+    reader = Reader(str(path))
+    index = np.asarray(reader.metadata[f"f{reader.field_names.index('index')}"], dtype=np.int64)
+    n = len(index)
+    if n and not np.array_equal(np.sort(index), np.arange(n)):
+        raise ValueError(
+            f"{reader.file_name}: the 'index' field is not a permutation of 0..{n - 1}"
+        )
+    rows = np.empty(n, dtype=np.int64)
+    rows[index] = np.arange(n)
+    return rows
 
 
 def _pipelines(manifest: dict[str, Any], load_size: int | None) -> dict[str, list]:
@@ -104,6 +124,7 @@ class _Split:
             pipelines=_pipelines(manifest, load_size),
         )
         self._fixed = _FixedOrder()
+        self._rows = rows_of_indices(path)
         if order == "exact":
             self.loader.traversal_order = self._fixed
         else:
@@ -116,7 +137,7 @@ class _Split:
         s = self.stream
         if self.order == "exact":
             perm = epoch_permutation(s.n, s.seed, s.stream, epoch)
-            share = np.ascontiguousarray(perm[s.rank :: s.world_size][: s.per_rank].numpy()[skip:])
+            share = self._rows[perm[s.rank :: s.world_size][: s.per_rank].numpy()[skip:]]
             self._fixed.order = share
             # Loader.__len__ (hence how many batches it yields) reads first_traversal_order.
             self.loader.first_traversal_order = share
@@ -282,6 +303,7 @@ class FfcvEval:
         idx, self._valid = eval_rank_indices(n, rank, world_size)
         self.device, self.world_size, self.batch_size = torch.device(device), world_size, batch_size
         self._n = idx.numel()
+        rows = rows_of_indices(path)
         self.loader = Loader(
             str(path),
             batch_size=batch_size,
@@ -289,7 +311,7 @@ class FfcvEval:
             order=OrderOption.SEQUENTIAL,
             os_cache=os_cache,
             drop_last=False,
-            indices=idx.numpy(),
+            indices=rows[idx.numpy()],
             pipelines=_pipelines(manifest, load_size),
         )
 

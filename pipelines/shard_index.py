@@ -4,12 +4,19 @@ A tar shard is seekable, so instead of streaming it we index its member headers 
 (``key -> image offset/size``, label, stable index) and then read any sample with one seek.
 That gives the webdataset backend the tensor backend's exact sampling semantics (global
 per-epoch permutation, equal rank shares, O(1) resume) over the same shard files.
+
+Training splits are written in a seeded shuffled order (``splits.<s>.order`` in the manifest,
+see docs/datasets.md "Sample order"); the index is keyed by each sample's stable index, never by
+its file position. Streaming readers call :func:`warn_if_class_sorted` for datasets built
+before that (no ``order`` record: the shards are in class order).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shlex
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,113 @@ def split_info(root: Path, manifest: dict[str, Any], split: str) -> dict[str, An
             f"{root / 'manifest.json'}: no split {split!r} (has {sorted(manifest['splits'])})"
         )
     return manifest["splits"][split]
+
+
+def file_order(manifest: dict[str, Any], split: str) -> np.ndarray:
+    """int64 ``(N,)``: the stable index of the sample at each file position of ``split``.
+
+    Mirrors ``shards.order.file_order`` (pipelines import nothing from shards): ``shuffled``
+    is ``numpy.random.RandomState(seed).permutation(count)``; no record or ``index`` is the
+    identity.
+    """
+    info = manifest["splits"][split]
+    n, rec = int(info["count"]), info.get("order")
+    if rec is None or rec.get("kind") == "index":
+        return np.arange(n, dtype=np.int64)
+    if rec.get("kind") == "shuffled":
+        return np.random.RandomState(int(rec["seed"])).permutation(n).astype(np.int64)
+    raise ValueError(f"split {split!r}: unknown sample order {rec!r} in manifest.json")
+
+
+def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
+    """The ``bmb-shards`` command that rebuilds the dataset at ``root`` with today's writer.
+
+    Everything the manifest records is filled in (split rule, seed, formats, shard size); what it
+    does not record (ImageNet-LT split-list and ImageNet127 class-map folders) is left as a
+    ``<placeholder>``. The command replaces the dataset in place (``--overwrite``).
+    """
+    rule = manifest.get("split_rule") or {}
+    source = manifest.get("source") or {}
+    kind, path = source.get("kind"), source.get("path") or "<source>"
+    name = rule.get("rule")
+
+    def num(x: Any) -> str:
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    args: list[str]
+    if name == "demo-lt":
+        args = ["demo"]
+        for key, flag in (
+            ("num_classes", "--num-classes"),
+            ("n1", "--n1"),
+            ("m1", "--m1"),
+            ("gamma_l", "--gamma-l"),
+            ("gamma_u", "--gamma-u"),
+            ("test_per_class", "--test-per-class"),
+            ("size", "--size"),
+        ):
+            if key in rule:
+                args += [flag, num(rule[key])]
+    elif name in ("cifar-lt", "subset-lt"):
+        if name == "cifar-lt":
+            args = ["cifar-lt", "--source", path, "--dataset", str(kind)]
+        else:
+            src_kind = "imagenet" if str(kind).startswith("imagenet") else str(kind)
+            args = ["subset-lt", "--source", path, "--source-kind", src_kind]
+            if rule.get("classes"):
+                args += ["--classes", ",".join(str(c) for c in rule["classes"])]
+        for key, flag in (("n1", "--n1"), ("m1", "--m1"), ("gamma_l", "--gamma-l"),
+                          ("gamma_u", "--gamma-u")):  # fmt: skip
+            args += [flag, num(rule[key])]
+    elif name == "imagenet127":
+        args = ["imagenet127", "--source", path, "--meta-dir", "<class-map-folder>",
+                "--labeled-ratio", num(rule["labeled_ratio"])]  # fmt: skip
+    elif name == "imagenet-lt":
+        args = ["imagenet-lt", "--imagenet-root", path, "--split-lists", "<split-list-folder>",
+                "--labeled-ratio", num(rule["labeled_ratio"])]  # fmt: skip
+        if rule.get("max_side"):
+            args += ["--max-side", str(rule["max_side"])]
+    else:
+        args = ["<command>", "<options-of-the-original-build>"]
+    args += ["--seed", str(manifest.get("seed", 0))]
+    formats = ["wds"]
+    for fmt in ("arrays", "ffcv"):
+        if any((sp or {}).get(fmt) for sp in manifest["splits"].values()):
+            formats.append(fmt)
+    args += ["--formats", ",".join(formats)]
+    counts = [int(e["count"]) for e in manifest["splits"]["unlabeled"]["shards"]]
+    if len(counts) > 1:  # a single shard's count is the split size, not the shard size
+        args += ["--shard-size", str(counts[0])]
+    args += ["--out", str(root), "--overwrite"]
+    return "bmb-shards " + " ".join(a if a.startswith("<") else shlex.quote(a) for a in args)
+
+
+def warn_if_class_sorted(
+    root: Path, manifest: dict[str, Any], reader: str, splits: tuple[str, ...]
+) -> bool:
+    """Warn when a streaming reader meets training splits written in class order.
+
+    Datasets built before the writer shuffled the training splits have no ``order`` record; a
+    reader that streams shards through a shuffle buffer then delivers batches of a few classes
+    (BatchNorm statistics, the unlabeled-count estimate, mask rate and memory bank all skew).
+
+    Returns:
+        Whether it warned.
+    """
+    sorted_ = [s for s in splits if (manifest["splits"][s].get("order") or {}).get("kind")
+               != "shuffled"]  # fmt: skip
+    if not sorted_:
+        return False
+    warnings.warn(
+        f"{root}: split(s) {', '.join(sorted_)} are stored in index (class) order (built before "
+        f"the shards were shuffled), so the {reader} reader, which streams shards through a "
+        "shuffle buffer, delivers batches of only a few classes. Rebuild the dataset (same "
+        f"samples, shuffled shards):\n    {rebuild_command(root, manifest)}\nor read it with "
+        "backend 'tensor', 'ffcv' or 'webdataset' order='index' (global permutations).",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 @dataclass
@@ -127,6 +241,7 @@ def build_index(root: Path, split: str, manifest: dict[str, Any] | None = None) 
     """
     manifest = manifest or load_manifest(root)
     info = split_info(root, manifest, split)
+    order = file_order(manifest, split)  # file position -> stable index
     shards, shard_no, offsets, sizes, labels, keys = [], [], [], [], [], []
     for s_i, entry in enumerate(info["shards"]):
         path = root / entry["file"]
@@ -149,10 +264,12 @@ def build_index(root: Path, split: str, manifest: dict[str, Any] | None = None) 
                 label, idx = int(small["cls"].decode()), int(small["idx"].decode())
             except ValueError as e:
                 raise ValueError(f"{path}: sample {key!r}: bad .cls/.idx ({e})") from e
-            if idx != len(keys):
+            pos = len(keys)
+            if pos >= len(order) or idx != order[pos]:
+                want = f"{order[pos]}" if pos < len(order) else "none"
                 raise ValueError(
-                    f"{path}: sample {key!r} has index {idx}, expected {len(keys)} "
-                    "(shards out of order)"
+                    f"{path}: sample {key!r} has index {idx}, expected {want} "
+                    "(shards out of order or not the manifest's)"
                 )
             shard_no.append(s_i)
             offsets.append(members[img[0]][0])
@@ -160,6 +277,16 @@ def build_index(root: Path, split: str, manifest: dict[str, Any] | None = None) 
             labels.append(label)
             keys.append(key)
     num_classes = manifest.get("num_classes")
+    if len(keys) != len(order):
+        raise ValueError(
+            f"{root / 'manifest.json'}: split {split!r} count {len(order)} but its shards hold "
+            f"{len(keys)} samples"
+        )
+    # Key everything by stable index: sample i of the index is the sample with .idx == i.
+    at = np.empty(len(keys), np.int64)
+    at[order] = np.arange(len(keys))
+    shard_no, offsets, sizes = (np.asarray(a)[at] for a in (shard_no, offsets, sizes))
+    labels, keys = np.asarray(labels, dtype=np.int64)[at], [keys[j] for j in at]
     lab = np.asarray(labels, dtype=np.int64)
     if num_classes is not None and lab.size and (lab.min() < 0 or lab.max() >= num_classes):
         bad = int(np.nonzero((lab < 0) | (lab >= num_classes))[0][0])

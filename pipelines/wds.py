@@ -8,9 +8,9 @@ samples with one seek each and decodes them. Consequences:
 * the same seed gives the same batches as the tensor backend, on any number of workers;
 * every rank has the same (infinite) number of steps, and no rank can starve for shards;
 * resume is exact and O(1): the state is ``(epoch, position)`` of each stream;
-* shuffling is uniform over the whole split even though shards are written in index (class)
-  order -- a shard-streaming reader would need a large shuffle buffer to avoid
-  near-single-class batches on such shards.
+* shuffling is uniform over the whole split whatever order the shards hold their samples in
+  (samples are found by their ``.idx``), so datasets built before the training splits were
+  written shuffled (class order) mix just as well here.
 
 Batch ``k`` of a rank is computed by whichever DataLoader worker gets it, so decode runs in
 parallel in ``num_workers`` processes with pinned memory and ``prefetch_factor`` batches queued.

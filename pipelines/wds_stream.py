@@ -13,9 +13,11 @@ sequentially (plain ustar reads, no seeks), the way webdataset users expect:
   (:class:`ValueError`): some worker would have nothing to read.
 * **Shuffle buffer.** Each worker passes its epoch's samples through a buffer of
   ``shuffle_buffer`` encoded samples seeded by ``(seed, stream, epoch, g)``, drained at the end
-  of the epoch (so epochs do not mix). Shards are written in index (class) order, so a batch is
-  only as mixed as the buffer allows: keep it at several shards' worth of samples when classes
-  are large, or use ``order="index"`` for a uniform permutation.
+  of the epoch (so epochs do not mix). The training splits are written in a seeded shuffled
+  order (docs/datasets.md, "Sample order"), so every shard is a uniform sample of its split and
+  batches mix classes like a global permutation's whatever the buffer; the buffer only keeps
+  batches from repeating across epochs. Datasets built before that are in class order: a batch
+  then holds a few classes, and the reader warns, naming the ``bmb-shards`` rebuild command.
 * **Batches.** Worker ``g`` cuts its infinite sample sequence (epoch after epoch) into batches
   and decodes them in the worker process; a batch may end one epoch and start the next. The
   DataLoader hands out worker batches round-robin, so rank step ``k`` is batch ``k // W`` of
@@ -26,7 +28,7 @@ sequentially (plain ustar reads, no seeks), the way webdataset users expect:
   shards of epoch 0, and so on for later epochs; otherwise workers drift apart by whole samples
   between epochs (no sample is dropped or repeated within a worker's epoch).
 * **Labels and indices** come from each sample's ``.cls`` and ``.idx`` members (checked
-  against the manifest's shard ranges), never from positions.
+  against the manifest's recorded order), never from positions.
 * **Corrupt input.** A truncated or malformed shard raises a :class:`ValueError` naming the
   shard and the last good key when the reader reaches it (there is no up-front index).
   An undecodable image raises naming shard and key, or with ``on_corrupt="skip"`` is replaced
@@ -61,15 +63,18 @@ from pipelines.shard_index import (
     _octal,
     check_on_corrupt,
     decode_image,
+    file_order,
     load_manifest,
     output_size,
     split_info,
+    warn_if_class_sorted,
 )
 
 log = logging.getLogger(__name__)
 
 _IMAGE_EXTS = ("png", "jpg", "jpeg")
 DEFAULT_SHUFFLE_BUFFER = 1000
+SPLITS = ("labeled", "unlabeled")
 # State keys that must match for a resume to make sense at all (same data, same seed).
 _SAME_DATA = ("seed", "n", "shards")
 # State keys whose change makes a resume approximate (restart at the epoch in progress).
@@ -177,8 +182,7 @@ def iter_shard(
     path: Path,
     shard: int,
     *,
-    first_index: int,
-    count: int,
+    indices: np.ndarray,
     num_classes: int | None,
 ) -> Iterator[_Sample]:
     """Stream one shard's samples in file order (no seeks).
@@ -186,8 +190,8 @@ def iter_shard(
     Args:
         path: the tar file.
         shard: its number in the split (carried along for error messages).
-        first_index: stable index of its first sample (shards hold consecutive index ranges).
-        count: samples the manifest promises.
+        indices: int64 ``(count,)`` stable indices of its samples in file order (the
+            manifest's order record); ``count`` is the number of samples it must hold.
         num_classes: labels must lie in ``[0, num_classes)`` when given.
 
     Raises:
@@ -207,9 +211,10 @@ def iter_shard(
             label, index = int(members["cls"].decode()), int(members["idx"].decode())
         except ValueError as e:
             raise ValueError(f"{path}: sample {key!r}: bad .cls/.idx ({e})") from e
-        if index != first_index + seen:
+        want = int(indices[seen]) if seen < len(indices) else None
+        if index != want:
             raise ValueError(
-                f"{path}: sample {key!r} has index {index}, expected {first_index + seen} "
+                f"{path}: sample {key!r} has index {index}, expected {want} "
                 "(shards out of order or not the manifest's)"
             )
         if num_classes is not None and not 0 <= label < num_classes:
@@ -228,9 +233,9 @@ def iter_shard(
     if key is not None:
         yield finish()
         seen += 1
-    if seen != count:
+    if seen != len(indices):
         raise ValueError(
-            f"{path}: {seen} samples, manifest says {count} (truncated or foreign shard?)"
+            f"{path}: {seen} samples, manifest says {len(indices)} (truncated or foreign shard?)"
         )
 
 
@@ -262,7 +267,8 @@ class _SplitShards:
     name: str
     paths: tuple[Path, ...]
     counts: np.ndarray  # int64 (S,)
-    first: np.ndarray  # int64 (S,) stable index of each shard's first sample
+    first: np.ndarray  # int64 (S,) file position of each shard's first sample
+    order: np.ndarray  # int64 (N,) stable index of the sample at each file position
     num_classes: int | None
 
     @property
@@ -294,8 +300,14 @@ def load_split_shards(root: Path, split: str, manifest: dict[str, Any]) -> _Spli
         )
     first = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
     num_classes = manifest.get("num_classes")
+    order = file_order(manifest, split) if "count" in info else np.arange(int(c.sum()))
     return _SplitShards(
-        split, tuple(paths), c, first, None if num_classes is None else int(num_classes)
+        split,
+        tuple(paths),
+        c,
+        first,
+        order,
+        None if num_classes is None else int(num_classes),
     )
 
 
@@ -377,8 +389,7 @@ class _StreamBatches(IterableDataset):
                 for sample in iter_shard(
                     sp.paths[s],
                     s,
-                    first_index=int(sp.first[s]),
-                    count=int(sp.counts[s]),
+                    indices=sp.order[sp.first[s] : sp.first[s] + sp.counts[s]],
                     num_classes=sp.num_classes,
                 )
             )
@@ -485,6 +496,7 @@ class WdsShardStream(StepAccounting):
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.skipped = 0
         g_total = world_size * self.workers
+        warn_if_class_sorted(self.root, manifest, "webdataset order='stream'", SPLITS)
         self._splits: dict[str, tuple[_SplitShards, ShardOrder, int]] = {}
         for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
             if batch < 1:

@@ -1,6 +1,9 @@
 """Optional FFCV ``.beton`` output, derived from a split's finished tar shards.
 
-Fields: ``image`` (RGB), ``label`` (int), ``index`` (int); row i is the sample with idx i.
+Fields: ``image`` (RGB), ``label`` (int), ``index`` (int). Rows are in the tar shards' file
+order (row p is the sample with idx ``order[p]``, see :mod:`shards.order`), so FFCV's
+page-wise ``quasi_random`` order mixes classes as well as a streaming reader of the tars does;
+readers map an index to its row through the ``index`` field.
 PNG datasets store raw pixels (lossless); JPEG datasets store JPEG re-encoded by FFCV at
 quality 95 (FFCV cannot keep the original bytes).
 """
@@ -27,10 +30,18 @@ def require_ffcv() -> None:
 
 
 class _TarImages:
-    """Indexable ``(image uint8 (H, W, 3), label, index)`` over tar shards (for FFCV's writer)."""
+    """Indexable ``(image uint8 (H, W, 3), label, index)`` over tar shards (for FFCV's writer),
+    in file order: item p is the sample with index ``order[p]``."""
 
-    def __init__(self, files: list[Path], labels: np.ndarray, ext: str, arrays: Any = None):
-        self.labels, self.arrays = labels, arrays
+    def __init__(
+        self,
+        files: list[Path],
+        labels: np.ndarray,
+        ext: str,
+        order: np.ndarray,
+        arrays: Any = None,
+    ):
+        self.labels, self.arrays, self.order = labels, arrays, order
         self.where: list[tuple[int, int, int]] = []
         self.files = [str(f) for f in files]
         if arrays is None:
@@ -43,13 +54,14 @@ class _TarImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+    def __getitem__(self, p: int) -> tuple[np.ndarray, int, int]:
+        i = int(self.order[p])
         if self.arrays is not None:
             img = np.asarray(self.arrays[i])
         else:
             from PIL import Image
 
-            fi, off, size = self.where[i]
+            fi, off, size = self.where[p]
             with open(self.files[fi], "rb") as f:
                 f.seek(off)
                 data = f.read(size)
@@ -59,9 +71,17 @@ class _TarImages:
 
 
 def write_beton(
-    path: Path, files: list[Path], labels: np.ndarray, encoding: str, arrays: Any = None
+    path: Path,
+    files: list[Path],
+    labels: np.ndarray,
+    encoding: str,
+    order: np.ndarray,
+    arrays: Any = None,
 ) -> None:
-    """Write ``path`` (a .beton) holding the samples of ``files`` in index order.
+    """Write ``path`` (a .beton) holding the samples of ``files`` in their file order.
+
+    ``order[p]`` is the index of the tars' ``p``-th sample; ``labels`` and ``arrays`` (rows)
+    are in index order.
 
     One FFCV worker: with several, page allocation order (hence the bytes) varies run to run.
     """
@@ -77,4 +97,4 @@ def write_beton(
     writer = DatasetWriter(
         str(path), {"image": image, "label": IntField(), "index": IntField()}, num_workers=1
     )
-    writer.from_indexed_dataset(_TarImages(files, labels, encoding, arrays), chunksize=256)
+    writer.from_indexed_dataset(_TarImages(files, labels, encoding, order, arrays), chunksize=256)

@@ -109,8 +109,19 @@ def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
             _need(sh, "file", str, w, file)
             total += _need(sh, "count", int, w, file)
             _need(sh, "sha256", str, w, file)
+            if sh.get("dali_index") is not None:  # absent in datasets built before 2026-12-06
+                _need(sh["dali_index"], "file", str, w + "dali_index.", file)
+                _need(sh["dali_index"], "sha256", str, w + "dali_index.", file)
         if total != count:
             raise ValueError(f"{file}: shard counts of split {s!r} add to {total}, not {count}")
+        if "order" in sp:  # absent in datasets built before 2026-12-06: index order
+            kind = _need(sp["order"], "kind", str, where + "order.", file)
+            if kind not in ("index", "shuffled"):
+                raise ValueError(
+                    f"{file}: '{where}order.kind' must be 'index' or 'shuffled', got {kind!r}"
+                )
+            if kind == "shuffled":
+                _need(sp["order"], "seed", int, where + "order.", file)
         for k in ("arrays", "ffcv"):
             if k not in sp:
                 raise ValueError(f"{file}: missing key '{where}{k}'")

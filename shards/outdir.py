@@ -85,26 +85,28 @@ def _safe_rel(rel: Any) -> str | None:
     return Path(rel).as_posix()
 
 
+def _records(node: Any) -> Iterator[tuple[str, int | None]]:
+    """``(relative path, recorded size or None)`` of every ``{"file": ...}`` record in ``node``,
+    at any depth (shard records, their ``dali_index``, ``ffcv`` ...)."""
+    if isinstance(node, dict):
+        rel = _safe_rel(node.get("file"))
+        if rel is not None:
+            size = node.get("size")
+            yield rel, size if isinstance(size, int) else None
+        for k, v in node.items():
+            if k != "file":
+                yield from _records(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _records(v)
+
+
 def manifest_files(m: dict[str, Any]) -> Iterator[tuple[str, int | None]]:
     """``(relative path, recorded byte size or None)`` of every file a manifest lists.
 
     Shard records and any other ``{"file": ...}`` record under ``splits``, and the ``arrays``
     entries' ``images``/``labels``.
     """
-
-    def walk(node: Any) -> Iterator[tuple[str, int | None]]:
-        if isinstance(node, dict):
-            rel = _safe_rel(node.get("file"))
-            if rel is not None:
-                size = node.get("size")
-                yield rel, size if isinstance(size, int) else None
-            for k, v in node.items():
-                if k != "file":
-                    yield from walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from walk(v)
-
     for sp in (m.get("splits") or {}).values():
         if not isinstance(sp, dict):
             continue
@@ -116,7 +118,7 @@ def manifest_files(m: dict[str, Any]) -> Iterator[tuple[str, int | None]]:
                 if rel is not None:
                     s = sizes.get(k)
                     yield rel, s if isinstance(s, int) else None
-        yield from walk({k: v for k, v in sp.items() if k != "arrays"})
+        yield from _records({k: v for k, v in sp.items() if k != "arrays"})
 
 
 def owned_files(manifest: Any = None, progress: Any = None) -> set[str]:
@@ -126,7 +128,9 @@ def owned_files(manifest: Any = None, progress: Any = None) -> set[str]:
         out |= {rel for rel, _ in manifest_files(manifest)}
     if isinstance(progress, dict):
         out.add(PROGRESS_NAME)
-        out |= {r for r in map(_safe_rel, (progress.get("done") or {})) if r is not None}
+        done = progress.get("done") or {}
+        out |= {r for r in map(_safe_rel, done) if r is not None}
+        out |= {rel for rel, _ in _records(list(done.values()) if isinstance(done, dict) else [])}
     return out
 
 

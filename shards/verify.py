@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.manifest import load_manifest
+from shards.order import file_order
 from shards.tario import decode_image, iter_tar_samples
 from shards.writer import sha256_file
 
@@ -44,6 +45,7 @@ def verify_dataset(
     for s, sp in m["splits"].items():
         hist = np.zeros(m["num_classes"], np.int64)
         expect = 0
+        order = file_order(sp.get("order"), sp["count"])  # file position -> expected .idx
         for sh in sp["shards"]:
             f = root / sh["file"]
             if not f.is_file():
@@ -61,8 +63,10 @@ def verify_dataset(
                         problems.append(f"{f}: sample {key} has members {sorted(mem)}")
                         break
                     idx, y = int(mem["idx"]), int(mem["cls"])
-                    if key != f"{idx:08d}" or idx != expect + n:
-                        problems.append(f"{f}: sample {key} out of order (expected {expect + n})")
+                    if key != f"{idx:08d}" or idx != order[expect + n]:
+                        problems.append(
+                            f"{f}: sample {key} out of order (expected {order[expect + n]:08d})"
+                        )
                         break
                     if not 0 <= y < m["num_classes"]:
                         problems.append(f"{f}: sample {key} has label {y} out of range")

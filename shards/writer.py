@@ -1,7 +1,9 @@
 """The shard-building engine: ordered parallel encoding, atomic shards, resume, manifest last.
 
 A build is described by its splits (labels known up front) and a stream of :class:`Job` s that
-carry raw pixels or JPEG paths for consecutive index ranges of a split. Jobs are encoded by a
+carry raw pixels or JPEG paths for consecutive *file positions* of a split: position ``p`` of
+split ``s`` holds the sample with index ``builder.order(s)[p]`` (training splits are written in
+a seeded shuffled order, see :mod:`shards.order`). Jobs are encoded by a
 process pool but consumed strictly in submission order, so the output never depends on
 ``workers``. Each finished shard is renamed into place and recorded (with its sha256) in a
 progress file; a re-run after an interruption keeps recorded shards whose bytes still match and
@@ -30,6 +32,7 @@ import numpy as np
 
 from shards import manifest as mf
 from shards import outdir as od
+from shards.order import file_order, order_record
 from shards.tario import (
     JPEG_QUALITY,
     PNG_COMPRESS_LEVEL,
@@ -61,7 +64,8 @@ class SplitSpec:
 
 @dataclass
 class Job:
-    """Samples ``start .. start+n-1`` of ``split``.
+    """The samples at file positions ``start .. start+n-1`` of ``split``, i.e. the samples
+    with index ``builder.order(split)[start:start+n]``.
 
     ``kind == "png"``: ``payload`` is uint8 ``(n, H, W, 3)``.
     ``kind == "jpg"``: ``payload`` is a list of n JPEG file paths.
@@ -185,10 +189,11 @@ def _ordered_map(
 
 
 class _SplitSink:
-    """Receives encoded samples of one split in index order and rolls them into shards."""
+    """Receives encoded samples of one split in file order and rolls them into shards."""
 
     def __init__(self, builder: DatasetBuilder, split: str, labels: np.ndarray):
         self.b, self.split, self.labels = builder, split, labels
+        self.order = builder.order(split)  # file position -> sample index
         self.n = len(labels)
         self.size = builder.shard_size
         self.num_shards = max(1, -(-self.n // self.size))
@@ -199,6 +204,10 @@ class _SplitSink:
 
     def shard_file(self, sid: int) -> str:
         return f"{self.split}/{self.split}-{sid:06d}.tar"
+
+    def index_file(self, sid: int) -> str:
+        """DALI's index of shard ``sid`` (named as DALI's ``wds2idx`` names it)."""
+        return f"{self.split}/{self.split}-{sid:06d}.idx"
 
     def shard_range(self, sid: int) -> tuple[int, int]:
         return sid * self.size, min(self.n, (sid + 1) * self.size)
@@ -218,13 +227,13 @@ class _SplitSink:
 
     def add(self, start: int, ext: str, blobs: Sequence[bytes]) -> None:
         for i, blob in enumerate(blobs):
-            idx = start + i
-            sid = idx // self.size
+            pos = start + i
+            sid = pos // self.size
             if self.is_done(sid):
                 continue
-            if idx != self.expect:
+            if pos != self.expect:
                 raise RuntimeError(
-                    f"internal error: split {self.split} got sample {idx}, expected {self.expect}"
+                    f"internal error: split {self.split} got position {pos}, expected {self.expect}"
                 )
             if self.cur is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -232,9 +241,10 @@ class _SplitSink:
                 tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
                 fh = open(tmp, "wb")
                 self.cur = (sid, tmp, fh, TarShardWriter(fh))
+            idx = int(self.order[pos])
             key, members = sample_members(idx, int(self.labels[idx]), ext, blob)
             self.cur[3].add(key, members)
-            self.expect = idx + 1
+            self.expect = pos + 1
             if self.expect == self.shard_range(sid)[1]:
                 self._finish()
                 self._skip_done()
@@ -247,11 +257,18 @@ class _SplitSink:
         os.fsync(fh.fileno())
         fh.close()
         final = self.b.out / self.shard_file(sid)
+        index = self.b.out / self.index_file(sid)
+        mf.atomic_write_text(index, tw.dali_index())
         os.replace(tmp, final)
         a, z = self.shard_range(sid)
         self.b.record_done(
             self.shard_file(sid),
-            {"count": z - a, "sha256": sha256_file(final), "size": final.stat().st_size},
+            {
+                "count": z - a,
+                "sha256": sha256_file(final),
+                "size": final.stat().st_size,
+                "dali_index": {"file": self.index_file(sid), "sha256": sha256_file(index)},
+            },
         )
         self.cur = None
 
@@ -273,7 +290,7 @@ class _SplitSink:
             os.replace(tmp, final)
             self.b.record_done(
                 self.shard_file(0),
-                {"count": 0, "sha256": sha256_file(final), "size": final.stat().st_size},
+                {"count": 0, "sha256": sha256_file(final), "size": final.stat().st_size, "dali_index": None},
             )
 
 
@@ -294,7 +311,7 @@ class DatasetBuilder:
         image_size: ``[H, W]`` or ``None`` for variable-size images.
         source: ``{"kind", "path", "checksum"}`` record of the input.
         split_rule: the rule and its parameters.
-        seed: split seed.
+        seed: split seed; also seeds the training splits' write order (:mod:`shards.order`).
         formats: subset of ``("wds", "arrays", "ffcv")``; ``wds`` is always written.
         shard_size: samples per tar shard (default 5000 for PNG, 1000 for JPEG).
         workers: encoding processes; ``<= 1`` encodes in this process.
@@ -357,6 +374,10 @@ class DatasetBuilder:
 
             require_ffcv()
         self.splits = {s: splits[s] for s in mf.SPLITS if s in splits}
+        self.orders = {s: order_record(seed, s) for s in self.splits}
+        self._perms = {
+            s: file_order(self.orders[s], len(sp.labels)) for s, sp in self.splits.items()
+        }
         self.workers, self.max_side, self.progress = int(workers), max_side, progress
         self.overwrite = overwrite
         self.encoding = encoding
@@ -384,6 +405,7 @@ class DatasetBuilder:
             "jpeg_quality": JPEG_QUALITY,
             "max_side": max_side,
             "fingerprints": {s: sp.fingerprint for s, sp in self.splits.items()},
+            "orders": self.orders,
         }
         self.build_id = hashlib.sha256(mf.dumps(ident).encode()).hexdigest()
         self.done: dict[str, dict[str, Any]] = {}
@@ -520,8 +542,12 @@ class DatasetBuilder:
         self._save_progress()
 
     def pending(self, split: str, start: int, stop: int) -> bool:
-        """Whether samples ``[start, stop)`` of ``split`` still have to be encoded."""
+        """Whether file positions ``[start, stop)`` of ``split`` still have to be encoded."""
         return self.sinks[split].pending(start, stop)
+
+    def order(self, split: str) -> np.ndarray:
+        """int64 ``(N,)``: the index of the sample at each file position of ``split``."""
+        return self._perms[split]
 
     # -- the build ----------------------------------------------------------------------------
 
@@ -532,8 +558,9 @@ class DatasetBuilder:
 
         Args:
             make_jobs: called with this builder once resume state is known; yields the jobs in
-                order (per split, consecutive index ranges; splits may interleave). It should
-                skip ranges for which :meth:`pending` is false.
+                order (per split, consecutive file-position ranges, samples taken through
+                :meth:`order`; splits may interleave). It should skip ranges for which
+                :meth:`pending` is false.
 
         Raises:
             shards.outdir.OutDirLocked: another live build holds ``out``.
@@ -608,6 +635,7 @@ class DatasetBuilder:
                     for c in np.bincount(sk.labels.astype(np.int64), minlength=self.num_classes)
                 ],
                 "shards": shards,
+                "order": self.orders[s],
                 "arrays": extras.get((s, "arrays")),
                 "ffcv": extras.get((s, "ffcv")),
             }
@@ -646,7 +674,7 @@ class DatasetBuilder:
                     final = self.out / rel
                     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
                     try:
-                        write_beton(tmp, files, sk.labels, self.encoding, arrays=arr)
+                        write_beton(tmp, files, sk.labels, self.encoding, sk.order, arrays=arr)
                         os.replace(tmp, final)
                     finally:
                         tmp.unlink(missing_ok=True)
@@ -667,11 +695,9 @@ class DatasetBuilder:
                 arr = np.lib.format.open_memmap(
                     tmp_i, mode="w+", dtype=np.uint8, shape=(sk.n, h, w, 3)
                 )
-                i = 0
-                for f in files:
+                for f in files:  # tars are in file order; array row i is the sample with idx i
                     for _key, mem in iter_tar_samples(f):
-                        arr[i] = decode_image(mem[self.encoding])
-                        i += 1
+                        arr[int(mem["idx"])] = decode_image(mem[self.encoding])
                 arr.flush()
                 del arr
                 with open(tmp_l, "wb") as fh:
@@ -721,11 +747,13 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
 def array_jobs(
     builder: DatasetBuilder, split: str, images: np.ndarray, chunk: int = CHUNK
 ) -> Iterator[Job]:
-    """Jobs for an in-memory uint8 ``(N, H, W, 3)`` split, skipping finished shards."""
+    """Jobs for an in-memory uint8 ``(N, H, W, 3)`` split (row i = sample i), in file order,
+    skipping finished shards."""
+    order = builder.order(split)
     for a in range(0, len(images), chunk):
         z = min(len(images), a + chunk)
         if builder.pending(split, a, z):
-            yield Job(split, a, "png", np.ascontiguousarray(images[a:z]))
+            yield Job(split, a, "png", np.ascontiguousarray(images[order[a:z]]))
 
 
 def write_dataset(

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipelines import build_train_stream
+from pipelines.shard_index import file_order
 from pipelines.wds_stream import ShardOrder, shuffled
 from tests.ports import free_port
 from tests.test_pipelines_backends import _corrupt_png
@@ -55,6 +56,14 @@ def dataset(tmp_path_factory):
         shard_size=SHARD,
     )
     return root, arrays
+
+
+def shard_of(root: Path, split: str, indices) -> np.ndarray:
+    """Shard number of each stable index (training splits are written in shuffled order)."""
+    at = file_order(json.loads((root / "manifest.json").read_text()), split)
+    pos = np.empty_like(at)
+    pos[at] = np.arange(len(at))
+    return pos[np.asarray(indices, dtype=np.int64)] // SHARD
 
 
 def stream(root: Path, **kw):
@@ -107,9 +116,10 @@ def test_sequence_is_the_shard_order_without_buffer(dataset):
     s = stream(root, num_workers=0, shuffle_buffer=0)
     idx = torch.cat([b.unlabeled_index for b in take(s, 16)]).tolist()
     order = ShardOrder("unlabeled", np.full(16, SHARD), 5, global_workers=1)
-    want = [i for e in (0, 1) for sh in order.shards(e, 0) for i in range(sh * 4, sh * 4 + 4)]
+    at = file_order(json.loads((root / "manifest.json").read_text()), "unlabeled")
+    want = [int(at[p]) for e in (0, 1) for sh in order.shards(e, 0) for p in range(sh * 4, sh * 4 + 4)]
     assert idx == want
-    assert want[:SHARD] != list(range(SHARD))  # the shard order is shuffled
+    assert order.shards(0, 0)[:2] != [0, 1]  # the shard order is shuffled
     # A buffer as large as the epoch reorders samples but keeps each epoch's set.
     big = stream(root, num_workers=0, shuffle_buffer=64)
     got = torch.cat([b.unlabeled_index for b in take(big, 16)]).tolist()
@@ -245,7 +255,7 @@ def test_resume_other_layout_restarts_the_epoch(dataset, caplog):
     st["unlabeled"].update(epoch=1, num_workers=2, shuffle_buffer=10)
     st["labeled"].update(epoch=1, num_workers=2, shuffle_buffer=10)
     r0.load_state_dict(st)
-    got = torch.cat([b.unlabeled_index for b in take(r0, 2)])[::SHARD] // SHARD
+    got = shard_of(root, "unlabeled", torch.cat([b.unlabeled_index for b in take(r0, 2)])[::SHARD])
     order = ShardOrder("unlabeled", np.full(16, SHARD), 5, global_workers=1)
     assert got.tolist() == order.shards(1, 0)[:4]
 
@@ -286,7 +296,7 @@ def test_truncated_shard_names_the_shard_and_member(dataset, tmp_path, num_worke
     cut = int(index.offset[i]) + int(index.size[i]) // 2  # inside its PNG's data
     shard.write_bytes(shard.read_bytes()[:cut])
     s = stream(root, num_workers=num_workers)  # no index: found while streaming
-    with pytest.raises(ValueError, match=r"unlabeled-000005.tar.*truncated.*00000021.png"):
+    with pytest.raises(ValueError, match=rf"{shard.name}.*truncated.*00000021.png"):
         _consume(s)
 
 
@@ -295,12 +305,13 @@ def test_shard_cut_at_a_header_names_the_shard(dataset, tmp_path):
 
     root = _copy(dataset[0], tmp_path)
     index = build_index(root, "unlabeled")
-    i = index.keys.index("00000023")  # last sample of shard 5
+    last = int(file_order(json.loads((root / "manifest.json").read_text()), "unlabeled")[23])
+    i = index.keys.index(f"{last:08d}")  # last sample of shard 5
     shard = index.shards[index.shard[i]]
     header = int(index.offset[i]) - 512  # its image member's header: tar ends cleanly there
     shard.write_bytes(shard.read_bytes()[:header])
     with pytest.raises(
-        ValueError, match=r"unlabeled-000005.tar.*(00000023.*lacks|manifest says 4)"
+        ValueError, match=rf"unlabeled-000005.tar.*({last:08d}.*lacks|manifest says 4)"
     ):
         _consume(stream(root, num_workers=0))
 
@@ -335,7 +346,9 @@ def test_manifest_with_fewer_samples_than_the_shard(dataset, tmp_path):
         stream(root, num_workers=0)  # the split's count no longer adds up
     manifest["splits"]["unlabeled"]["count"] -= 1
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="unlabeled-000015.tar: 4 samples, manifest says 3"):
+    # The recorded order is a permutation of the split's count, so the first shard read no
+    # longer matches it (were the order the identity, shard 15 would hold a sample too many).
+    with pytest.raises(ValueError, match=r"unlabeled-0000\d\d.tar: .*not the manifest's"):
         _consume(stream(root, num_workers=0))
 
 
@@ -402,7 +415,8 @@ def test_two_ranks_disjoint_shards_cover_the_epoch(dataset, tmp_path):
     r0, r1 = json.loads(out.read_text())
     assert r0["steps"] == r1["steps"] == 8
     assert len(r0["unl"]) == len(r1["unl"]) == SIZES["unlabeled"] // WORLD
-    shards0, shards1 = {i // SHARD for i in r0["unl"]}, {i // SHARD for i in r1["unl"]}
+    shards0 = set(shard_of(root, "unlabeled", r0["unl"]).tolist())
+    shards1 = set(shard_of(root, "unlabeled", r1["unl"]).tolist())
     assert not shards0 & shards1 and len(shards0) == len(shards1) == 8
     y_u = arrays["unlabeled"][1]
     pairs = list(zip(r0["unl"] + r1["unl"], r0["unl_labels"] + r1["unl_labels"]))

@@ -17,6 +17,7 @@ import pytest
 from shards import writer as W
 from shards.cli import main
 from shards.manifest import load_manifest
+from shards.order import file_order
 from shards.splits import cifar_lt_split, first_per_class, lt_counts, prefix_counts
 from shards.tario import decode_image, iter_tar_samples
 from shards.verify import verify_dataset
@@ -25,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def read_split(d: Path, m: dict, split: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """All images, labels and idx of a split, read back from its tar shards in order."""
+    """All images and labels of a split in index order, read back from its tar shards, and the
+    idx of each sample in file order."""
     xs, ys, idx = [], [], []
     for sh in m["splits"][split]["shards"]:
         for key, mem in iter_tar_samples(d / sh["file"]):
@@ -33,7 +35,9 @@ def read_split(d: Path, m: dict, split: str) -> tuple[np.ndarray, np.ndarray, li
             ys.append(int(mem["cls"]))
             idx.append(int(mem["idx"]))
             assert key == f"{idx[-1]:08d}"
-    return np.stack(xs) if xs else np.zeros((0,)), np.array(ys), idx
+    assert sorted(idx) == list(range(len(idx)))
+    rows = np.argsort(idx)
+    return np.stack(xs)[rows] if xs else np.zeros((0,)), np.array(ys)[rows], idx
 
 
 def tiny_splits(seed: int = 0, side: int = 8) -> dict:
@@ -110,7 +114,9 @@ def test_write_dataset_roundtrip_and_manifest(tmp_path: Path, workers: int) -> N
     for s, (x, y) in sp.items():
         got_x, got_y, idx = read_split(d, m, s)
         assert np.array_equal(got_x, x) and np.array_equal(got_y, y)
-        assert idx == list(range(len(y)))
+        # training splits are written in a seeded shuffled order, eval splits in index order
+        assert idx == file_order(m["splits"][s]["order"], len(y)).tolist()
+        assert (idx == list(range(len(y)))) == (s == "test")
         e = m["splits"][s]
         assert e["count"] == len(y) and e["class_counts"] == np.bincount(y, minlength=3).tolist()
         assert [sh["count"] for sh in e["shards"]] == [10] * (len(y) // 10) + (
@@ -131,14 +137,16 @@ def test_tar_members_have_fixed_metadata_and_webdataset_reads_them(tmp_path: Pat
     f = tmp_path / m["splits"]["labeled"]["shards"][0]["file"]
     with tarfile.open(f) as t:
         ms = t.getmembers()
-    assert [x.name for x in ms[:3]] == ["00000000.png", "00000000.cls", "00000000.idx"]
+    order = file_order(m["splits"]["labeled"]["order"], 23)
+    first = f"{order[0]:08d}"
+    assert [x.name for x in ms[:3]] == [f"{first}.png", f"{first}.cls", f"{first}.idx"]
     assert {(x.mtime, x.uid, x.gid, x.mode, x.uname, x.gname) for x in ms} == {
         (0, 0, 0, 0o644, "", "")
     }
     wds = pytest.importorskip("webdataset")
     got = list(wds.WebDataset(str(f), shardshuffle=False))
-    assert [int(s["cls"]) for s in got] == sp["labeled"][1].tolist()
-    assert [s["__key__"] for s in got] == [f"{i:08d}" for i in range(23)]
+    assert [int(s["cls"]) for s in got] == sp["labeled"][1][order].tolist()
+    assert [s["__key__"] for s in got] == [f"{i:08d}" for i in order]
 
 
 def test_deterministic_across_runs_and_workers(tmp_path: Path) -> None:

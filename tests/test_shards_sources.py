@@ -459,12 +459,12 @@ def test_imagenet_lt_build_keeps_jpeg_bytes(lt_small, tmp_path: Path) -> None:
     plan = plan_imagenet_lt(lists, 0.2)
     from shards.tario import iter_tar_samples
 
-    got = [
-        mem["jpg"]
+    got = {
+        int(mem["idx"]): mem["jpg"]
         for sh in m["splits"]["unlabeled"]["shards"]
         for _, mem in iter_tar_samples(out / sh["file"])
-    ]
-    assert got == [jpegs[p] for p in plan.train.paths]  # original bytes, list order
+    }  # the shards hold the split in shuffled order; idx i is list line i
+    assert [got[i] for i in range(len(got))] == [jpegs[p] for p in plan.train.paths]
     assert verify_dataset(out) == []
     # --max-side resizes at build time
     out2 = tmp_path / "r"
