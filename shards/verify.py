@@ -48,6 +48,13 @@ def verify_dataset(
         order = file_order(sp.get("order"), sp["count"])  # file position -> expected .idx
         for sh in sp["shards"]:
             f = root / sh["file"]
+            index = sh.get("dali_index")  # absent from datasets built before 2026-12-06
+            if index:
+                fi = root / index["file"]
+                if not fi.is_file():
+                    problems.append(f"{fi}: missing DALI index file")
+                elif sha256_file(fi) != index["sha256"]:
+                    problems.append(f"{fi}: sha256 mismatch (DALI index file changed or corrupt)")
             if not f.is_file():
                 problems.append(f"{f}: missing shard")
                 expect += sh["count"]

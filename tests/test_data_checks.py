@@ -163,13 +163,15 @@ def test_train_on_corrupt_skip_counts_skips_in_the_logs(data, tmp_path, capsys) 
     from launch import train
 
     splits = json.loads((data / "manifest.json").read_text())["splits"]
+    keys = {}
     for split in ("labeled", "test"):
         path = data / splits[split]["shards"][0]["file"]
-        key, members, _ = index_shard(path)[3]
+        keys[split], members, _ = index_shard(path)[3]
         off, size = members["png"]
         with open(path, "r+b") as f:
             f.seek(off)
             f.write(b"\0" * size)
+    key = keys["labeled"]  # the labeled split is drawn first
     args = [
         "--config",
         CONFIG,

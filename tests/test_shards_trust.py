@@ -101,6 +101,7 @@ def test_overwrite_deletes_exactly_the_listed_files(tmp_path) -> None:
     )
     files = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
     listed = {sh["file"] for sp in m["splits"].values() for sh in sp["shards"]}
+    listed |= {sh["dali_index"]["file"] for sp in m["splits"].values() for sh in sp["shards"] if sh["dali_index"]}
     assert files == listed | {"manifest.json"}  # old shards and arrays gone, nothing else left
     assert m["tool"] == "bmb-shards" and verify_dataset(d) == []
 
@@ -247,3 +248,14 @@ def test_verify_help_documents_decode() -> None:
         check=True,
     ).stdout
     assert "--decode" in out and "--workers" in out
+
+
+def test_verify_checks_the_dali_index_files(tmp_path) -> None:
+    d = tmp_path / "d"
+    m = W.write_dataset(d, name="one", splits=tiny_splits(), **KW)
+    index = next(sh["dali_index"]["file"] for sh in m["splits"]["labeled"]["shards"] if sh["dali_index"])
+    assert verify_dataset(d) == []
+    (d / index).write_text((d / index).read_text() + "0\n")
+    assert verify_dataset(d) == [f"{d / index}: sha256 mismatch (DALI index file changed or corrupt)"]
+    (d / index).unlink()
+    assert verify_dataset(d) == [f"{d / index}: missing DALI index file"]
