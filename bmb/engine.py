@@ -481,6 +481,8 @@ class Trainer:
         self.model.train()
         lw, uw, strong = self.views(batch.labeled, batch.unlabeled, self.aug_gen)
         bl, bu, k = lw.shape[0], uw.shape[0], len(strong)
+        # The model puts x in its memory format (channels_last on CUDA by default: one copy of the
+        # batch) and runs its compiled encoder here if model.compile is on; neither syncs.
         x = torch.cat([lw, uw, *strong])
         warmup_steps = cfg.method.warmup_epochs * cfg.train.iters_per_epoch
         with self.acc.autocast():
