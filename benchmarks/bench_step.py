@@ -273,6 +273,10 @@ def main() -> None:
         print(f"bmb with CUDA graphs off: {ms['bmb-eager']:.1f} ms/step, {overhead('bmb-eager')} over FixMatch")
 
 
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def print_mfu(args, acc: Accelerator, trainers: dict[str, Trainer], iters: dict[str, Iterator],
               ms: dict[str, float]) -> None:
     """Model FLOPs per step (counted over one more real step of each trainer), images/s,
@@ -292,7 +296,7 @@ def print_mfu(args, acc: Accelerator, trainers: dict[str, Trainer], iters: dict[
         achieved = total / (ms[a] / 1e3)  # FLOP/s
         share = per_module.get("BMBModel.encoder", 0) / max(total, 1)
         frac = f"{100 * achieved / (peak * 1e12):.1f}%" if peak else "—"
-        print(f"| {a} | {ms[a]:.1f} | {images / (ms[a] / 1e3):,.0f} | {total / 1e9:,.2f} | {100 * share:.2f}% | "
+        print(f"| {a} | {ms[a]:.1f} | {_fmt_rate(images / (ms[a] / 1e3))} | {total / 1e9:,.2f} | {100 * share:.2f}% | "
               f"{achieved / 1e12:.3g} | {frac} |")
 
 

@@ -205,6 +205,41 @@ def test_compiled_encoder_trains_like_the_eager_one():
         torch.testing.assert_close(pc, pe, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("algorithm", ["fixmatch", "bmb"])
+def test_compiled_channels_last_fused_step_on_cuda(algorithm):
+    """On a GPU, with every speed option on (channels_last by default, the fused optimizer by
+    default, the compiled encoder) and BMB's CUDA graphs: the step's losses match the eager
+    contiguous unfused step's (fp32, so TF32 and fusion rounding only), and no line of ours makes
+    the host wait for the GPU."""
+    from accelerate import Accelerator
+
+    from benchmarks.bench_step import audit_syncs
+
+    torch._dynamo.reset()
+    acc = Accelerator()
+    data = {k: type(v)(v.images.cuda(), v.labels.cuda()) for k, v in _data(32).items()}
+    runs = {}
+    try:
+        for fast in (False, True):
+            args = _args(batch=8, compile=fast, memory_format="auto" if fast else "contiguous", no_fused=not fast)
+            trainer = make_trainer(algorithm, args, acc, data)
+            assert bool(trainer.optimizer.param_groups[0]["fused"]) is fast
+            batches = iter(trainer.stream)
+            runs[fast] = [{k: float(v) for k, v in trainer.train_step(next(batches)).items()} for _ in range(4)]
+            if fast:
+                sites = audit_syncs(trainer, batches, steps=6)
+                ours = {w: n for w, n in sites.items() if w.startswith(("bmb/", "pipelines/"))}
+                assert not ours, f"{algorithm}: host-GPU syncs in 6 steps: {ours} (all: {dict(sites)})"
+    finally:
+        torch._dynamo.reset()
+    (first_slow, second_slow), (first_fast, second_fast) = runs[False][:2], runs[True][:2]
+    for k in first_slow:  # the same weights: rounding only
+        assert first_fast[k] == pytest.approx(first_slow[k], rel=5e-3, abs=5e-4), k
+    assert second_fast["loss"] == pytest.approx(second_slow["loss"], rel=1e-2)  # after one update of each
+
+
 # ------------------------------------------------------------------ end to end
 def test_a_channels_last_run_through_launch(demo_data, tmp_path):  # noqa: F811
     from launch import train
