@@ -80,12 +80,13 @@ class BMBModel(nn.Module):
         # A deep copy or pickle drops the compiled encoder: it wraps *this* model's encoder, and a
         # copy that kept it would run the original's weights (as nn.Module does for its own
         # ``_compiled_call_impl``).
-        state = super().__getstate__()
+        state = self.__dict__.copy()
+        state.pop("_compiled_call_impl", None)  # as nn.Module.__getstate__ does
         state["encoder_compiled"] = None
         return state
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        if self.memory_format is not torch.contiguous_format:
+        if self.memory_format != torch.contiguous_format:
             x = x.contiguous(memory_format=self.memory_format)
         encoder = self.encoder_compiled if self.training and self.encoder_compiled is not None else self.encoder
         z = encoder(x)
