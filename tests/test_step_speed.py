@@ -25,6 +25,18 @@ from bmb.models import BMBModel, resolve_memory_format
 from tests.test_train import CONFIG, TINY, demo_data  # noqa: F401  (demo_data is a fixture)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (device, precision) and refuses a second
+    Accelerator that differs: each test here starts from, and leaves, a fresh one (so that the
+    CPU-forced trainers here and a CUDA run elsewhere in the session do not collide)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _data(n: int = 16, size: int = 32, classes: int = 5):
     from pipelines.tensor import ArraySplit
 
@@ -218,7 +230,7 @@ def test_compiled_channels_last_fused_step_on_cuda(algorithm):
     from benchmarks.bench_step import audit_syncs
 
     torch._dynamo.reset()
-    acc = Accelerator()
+    acc = Accelerator(mixed_precision="no")
     data = {k: type(v)(v.images.cuda(), v.labels.cuda()) for k, v in _data(32).items()}
     runs = {}
     try:
