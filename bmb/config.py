@@ -46,6 +46,16 @@ class ModelConfig:
     stem: str = _f("small", "resnet50 stem: small (3x3 s1, 32/64 px) or imagenet (7x7 s2 + max-pool, 224 px)",
                    choices=("small", "imagenet"))
     sync_bn: bool = _f(False, "multi-GPU: batch-norm statistics over all ranks' batches (SyncBatchNorm; CUDA only)")
+    memory_format: str = _f("auto", "layout of the weights and of the step's input batch: channels_last (NHWC: "
+                                    "the layout cuDNN's tensor-core convolutions use natively, so no transposes "
+                                    "around each conv under bf16/tf32), contiguous (NCHW), or auto = channels_last "
+                                    "on CUDA, contiguous on the CPU (there the CPU step stays exactly what it "
+                                    "was); speed only, the same maths up to rounding",
+                            choices=("auto", "channels_last", "contiguous"))
+    compile: bool = _f(False, "torch.compile the encoder (training mode only: evaluation, the heads and BMB's "
+                              "no-grad step stay eager, so BMB's CUDA graphs still work). Fuses batch-norm, "
+                              "activation and residual kernels; the first step waits for the compilation "
+                              "(seconds to minutes); needs a C++ compiler on the CPU and Triton on a GPU")
 
 
 @dataclass

@@ -44,13 +44,45 @@ EXIT_PREEMPTED = 3  # SIGTERM / SIGUSR1: checkpoint written, please requeue
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): checkpoint written, stop
 
 
-def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+_IMPL_FLAGS = ("fused", "foreach")
+
+
+def build_optimizer(cfg: Config, params: Iterable[nn.Parameter],
+                    device: torch.device | str | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer for parameters that will live on ``device``.
+
+    On CUDA it is the fused implementation (``fused=True``, which AdamW, Adam and SGD all have:
+    the whole update of a chunk of tensors in one kernel, where foreach launches one per
+    elementwise op; under fp16 loss scaling the inf check also stays on the device, where the
+    unfused step reads it on the host).
+    Elsewhere torch's default (a per-parameter loop on the CPU): the CPU step is unchanged. The
+    parameters may still be on the CPU here (Accelerate moves them later): the fused kernels'
+    device check runs at the first step. No config key: it is the same update up to rounding.
+
+    A checkpoint's param groups carry the flags of the optimizer that wrote it; on loading, this
+    optimizer keeps its own (the device decides, not the checkpoint), so that a run resumed on
+    another device, or from a checkpoint written before this choice, gets the device's best.
+    """
     o = cfg.optim
+    impl = {"fused": True} if device is not None and torch.device(device).type == "cuda" else {}
     if o.name == "adamw":  # decoupled: w <- w (1 - lr wd), the authors' WeightEMA decay (docs/fidelity.md)
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **impl)
+    elif o.name == "adam":
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **impl)
+    else:
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                              weight_decay=o.weight_decay, **impl)
+    opt.register_load_state_dict_pre_hook(_keep_own_implementation)
+    return opt
+
+
+def _keep_own_implementation(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load-state-dict pre-hook: the incoming groups take this optimizer's fused/foreach flags
+    (torch then places the restored step counters as this implementation wants them)."""
+    mine = optimizer.param_groups
+    groups = [{**g, **{k: mine[i][k] for k in _IMPL_FLAGS if k in mine[i]}} if i < len(mine) else g
+              for i, g in enumerate(state_dict["param_groups"])]
+    return {**state_dict, "param_groups": groups}
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
@@ -137,7 +169,7 @@ class Trainer:
         self.coll = Collectives()
         self.device = accelerator.device
 
-        optimizer = build_optimizer(cfg, model.parameters())
+        optimizer = build_optimizer(cfg, model.parameters(), self.device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         ds = getattr(accelerator.state, "deepspeed_plugin", None)
         # ZeRO partitions the optimizer state: every rank saves and restores its own part.
@@ -447,6 +479,8 @@ class Trainer:
         self.model.train()
         lw, uw, strong = self.views(batch.labeled, batch.unlabeled, self.aug_gen)
         bl, bu, k = lw.shape[0], uw.shape[0], len(strong)
+        # The model puts x in its memory format (channels_last on CUDA by default: one copy of the
+        # batch) and runs its compiled encoder here if model.compile is on; neither syncs.
         x = torch.cat([lw, uw, *strong])
         warmup_steps = cfg.method.warmup_epochs * cfg.train.iters_per_epoch
         with self.acc.autocast():

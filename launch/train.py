@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from bmb.algorithms import AlgorithmContext, build_algorithm
     from bmb.dist import Collectives
     from bmb.engine import Trainer
-    from bmb.models import BMBModel
+    from bmb.models import BMBModel, resolve_memory_format
     from bmb.rundir import RunDirError
     from pipelines.augment import ViewMaker
 
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if m.sync_bn and world > 1 and accelerator.device.type == "cuda":
         # Without it each rank normalises with its own B/world samples' statistics.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # After the SyncBatchNorm swap, so that the compiled encoder traces the modules that run.
+    model.configure(resolve_memory_format(m.memory_format, accelerator.device), compile=m.compile)
     algorithm = build_algorithm(cfg.method, AlgorithmContext(
         num_classes=len(names), feat_dim=model.feat_dim, labeled_counts=labeled_counts,
         unlabeled_size=unlabeled_size,

@@ -1,6 +1,6 @@
 """Encoder + base head + aux head (see :class:`BMBModel`)."""
 
 from bmb.models.encoders import ENCODERS, ResNet50, SmallConvNet, WideResNet, build_encoder
-from bmb.models.model import BMBModel, ModelOutput
+from bmb.models.model import MEMORY_FORMATS, BMBModel, ModelOutput, resolve_memory_format
 
-__all__ = ["ENCODERS", "BMBModel", "ModelOutput", "ResNet50", "SmallConvNet", "WideResNet", "build_encoder"]
+__all__ = ["ENCODERS", "MEMORY_FORMATS", "BMBModel", "ModelOutput", "resolve_memory_format", "ResNet50", "SmallConvNet", "WideResNet", "build_encoder"]
