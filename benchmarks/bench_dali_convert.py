@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipelines.dali_backend import _index_paths, _paths, _pipe, _to_torch
-from pipelines.shard_index import load_manifest
+from shards.format import load_manifest
 from shards.writer import write_dataset
 
 

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines import build_train_stream
 from pipelines.augment import ViewMaker
 from pipelines.host_memory import keep_freed_memory
-from pipelines.shard_index import build_index, decode_image
+from pipelines.shard_index import build_index
+from shards.format import decode_image
 
 BL, BU = 32, 64
 

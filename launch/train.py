@@ -38,7 +38,7 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     """Training stream, evaluation sources, labeled counts, the unlabeled split's size and class
     names for this rank."""
     import pipelines
-    from pipelines.shard_index import load_manifest
+    from shards.format import load_manifest
 
     d = cfg.data
     root = Path(d.dataset)

@@ -24,23 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.shard_index import index_shard, load_manifest, split_info
+from pipelines.shard_index import indexed_shards, split_info
+from shards.format import MANIFEST, load_manifest
 
 MAX_LISTED = 5  # differing classes named in the message
 
 
 def _wds_labels(root: Path, info: dict[str, Any], split: str) -> tuple[np.ndarray, str]:
     labels: list[int] = []
-    for entry in info["shards"]:
-        path = root / entry["file"]
-        if not path.is_file():
-            raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
-        samples = index_shard(path)
-        if len(samples) != entry["count"]:
-            raise ValueError(
-                f"{path}: {len(samples)} samples, manifest says {entry['count']} "
-                "(truncated or foreign shard?)"
-            )
+    for path, samples in indexed_shards(root, info, split):
         for key, _, small in samples:
             try:
                 labels.append(int(small["cls"].decode()))
@@ -140,7 +132,7 @@ def check_labels(
             with both counts; or unreadable labels.
     """
     root = Path(root)
-    manifest = manifest or load_manifest(root)
+    manifest = manifest or load_manifest(root, strict=False)
     for split in splits:
         found = split_labels(root, manifest, split, backend)
         if found is None:
@@ -149,4 +141,4 @@ def check_labels(
         expected = split_info(root, manifest, split).get("class_counts")
         if expected is None:
             continue  # a hand-made manifest without counts: nothing to compare with
-        compare_counts(labels, expected, split, where, root / "manifest.json")
+        compare_counts(labels, expected, split, where, root / MANIFEST)

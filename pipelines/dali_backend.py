@@ -37,7 +37,8 @@ from nvidia.dali.backend import TensorListGPU
 
 from pipelines.base import Batch
 from pipelines.sampling import check_rank, eval_rank_indices
-from pipelines.shard_index import load_manifest, output_size, split_info, warn_if_class_sorted
+from pipelines.shard_index import output_size, split_info, warn_if_class_sorted
+from shards.format import load_manifest
 
 MIN_SHUFFLE_BUFFER = 1024
 

@@ -34,7 +34,8 @@ from ffcv.transforms import ToTensor, ToTorchImage
 
 from pipelines.base import Batch
 from pipelines.sampling import IndexStream, check_rank, epoch_permutation, eval_rank_indices
-from pipelines.shard_index import load_manifest, output_size, split_info
+from pipelines.shard_index import output_size, split_info
+from shards.format import load_manifest
 
 _ORDERS = ("exact", "quasi_random")
 

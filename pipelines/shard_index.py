@@ -1,4 +1,6 @@
-"""Reading the dataset directory: manifest, tar shard index, image decode.
+"""The webdataset readers' view of a dataset directory: splits, the tar shard index, options.
+
+The format itself (manifest, tar layout and reader, decoding) is :mod:`shards.format`.
 
 A tar shard is seekable, so instead of streaming it we index its member headers once
 (``key -> image offset/size``, label, stable index) and then read any sample with one seek.
@@ -13,55 +15,37 @@ before that (no ``order`` record: the shards are in class order).
 
 from __future__ import annotations
 
-import io
-import json
+import logging
 import shlex
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-_BLOCK = 512
-_IMAGE_EXTS = ("png", "jpg", "jpeg")
+from pipelines.base import HostBatch
+from shards.format import (
+    MANIFEST,
+    Sample,
+    decode_image,
+    load_manifest,
+    sample_fields,
+    shard_samples,
+    split_order,
+)
 
-
-def load_manifest(root: Path) -> dict[str, Any]:
-    """Read ``root/manifest.json`` (only the keys the readers need are checked)."""
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: no manifest.json; not a dataset directory")
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["splits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e!r})") from e
-    return manifest
+log = logging.getLogger(__name__)
 
 
 def split_info(root: Path, manifest: dict[str, Any], split: str) -> dict[str, Any]:
     if split not in manifest["splits"]:
         raise ValueError(
-            f"{root / 'manifest.json'}: no split {split!r} (has {sorted(manifest['splits'])})"
+            f"{root / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})"
         )
     return manifest["splits"][split]
-
-
-def file_order(manifest: dict[str, Any], split: str) -> np.ndarray:
-    """int64 ``(N,)``: the stable index of the sample at each file position of ``split``.
-
-    Mirrors ``shards.order.file_order`` (pipelines import nothing from shards): ``shuffled``
-    is ``numpy.random.RandomState(seed).permutation(count)``; no record or ``index`` is the
-    identity.
-    """
-    info = manifest["splits"][split]
-    n, rec = int(info["count"]), info.get("order")
-    if rec is None or rec.get("kind") == "index":
-        return np.arange(n, dtype=np.int64)
-    if rec.get("kind") == "shuffled":
-        return np.random.RandomState(int(rec["seed"])).permutation(n).astype(np.int64)
-    raise ValueError(f"split {split!r}: unknown sample order {rec!r} in manifest.json")
 
 
 def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
@@ -179,56 +163,37 @@ class SplitIndex:
         return len(self.keys)
 
 
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b"\0 ").strip()
-    return int(field, 8) if field else 0
-
-
-def index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]], dict[str, bytes]]]:
-    """Parse one tar shard's headers (plain ustar, as the builder writes).
-
-    Returns:
-        ``[(key, {ext: (data_offset, size)}, {ext: small member bytes for cls/idx})]`` in file
-        order, one entry per sample key.
+def index_shard(path: Path) -> list[Sample]:
+    """One shard's header index: ``[(key, {ext: (data offset, size)}, {ext: bytes})]`` in file
+    order, the bytes of the ``.cls``/``.idx`` members only (image data is located, not read).
 
     Raises:
         ValueError: truncated or malformed shard, naming the file and the member.
     """
-    samples: dict[str, tuple[dict[str, tuple[int, int]], dict[str, bytes]]] = {}
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        pos = 0
-        while True:
-            header = f.read(_BLOCK)
-            if len(header) == 0:
-                break  # tolerate a missing end-of-archive marker only at a member boundary
-            if len(header) < _BLOCK:
-                raise ValueError(f"{path}: truncated shard (partial header at byte {pos})")
-            if header == b"\0" * _BLOCK:
-                break
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            try:
-                size = _octal(header[124:136])
-            except ValueError as e:
-                raise ValueError(f"{path}: malformed tar header at byte {pos} ({name!r})") from e
-            typeflag = header[156:157]
-            data = pos + _BLOCK
-            if data + size > file_size:
-                raise ValueError(
-                    f"{path}: truncated shard: member {name!r} needs {size} bytes at {data}, "
-                    f"file has {file_size}"
-                )
-            if typeflag in (b"0", b"\0"):
-                base = name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                entry = samples.setdefault(key, ({}, {}))
-                entry[0][ext] = (data, size)
-                if ext in ("cls", "idx"):
-                    entry[1][ext] = f.read(size)
-                    f.seek(data + size)
-            pos = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-            f.seek(pos)
-    return [(k, m, s) for k, (m, s) in samples.items()]
+    return list(shard_samples(path, skip_images=True))
+
+
+def indexed_shards(
+    root: Path, info: dict[str, Any], split: str
+) -> Iterator[tuple[Path, list[Sample]]]:
+    """``(path, index_shard(path))`` of each shard of a split, checked to exist and to hold
+    the number of samples the manifest lists.
+
+    Raises:
+        ValueError: a missing, truncated or malformed shard or a count other than the
+            manifest's, naming the shard.
+    """
+    for entry in info["shards"]:
+        path = root / entry["file"]
+        if not path.is_file():
+            raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
+        samples = index_shard(path)
+        if len(samples) != entry["count"]:
+            raise ValueError(
+                f"{path}: {len(samples)} samples, manifest says {entry['count']} "
+                "(truncated or foreign shard?)"
+            )
+        yield path, samples
 
 
 def build_index(root: Path, split: str, manifest: dict[str, Any] | None = None) -> SplitIndex:
@@ -239,47 +204,25 @@ def build_index(root: Path, split: str, manifest: dict[str, Any] | None = None) 
             a count different from the manifest's, or stable indices out of order -- each
             naming the shard and key.
     """
-    manifest = manifest or load_manifest(root)
+    manifest = manifest or load_manifest(root, strict=False)
     info = split_info(root, manifest, split)
-    order = file_order(manifest, split)  # file position -> stable index
+    order = split_order(manifest, split)  # file position -> stable index
     shards, shard_no, offsets, sizes, labels, keys = [], [], [], [], [], []
-    for s_i, entry in enumerate(info["shards"]):
-        path = root / entry["file"]
-        if not path.is_file():
-            raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
+    for s_i, (path, samples) in enumerate(indexed_shards(root, info, split)):
         shards.append(path)
-        samples = index_shard(path)
-        if len(samples) != entry["count"]:
-            raise ValueError(
-                f"{path}: {len(samples)} samples, manifest says {entry['count']} "
-                "(truncated or foreign shard?)"
-            )
-        for key, members, small in samples:
-            img = [e for e in _IMAGE_EXTS if e in members]
-            if not img or "cls" not in small or "idx" not in small:
-                raise ValueError(
-                    f"{path}: sample {key!r} lacks an image/.cls/.idx member (has {sorted(members)})"
-                )
-            try:
-                label, idx = int(small["cls"].decode()), int(small["idx"].decode())
-            except ValueError as e:
-                raise ValueError(f"{path}: sample {key!r}: bad .cls/.idx ({e})") from e
+        for key, spans, small in samples:
             pos = len(keys)
-            if pos >= len(order) or idx != order[pos]:
-                want = f"{order[pos]}" if pos < len(order) else "none"
-                raise ValueError(
-                    f"{path}: sample {key!r} has index {idx}, expected {want} "
-                    "(shards out of order or not the manifest's)"
-                )
+            want = int(order[pos]) if pos < len(order) else None
+            img, label, _ = sample_fields(path, key, spans, small, want)
             shard_no.append(s_i)
-            offsets.append(members[img[0]][0])
-            sizes.append(members[img[0]][1])
+            offsets.append(spans[img][0])
+            sizes.append(spans[img][1])
             labels.append(label)
             keys.append(key)
     num_classes = manifest.get("num_classes")
     if len(keys) != len(order):
         raise ValueError(
-            f"{root / 'manifest.json'}: split {split!r} count {len(order)} but its shards hold "
+            f"{root / MANIFEST}: split {split!r} count {len(order)} but its shards hold "
             f"{len(keys)} samples"
         )
     # Key everything by stable index: sample i of the index is the sample with .idx == i.
@@ -322,32 +265,68 @@ def output_size(manifest: dict[str, Any], load_size: int | None) -> tuple[int, i
     return s, s
 
 
-def decode_image(data: bytes, out_hw: tuple[int, int], fixed: bool) -> np.ndarray:
-    """Decode one encoded image to uint8 ``(H, W, 3)``.
+@dataclass(frozen=True)
+class Decoder:
+    """How the webdataset readers (both orders) turn encoded samples into a host batch.
 
-    Fixed-size datasets must already have ``out_hw``; variable-size (full-res JPEG) ones are
-    resized (shorter side to the output size) and center-cropped to a square.
+    Attributes:
+        out_hw: ``(H, W)`` delivered (:func:`output_size`).
+        fixed: the dataset has a fixed image size (checked) rather than variable (resized and
+            center-cropped, :func:`shards.format.decode_image`).
+        on_corrupt: ``"raise"`` or ``"skip"`` (:data:`ON_CORRUPT`).
     """
-    from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
-    if not fixed:
-        h, w = out_hw
-        # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale when that still covers the target
-        # -- most of the 224/256 px speed-up for full-res JPEGs.
-        img.draft(
-            "RGB", (max(h, w) * img.width // min(img.size), max(h, w) * img.height // min(img.size))
-        )
-    img = img.convert("RGB")
-    if fixed:
-        if (img.height, img.width) != tuple(out_hw):
-            raise ValueError(
-                f"image is {img.height}x{img.width}, dataset says {out_hw[0]}x{out_hw[1]}"
-            )
-        return np.asarray(img)
-    target = out_hw[0]
-    scale = target / min(img.size)
-    nw, nh = max(target, round(img.width * scale)), max(target, round(img.height * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - target) // 2, (nh - target) // 2
-    return np.asarray(img.crop((left, top, left + target, top + target)))
+    out_hw: tuple[int, int]
+    fixed: bool
+    on_corrupt: str
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any], load_size: int | None, on_corrupt: str) -> Decoder:
+        """The decoder for a dataset; raises ValueError for an unknown ``on_corrupt``."""
+        check_on_corrupt(on_corrupt)
+        return cls(output_size(manifest, load_size), bool(manifest.get("image_size")), on_corrupt)
+
+    def batch(
+        self,
+        images: Sequence[bytes],
+        labels: np.ndarray,
+        idx: np.ndarray,
+        where: Callable[[int], str],
+    ) -> HostBatch:
+        """Decode a batch of encoded images with their labels and stable indices.
+
+        Args:
+            where: names sample ``j`` of the batch (shard and key) in messages.
+
+        Returns:
+            ``(uint8 (B, 3, H, W), int64 (B,) labels, int64 (B,) indices, skipped)``. With
+            ``on_corrupt="skip"`` an undecodable sample is replaced by a copy of a valid one of
+            the same batch, with that sample's own label and index (so no label is ever wrong).
+
+        Raises:
+            ValueError: an undecodable image with ``on_corrupt="raise"``, or a batch with no
+                decodable image at all, naming the sample(s).
+        """
+        h, w = self.out_hw
+        out = np.empty((len(images), h, w, 3), dtype=np.uint8)
+        ok = np.ones(len(images), dtype=bool)
+        for j, data in enumerate(images):
+            try:
+                out[j] = decode_image(data, self.out_hw, self.fixed)
+            except Exception as e:  # PIL raises many types for corrupt data
+                if self.on_corrupt == "raise":
+                    raise ValueError(f"{where(j)}: cannot decode image ({e})") from e
+                log.warning("skipping corrupt image %s (%s)", where(j), e)
+                ok[j] = False
+        labels = np.array(labels, dtype=np.int64)
+        idx = np.array(idx, dtype=np.int64)
+        skipped = int((~ok).sum())
+        if skipped:
+            good = np.nonzero(ok)[0]
+            if good.size == 0:
+                raise ValueError(f"every image of a batch is corrupt (indices {idx.tolist()})")
+            bad = np.nonzero(~ok)[0]
+            src = good[np.arange(bad.size) % good.size]
+            out[bad], labels[bad], idx[bad] = out[src], labels[src], idx[src]
+        images_ = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+        return images_, torch.from_numpy(labels), torch.from_numpy(idx), skipped

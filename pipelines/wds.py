@@ -32,16 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.base import Batch, StepAccounting, TrainStream, paired_batches
+from pipelines.base import Batch, HostBatch, StepAccounting, TrainStream, paired_batches
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
-from pipelines.shard_index import (
-    SplitIndex,
-    build_index,
-    check_on_corrupt,
-    decode_image,
-    load_manifest,
-    output_size,
-)
+from pipelines.shard_index import Decoder, SplitIndex, build_index
+from shards.format import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +43,8 @@ log = logging.getLogger(__name__)
 class _SampleReader:
     """Reads and decodes samples of one split; lives in each worker (file handles are lazy)."""
 
-    def __init__(self, index: SplitIndex, out_hw: tuple[int, int], fixed: bool, on_corrupt: str):
-        self.index, self.out_hw, self.fixed, self.on_corrupt = index, out_hw, fixed, on_corrupt
+    def __init__(self, index: SplitIndex, decoder: Decoder):
+        self.index, self.decoder = index, decoder
         self._files: dict[int, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -73,38 +67,16 @@ class _SampleReader:
             )
         return data
 
-    def read_batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Decode samples ``idx``.
+    def _where(self, i: int) -> str:
+        return f"{self.index.shards[self.index.shard[i]]}: sample {self.index.keys[i]!r}"
 
-        Returns:
-            ``(uint8 (B, 3, H, W), int64 (B,) labels, int64 (B,) indices, skipped)``. With
-            ``on_corrupt="skip"`` an undecodable sample is replaced by a copy of a valid one of
-            the same batch (with that sample's own label and index, so no label is ever wrong).
-        """
-        h, w = self.out_hw
-        out = np.empty((len(idx), h, w, 3), dtype=np.uint8)
-        ok = np.ones(len(idx), dtype=bool)
-        for j, i in enumerate(idx):
-            data = self._read(int(i))
-            try:
-                out[j] = decode_image(data, self.out_hw, self.fixed)
-            except Exception as e:  # PIL raises many types for corrupt data
-                where = f"{self.index.shards[self.index.shard[i]]}: sample {self.index.keys[i]!r}"
-                if self.on_corrupt == "raise":
-                    raise ValueError(f"{where}: cannot decode image ({e})") from e
-                log.warning("skipping corrupt image %s (%s)", where, e)
-                ok[j] = False
-        idx = np.asarray(idx, dtype=np.int64).copy()
-        skipped = int((~ok).sum())
-        if skipped:
-            good = np.nonzero(ok)[0]
-            if good.size == 0:
-                raise ValueError(f"every image of a batch is corrupt (indices {idx.tolist()})")
-            bad = np.nonzero(~ok)[0]
-            src = good[np.arange(bad.size) % good.size]
-            out[bad], idx[bad] = out[src], idx[src]
-        images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-        return images, torch.from_numpy(self.index.labels[idx]), torch.from_numpy(idx), skipped
+    def read_batch(self, idx: np.ndarray) -> HostBatch:
+        """Read and decode samples ``idx`` (:meth:`~pipelines.shard_index.Decoder.batch`)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        images = [self._read(int(i)) for i in idx]
+        return self.decoder.batch(
+            images, self.index.labels[idx], idx, lambda j: self._where(int(idx[j]))
+        )
 
     def close(self) -> None:
         for f in self._files.values():
@@ -186,11 +158,9 @@ class WdsStream(StepAccounting):
         on_corrupt: str = "raise",
     ) -> None:
         check_rank(rank, world_size)
-        check_on_corrupt(on_corrupt)
         self.root, self.device = Path(root), torch.device(device)
-        manifest = load_manifest(self.root)
-        out_hw = output_size(manifest, load_size)
-        fixed = bool(manifest.get("image_size"))
+        manifest = load_manifest(self.root, strict=False)
+        decoder = Decoder.of(manifest, load_size, on_corrupt)
         self.num_workers, self.prefetch = int(num_workers), int(prefetch_factor)
         self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
         self.skipped = 0
@@ -200,7 +170,7 @@ class WdsStream(StepAccounting):
             stream = IndexStream(
                 len(index), batch, seed=seed, stream=name, rank=rank, world_size=world_size
             )
-            self._parts[name] = (_SampleReader(index, out_hw, fixed, on_corrupt), stream)
+            self._parts[name] = (_SampleReader(index, decoder), stream)
         self._steps = 0  # batches handed out since construction / restore
         self._base = {name: (s.epoch, s.position) for name, (_, s) in self._parts.items()}
 
@@ -300,12 +270,10 @@ class WdsEval:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_on_corrupt(on_corrupt)
-        manifest = load_manifest(Path(root))
+        manifest = load_manifest(Path(root), strict=False)
+        decoder = Decoder.of(manifest, load_size, on_corrupt)
         index = build_index(Path(root), split, manifest)
-        reader = _SampleReader(
-            index, output_size(manifest, load_size), bool(manifest.get("image_size")), on_corrupt
-        )
+        reader = _SampleReader(index, decoder)
         idx, valid = eval_rank_indices(len(index), rank, world_size)
         self.device, self.world_size = torch.device(device), world_size
         pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)

@@ -51,7 +51,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,20 +59,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.base import Batch, HostBatch, StepAccounting, paired_batches
 from pipelines.sampling import check_rank, epoch_permutation, stream_seed
-from pipelines.shard_index import (
-    _octal,
-    check_on_corrupt,
-    decode_image,
-    file_order,
-    load_manifest,
-    output_size,
-    split_info,
-    warn_if_class_sorted,
-)
+from pipelines.shard_index import Decoder, split_info, warn_if_class_sorted
+from shards.format import MANIFEST, load_manifest, sample_fields, shard_samples, split_order
 
 log = logging.getLogger(__name__)
 
-_IMAGE_EXTS = ("png", "jpg", "jpeg")
 DEFAULT_SHUFFLE_BUFFER = 1000
 SPLITS = ("labeled", "unlabeled")
 # State keys that must match for a resume to make sense at all (same data, same seed).
@@ -135,49 +126,6 @@ class _Sample(NamedTuple):
     index: int
 
 
-_BLOCK = 512
-
-
-def tar_members(f: BinaryIO, path: Path) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of the regular-file members of a plain ustar stream, read sequentially.
-
-    A minimal reader instead of :mod:`tarfile`, whose per-header Python work was two thirds of
-    the stream reader's time on 32 px PNG shards; the builder writes plain ustar only. Reads
-    never seek, so ``f`` may be a pipe or a network stream.
-
-    Raises:
-        ValueError: a partial header, a malformed size field or a member cut short, naming the
-            file and the member. (A stream that ends at a member boundary just ends: the caller
-            checks the sample count.)
-    """
-    last = None
-    while True:
-        header = f.read(_BLOCK)
-        if not header:
-            return
-        if len(header) < _BLOCK:
-            raise ValueError(f"{path}: truncated shard: partial tar header after member {last!r}")
-        if header == b"\0" * _BLOCK:
-            return  # end-of-archive marker
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:263] == b"ustar\0":  # POSIX ustar: a name may be split into a prefix
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-            name = f"{prefix}/{name}" if prefix else name
-        try:
-            size = _octal(header[124:136])
-        except ValueError as e:
-            raise ValueError(f"{path}: malformed tar header after member {last!r}") from e
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        data = f.read(padded)
-        if len(data) < size:
-            raise ValueError(
-                f"{path}: truncated shard: member {name!r} has {len(data)} of {size} bytes"
-            )
-        last = name
-        if header[156:157] in (b"0", b"\0"):
-            yield name, data[:size]
-
-
 def iter_shard(
     path: Path,
     shard: int,
@@ -199,39 +147,13 @@ def iter_shard(
             a bad label or index, or a sample count other than ``count`` -- naming the shard
             and the key.
     """
-    seen, key, members = 0, None, {}
-
-    def finish() -> _Sample:
-        img = [e for e in _IMAGE_EXTS if e in members]
-        if not img or "cls" not in members or "idx" not in members:
-            raise ValueError(
-                f"{path}: sample {key!r} lacks an image/.cls/.idx member (has {sorted(members)})"
-            )
-        try:
-            label, index = int(members["cls"].decode()), int(members["idx"].decode())
-        except ValueError as e:
-            raise ValueError(f"{path}: sample {key!r}: bad .cls/.idx ({e})") from e
+    seen = 0
+    for key, _, data in shard_samples(path):
         want = int(indices[seen]) if seen < len(indices) else None
-        if index != want:
-            raise ValueError(
-                f"{path}: sample {key!r} has index {index}, expected {want} "
-                "(shards out of order or not the manifest's)"
-            )
+        img, label, index = sample_fields(path, key, data, data, want)
         if num_classes is not None and not 0 <= label < num_classes:
             raise ValueError(f"{path}: sample {key!r} label {label} outside [0, {num_classes})")
-        return _Sample(shard, key, members[img[0]], label, index)
-
-    with open(path, "rb", buffering=1 << 20) as f:
-        for name, data in tar_members(f, path):
-            k, _, ext = name.rsplit("/", 1)[-1].partition(".")
-            if k != key:
-                if key is not None:
-                    yield finish()
-                    seen += 1
-                key, members = k, {}
-            members[ext] = data
-    if key is not None:
-        yield finish()
+        yield _Sample(shard, key, data[img], label, index)
         seen += 1
     if seen != len(indices):
         raise ValueError(
@@ -295,12 +217,12 @@ def load_split_shards(root: Path, split: str, manifest: dict[str, Any]) -> _Spli
     c = np.asarray(counts, dtype=np.int64)
     if "count" in info and int(info["count"]) != int(c.sum()):
         raise ValueError(
-            f"{root / 'manifest.json'}: split {split!r} has {info['count']} samples but its "
+            f"{root / MANIFEST}: split {split!r} has {info['count']} samples but its "
             f"shards' counts sum to {int(c.sum())}"
         )
     first = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
     num_classes = manifest.get("num_classes")
-    order = file_order(manifest, split) if "count" in info else np.arange(int(c.sum()))
+    order = split_order(manifest, split) if "count" in info else np.arange(int(c.sum()))
     return _SplitShards(
         split,
         tuple(paths),
@@ -309,46 +231,6 @@ def load_split_shards(root: Path, split: str, manifest: dict[str, Any]) -> _Spli
         order,
         None if num_classes is None else int(num_classes),
     )
-
-
-def decode_batch(
-    samples: list[_Sample],
-    paths: tuple[Path, ...],
-    out_hw: tuple[int, int],
-    fixed: bool,
-    on_corrupt: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Decode a batch of streamed samples.
-
-    Returns:
-        ``(uint8 (B, 3, H, W), int64 (B,) labels, int64 (B,) indices, skipped)``. With
-        ``on_corrupt="skip"`` an undecodable sample is replaced by a copy of a valid one of the
-        same batch, with that sample's own label and index (as in index mode).
-    """
-    h, w = out_hw
-    out = np.empty((len(samples), h, w, 3), dtype=np.uint8)
-    ok = np.ones(len(samples), dtype=bool)
-    for j, s in enumerate(samples):
-        try:
-            out[j] = decode_image(s.image, out_hw, fixed)
-        except Exception as e:  # PIL raises many types for corrupt data
-            where = f"{paths[s.shard]}: sample {s.key!r}"
-            if on_corrupt == "raise":
-                raise ValueError(f"{where}: cannot decode image ({e})") from e
-            log.warning("skipping corrupt image %s (%s)", where, e)
-            ok[j] = False
-    labels = np.asarray([s.label for s in samples], dtype=np.int64)
-    idx = np.asarray([s.index for s in samples], dtype=np.int64)
-    skipped = int((~ok).sum())
-    if skipped:
-        good = np.nonzero(ok)[0]
-        if good.size == 0:
-            raise ValueError(f"every image of a batch is corrupt (indices {idx.tolist()})")
-        bad = np.nonzero(~ok)[0]
-        src = good[np.arange(bad.size) % good.size]
-        out[bad], labels[bad], idx[bad] = out[src], labels[src], idx[src]
-    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-    return images, torch.from_numpy(labels), torch.from_numpy(idx), skipped
 
 
 class _StreamBatches(IterableDataset):
@@ -369,14 +251,12 @@ class _StreamBatches(IterableDataset):
         buffer: int,
         start_epoch: int,
         start_batch: int,
-        out_hw: tuple[int, int],
-        fixed: bool,
-        on_corrupt: str,
+        decoder: Decoder,
     ) -> None:
         self.split, self.order = split, order
         self.batch_size, self.rank, self.workers, self.buffer = batch_size, rank, workers, buffer
         self.start_epoch, self.start_batch = start_epoch, start_batch
-        self.out_hw, self.fixed, self.on_corrupt = out_hw, fixed, on_corrupt
+        self.decoder = decoder
 
     def _samples(self, g: int, epoch: int, skip: int) -> Iterator[_Sample]:
         sp, seed = self.split, self.order.seed
@@ -400,9 +280,16 @@ class _StreamBatches(IterableDataset):
                 yield sample
             epoch += 1
 
-    def __iter__(
-        self,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | _ReaderError]:
+    def _decode(self, batch: list[_Sample]) -> HostBatch:
+        paths = self.split.paths
+        return self.decoder.batch(
+            [s.image for s in batch],
+            np.array([s.label for s in batch]),
+            np.array([s.index for s in batch]),
+            lambda j: f"{paths[batch[j].shard]}: sample {batch[j].key!r}",
+        )
+
+    def __iter__(self) -> Iterator[HostBatch | _ReaderError]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         # Rotate worker ids so the DataLoader's first batch (from worker 0) is the rank's batch
@@ -416,9 +303,7 @@ class _StreamBatches(IterableDataset):
             for sample in self._samples(g, epoch, skip):
                 batch.append(sample)
                 if len(batch) == self.batch_size:
-                    yield decode_batch(
-                        batch, self.split.paths, self.out_hw, self.fixed, self.on_corrupt
-                    )
+                    yield self._decode(batch)
                     batch = []
         except ValueError as e:
             # Handed over as data, not raised: the main process raises it with a clean message,
@@ -480,19 +365,17 @@ class WdsShardStream(StepAccounting):
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
         check_rank(rank, world_size)
-        check_on_corrupt(on_corrupt)
         if int(shuffle_buffer) < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.root, self.device = Path(root), torch.device(device)
-        manifest = load_manifest(self.root)
-        self.out_hw = output_size(manifest, load_size)
-        self.fixed = bool(manifest.get("image_size"))
+        manifest = load_manifest(self.root, strict=False)
+        self.decoder = Decoder.of(manifest, load_size, on_corrupt)
         self.num_workers, self.prefetch = int(num_workers), int(prefetch_factor)
         self.workers = max(self.num_workers, 1)  # num_workers=0 reads like one worker
         self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
-        self.on_corrupt, self.buffer = on_corrupt, int(shuffle_buffer)
+        self.buffer = int(shuffle_buffer)
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.skipped = 0
         g_total = world_size * self.workers
@@ -527,9 +410,7 @@ class WdsShardStream(StepAccounting):
             buffer=self.buffer,
             start_epoch=self._start_epoch[name],
             start_batch=self._start_batch[name] + self._steps,
-            out_hw=self.out_hw,
-            fixed=self.fixed,
-            on_corrupt=self.on_corrupt,
+            decoder=self.decoder,
         )
 
     def __iter__(self) -> Iterator[Batch]:

@@ -24,7 +24,8 @@ from shards.build import (
     lt_from_arrays,
     plan_imagenet_lt,
 )
-from shards.manifest import FORMATS, load_manifest, summary
+from shards.format import load_manifest
+from shards.manifest import FORMATS, summary
 from shards.splits import class_counts
 
 CIFAR_DEFAULTS = {"cifar10": (1500, 3000, 100.0), "cifar100": (150, 300, 10.0)}

@@ -1,15 +1,14 @@
-"""Byte-deterministic webdataset tar shards: writing members with fixed metadata, reading back.
+"""Writing byte-deterministic webdataset tar shards: fixed member metadata, fixed PNG settings.
 
 ``tarfile`` in USTAR format with every header field fixed (mtime 0, uid/gid 0, mode 0o644,
-empty user/group names) so the same samples always give the same bytes, on any machine.
+empty user/group names) so the same samples always give the same bytes, on any machine. The
+member layout and the reader are in :mod:`shards.format`.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -28,12 +27,6 @@ def encode_png(img: np.ndarray) -> bytes:
         buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
     )
     return buf.getvalue()
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode PNG/JPEG bytes to RGB uint8 ``(H, W, 3)``."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 class TarShardWriter:
@@ -74,42 +67,3 @@ class TarShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-
-
-def sample_members(index: int, label: int, ext: str, image: bytes) -> tuple[str, list]:
-    """The key and members of sample ``index`` as the format (v1) defines them."""
-    return f"{index:08d}", [
-        (ext, image),
-        ("cls", str(int(label)).encode("ascii")),
-        ("idx", str(int(index)).encode("ascii")),
-    ]
-
-
-def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` per sample of a shard, in file order.
-
-    Raises:
-        ValueError: the file is not a readable tar, naming it.
-    """
-    try:
-        tar = tarfile.open(path, mode="r:")
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{path}: not a readable tar shard ({e})") from e
-    with tar:
-        key, cur = None, {}
-        try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if k != key:
-                    if key is not None:
-                        yield key, cur
-                    key, cur = k, {}
-                f = tar.extractfile(member)
-                cur[ext] = f.read() if f is not None else b""
-        except tarfile.TarError as e:
-            raise ValueError(f"{path}: corrupt tar shard ({e})") from e
-        if key is not None:
-            yield key, cur

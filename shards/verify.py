@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.manifest import load_manifest
-from shards.order import file_order
-from shards.tario import decode_image, iter_tar_samples
+from shards.format import decode_image, iter_tar_samples, load_manifest, sample_key, split_order
 from shards.writer import sha256_file
 
 
@@ -45,7 +43,7 @@ def verify_dataset(
     for s, sp in m["splits"].items():
         hist = np.zeros(m["num_classes"], np.int64)
         expect = 0
-        order = file_order(sp.get("order"), sp["count"])  # file position -> expected .idx
+        order = split_order(m, s)  # file position -> expected .idx
         for sh in sp["shards"]:
             f = root / sh["file"]
             index = sh.get("dali_index")  # absent from datasets built before 2026-12-06
@@ -70,9 +68,10 @@ def verify_dataset(
                         problems.append(f"{f}: sample {key} has members {sorted(mem)}")
                         break
                     idx, y = int(mem["idx"]), int(mem["cls"])
-                    if key != f"{idx:08d}" or idx != order[expect + n]:
+                    if key != sample_key(idx) or idx != order[expect + n]:
                         problems.append(
-                            f"{f}: sample {key} out of order (expected {order[expect + n]:08d})"
+                            f"{f}: sample {key} out of order "
+                            f"(expected {sample_key(order[expect + n])})"
                         )
                         break
                     if not 0 <= y < m["num_classes"]:

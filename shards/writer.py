@@ -32,16 +32,9 @@ import numpy as np
 
 from shards import manifest as mf
 from shards import outdir as od
+from shards.format import decode_image, iter_tar_samples, sample_members
 from shards.order import file_order, order_record
-from shards.tario import (
-    JPEG_QUALITY,
-    PNG_COMPRESS_LEVEL,
-    TarShardWriter,
-    decode_image,
-    encode_png,
-    iter_tar_samples,
-    sample_members,
-)
+from shards.tario import JPEG_QUALITY, PNG_COMPRESS_LEVEL, TarShardWriter, encode_png
 
 PROGRESS = ".shards-progress.json"
 DEFAULT_SHARD_SIZE = {"png": 5000, "jpg": 1000}

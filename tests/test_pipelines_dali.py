@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from pipelines.dali_backend import _index_paths, _paths, _pipe, _to_torch  # noqa: E402
-from pipelines.shard_index import load_manifest  # noqa: E402
+from shards.format import load_manifest  # noqa: E402
 from tests.test_pipelines_backends import write_fixture  # noqa: E402
 
 

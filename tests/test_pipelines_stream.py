@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipelines import build_train_stream
-from pipelines.shard_index import file_order
 from pipelines.wds_stream import ShardOrder, shuffled
+from shards.format import split_order as file_order
 from tests.ports import free_port
 from tests.test_pipelines_backends import _corrupt_png
 
@@ -137,7 +137,7 @@ def test_shuffled_keeps_every_item_once():
 def test_tar_reader_matches_tarfile(tmp_path):
     import tarfile
 
-    from pipelines.wds_stream import tar_members
+    from shards.format import tar_members
 
     path = tmp_path / "a.tar"
     long_dir = "d" * 120  # a name over 100 bytes: ustar splits it into prefix + name
@@ -149,7 +149,15 @@ def test_tar_reader_matches_tarfile(tmp_path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     with open(path, "rb") as f:
-        assert list(tar_members(f, path)) == want  # directories skipped, names joined
+        got = list(tar_members(f, path))
+    assert [(m.name, m.data) for m in got] == want  # directories skipped, names joined
+    with tarfile.open(path) as tf:  # data offsets and sizes as tarfile finds them
+        spans = [(i.offset_data, i.size) for i in tf.getmembers() if i.isfile()]
+    assert [(m.offset, m.size) for m in got] == spans
+    with open(path, "rb") as f:  # the index builder's mode: skipped members located, not read
+        skipped = list(tar_members(f, path, skip=lambda name: name.endswith(".png")))
+    assert [(m.offset, m.size) for m in skipped] == spans
+    assert [m.data for m in skipped] == [None, b"2", b""]
 
 
 def _dir_info(name: str):

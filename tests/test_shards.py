@@ -16,10 +16,9 @@ import pytest
 
 from shards import writer as W
 from shards.cli import main
-from shards.manifest import load_manifest
+from shards.format import decode_image, iter_tar_samples, load_manifest
 from shards.order import file_order
 from shards.splits import cifar_lt_split, first_per_class, lt_counts, prefix_counts
-from shards.tario import decode_image, iter_tar_samples
 from shards.verify import verify_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from shards.build import plan_imagenet127, plan_imagenet_lt
 from shards.cli import main
-from shards.manifest import load_manifest
+from shards.format import load_manifest
 from shards.sources import derive_wnid_to_127, load_imagenet127_map
 from shards.splits import lt_counts, prefix_counts
 from shards.verify import verify_dataset
@@ -457,7 +457,7 @@ def test_imagenet_lt_build_keeps_jpeg_bytes(lt_small, tmp_path: Path) -> None:
     assert m["splits"]["val"]["class_counts"] == [20, 20, 20]
     assert m["splits"]["test"]["class_counts"] == [50, 50, 50]
     plan = plan_imagenet_lt(lists, 0.2)
-    from shards.tario import iter_tar_samples
+    from shards.format import iter_tar_samples
 
     got = {
         int(mem["idx"]): mem["jpg"]

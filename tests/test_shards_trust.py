@@ -15,7 +15,7 @@ import pytest
 
 from shards import writer as W
 from shards.cli import main
-from shards.manifest import load_manifest
+from shards.format import load_manifest
 from shards.verify import verify_dataset
 
 

@@ -1,0 +1,408 @@
+"""The dataset format (v1), written down once: manifest schema, tar layout, tar reader, decoding.
+
+Everything that reads or writes a dataset directory goes through this module: the builder and
+``bmb-shards verify`` (:mod:`shards`) and the input backends (:mod:`pipelines`, which import
+this module and nothing else from :mod:`shards`). ``docs/datasets.md`` describes the format in
+prose; this module is its definition.
+
+* **Manifest** (:func:`load_manifest`, :func:`validate_manifest`): ``manifest.json``; every
+  problem is a :class:`ManifestError` naming the file and the key.
+* **Tar layout** (:func:`sample_members`, :func:`sample_fields`): a sample is the consecutive
+  members ``<key>.<image ext>``, ``<key>.cls`` (ASCII label) and ``<key>.idx`` (ASCII stable
+  index), key ``%08d`` of the index.
+* **Tar reader** (:func:`tar_members`, :func:`shard_samples`): one plain-ustar parser for every
+  reader. It reads front to back (the streaming reader: no seeks, so a pipe will do) or, asked
+  to skip members, seeks past their data and reports where it lies (the index builder).
+* **Decoding** (:func:`decode_image`): PNG/JPEG to RGB uint8, checked against a fixed size or
+  resized and center-cropped for variable-size datasets.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+
+from shards.order import file_order
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("labeled", "unlabeled", "val", "test")
+REQUIRED_SPLITS = ("labeled", "unlabeled", "test")
+ENCODINGS = ("png", "jpg")  # what the builder writes (manifest ``encoding``)
+_IMAGE_EXTS = (*ENCODINGS, "jpeg")  # what the readers accept as a sample's image member
+SMALL_MEMBERS = ("cls", "idx")
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+class ManifestError(ValueError):
+    """A missing, unreadable or invalid ``manifest.json``; the message names the file and key."""
+
+
+class ManifestNotFound(ManifestError, FileNotFoundError):
+    """No ``manifest.json``: not a dataset directory, or its build did not finish."""
+
+
+def _need(d: Any, key: str, typ: type | tuple[type, ...], where: str, file: Path) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise ManifestError(f"{file}: missing key {where}{key!r}")
+    v = d[key]
+    if not isinstance(v, typ) or (isinstance(v, bool) and typ is int):
+        raise ManifestError(
+            f"{file}: key {where}{key!r} has type {type(v).__name__}, expected {typ}"
+        )
+    return v
+
+
+def _validate_split(sp: Any, s: str, nc: int, file: Path) -> None:
+    where = f"splits.{s}."
+    count = _need(sp, "count", int, where, file)
+    cc = _need(sp, "class_counts", list, where, file)
+    if len(cc) != nc or sum(cc) != count:
+        raise ManifestError(
+            f"{file}: '{where}class_counts' must have {nc} entries summing to count={count}"
+        )
+    total = 0
+    for i, sh in enumerate(_need(sp, "shards", list, where, file)):
+        w = f"{where}shards[{i}]."
+        _need(sh, "file", str, w, file)
+        total += _need(sh, "count", int, w, file)
+        _need(sh, "sha256", str, w, file)
+        if sh.get("dali_index") is not None:  # absent in datasets built before 2026-12-06
+            _need(sh["dali_index"], "file", str, w + "dali_index.", file)
+            _need(sh["dali_index"], "sha256", str, w + "dali_index.", file)
+    if total != count:
+        raise ManifestError(f"{file}: shard counts of split {s!r} add to {total}, not {count}")
+    if "order" in sp:  # absent in datasets built before 2026-12-06: index order
+        kind = _need(sp["order"], "kind", str, where + "order.", file)
+        if kind not in ("index", "shuffled"):
+            raise ManifestError(
+                f"{file}: '{where}order.kind' must be 'index' or 'shuffled', got {kind!r}"
+            )
+        if kind == "shuffled":
+            _need(sp["order"], "seed", int, where + "order.", file)
+    for k in ("arrays", "ffcv"):
+        if k not in sp:
+            raise ManifestError(f"{file}: missing key '{where}{k}'")
+    if sp["arrays"] is not None:
+        a = sp["arrays"]
+        for k in ("images", "labels"):
+            _need(a, k, str, where + "arrays.", file)
+            _need(_need(a, "sha256", dict, where + "arrays.", file), k, str, where, file)
+    if sp["ffcv"] is not None:
+        _need(sp["ffcv"], "file", str, where + "ffcv.", file)
+        _need(sp["ffcv"], "sha256", str, where + "ffcv.", file)
+
+
+def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
+    """Check a manifest dict against format v1 (every key ``docs/datasets.md`` lists).
+
+    Raises:
+        ManifestError: naming ``file`` and the first bad key.
+    """
+    file = Path(file)
+    if not isinstance(m, dict):
+        raise ManifestError(f"{file}: top level must be a JSON object")
+    fv = _need(m, "format_version", int, "", file)
+    if fv != FORMAT_VERSION:
+        raise ManifestError(
+            f"{file}: format_version {fv} is not supported (this tool reads {FORMAT_VERSION})"
+        )
+    _need(m, "tool_version", str, "", file)
+    _need(m, "name", str, "", file)
+    _need(m, "seed", int, "", file)
+    nc = _need(m, "num_classes", int, "", file)
+    names = _need(m, "class_names", list, "", file)
+    if len(names) != nc or not all(isinstance(x, str) for x in names):
+        raise ManifestError(f"{file}: 'class_names' must be {nc} strings, got {len(names)} entries")
+    enc = _need(m, "encoding", str, "", file)
+    if enc not in ENCODINGS:
+        raise ManifestError(f"{file}: 'encoding' must be 'png' or 'jpg', got {enc!r}")
+    if "image_size" not in m:
+        raise ManifestError(f"{file}: missing key 'image_size'")
+    size = m["image_size"]
+    if size is not None and (
+        not isinstance(size, list) or len(size) != 2 or not all(isinstance(s, int) for s in size)
+    ):
+        raise ManifestError(f"{file}: 'image_size' must be [H, W] or null, got {size!r}")
+    for k in ("source", "split_rule"):
+        if k not in m or not (m[k] is None or isinstance(m[k], dict)):
+            raise ManifestError(f"{file}: key {k!r} must be an object or null")
+    splits = _need(m, "splits", dict, "", file)
+    for s in REQUIRED_SPLITS:
+        if s not in splits:
+            raise ManifestError(f"{file}: missing split 'splits.{s}'")
+    for s, sp in splits.items():
+        if s not in SPLITS:
+            raise ManifestError(f"{file}: unknown split {s!r} (expected one of {SPLITS})")
+        _validate_split(sp, s, nc, file)
+    return m
+
+
+def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dict[str, Any]:
+    """Read ``dataset_dir/manifest.json``.
+
+    Args:
+        dataset_dir: the dataset directory.
+        strict: validate every key (:func:`validate_manifest`). The training readers pass
+            ``False``: they check only that ``splits`` is an object and name any other missing
+            or inconsistent entry (a shard, a count) when they meet it, so they also read
+            hand-made manifests holding just the keys they use.
+
+    Raises:
+        ManifestNotFound: no manifest (also a :class:`FileNotFoundError`).
+        ManifestError: invalid JSON or a bad key, naming the file (and the key).
+    """
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestNotFound(
+            f"{path}: no manifest.json -- not a dataset directory, or its build did not finish "
+            "(re-run the build command to complete it)"
+        )
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    if strict:
+        return validate_manifest(m, path)
+    if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
+        raise ManifestError(f"{path}: missing key 'splits' (or not an object)")
+    return m
+
+
+def split_order(manifest: dict[str, Any], split: str) -> np.ndarray:
+    """int64 ``(N,)``: the stable index of the sample at each file position of ``split``
+    (its ``order`` record, :mod:`shards.order`; none: index order)."""
+    info = manifest["splits"][split]
+    try:
+        return file_order(info.get("order"), int(info["count"]))
+    except ValueError as e:
+        raise ManifestError(f"{MANIFEST}: split {split!r}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------- tar layout
+
+
+def sample_key(index: int) -> str:
+    """The tar key of the sample with stable index ``index``."""
+    return f"{int(index):08d}"
+
+
+def sample_members(index: int, label: int, ext: str, image: bytes) -> tuple[str, list]:
+    """The key and members ``[(ext, bytes)]`` of sample ``index``, in the order they are written."""
+    return sample_key(index), [
+        (ext, image),
+        ("cls", str(int(label)).encode("ascii")),
+        ("idx", str(int(index)).encode("ascii")),
+    ]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(key, ext)`` of a member name: the base name up to its first dot, and the rest."""
+    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+    return key, ext
+
+
+def is_small_member(name: str) -> bool:
+    """Whether a member is a ``.cls`` or ``.idx`` (read even where images are skipped)."""
+    return split_name(name)[1] in SMALL_MEMBERS
+
+
+def sample_fields(
+    path: Path | str, key: str, exts: Any, data: dict[str, bytes], expected: int | None
+) -> tuple[str, int, int]:
+    """Check one sample's members; ``(image ext, label, stable index)``.
+
+    Args:
+        path, key: the shard and the sample, for messages.
+        exts: the member extensions the sample has (images may be unread).
+        data: the bytes of its ``cls`` and ``idx`` members (at least).
+        expected: the stable index this file position must hold (the manifest's order);
+            ``None``: the split has no sample left for it.
+
+    Raises:
+        ValueError: a missing image/``.cls``/``.idx``, an unparsable one, or an index other
+            than ``expected`` -- naming the shard and the key.
+    """
+    img = next((e for e in _IMAGE_EXTS if e in exts), None)
+    if img is None or "cls" not in data or "idx" not in data:
+        raise ValueError(
+            f"{path}: sample {key!r} lacks an image/.cls/.idx member (has {sorted(exts)})"
+        )
+    try:
+        label, index = int(data["cls"].decode()), int(data["idx"].decode())
+    except ValueError as e:
+        raise ValueError(f"{path}: sample {key!r}: bad .cls/.idx ({e})") from e
+    if index != expected:
+        want = "none" if expected is None else expected
+        raise ValueError(
+            f"{path}: sample {key!r} has index {index}, expected {want} "
+            "(shards out of order or not the manifest's)"
+        )
+    return img, label, index
+
+
+# ---------------------------------------------------------------------------------- tar reader
+
+BLOCK = 512
+_END = bytes(BLOCK)
+
+
+class TarMember(NamedTuple):
+    """A regular-file member: its full name, where its data lies, and the data itself
+    (``None`` where the reader was asked to skip it)."""
+
+    name: str
+    offset: int
+    size: int
+    data: bytes | None
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").strip()
+    return int(field, 8) if field else 0
+
+
+def tar_members(
+    f: BinaryIO, path: Path | str, *, skip: Callable[[str], bool] | None = None
+) -> Iterator[TarMember]:
+    """The regular-file members of a plain ustar archive (as the builder writes), in order.
+
+    The one tar header parser. A minimal reader instead of :mod:`tarfile`, whose per-header
+    Python work was two thirds of the stream reader's time on 32 px PNG shards. Without
+    ``skip`` it never seeks (``f`` may be a pipe or a network stream); with it, members whose
+    name ``skip`` accepts are not read: ``f`` (a seekable file) is positioned past their data.
+
+    Raises:
+        ValueError: a partial header, a malformed size field or a member cut short, naming the
+            file, the byte offset and the member. (An archive that ends at a member boundary
+            just ends: callers check the sample count.)
+    """
+    end = os.fstat(f.fileno()).st_size if skip is not None else None
+    pos, last = 0, None
+    while True:
+        header = f.read(BLOCK)
+        if not header:
+            return  # a missing end-of-archive marker is tolerated at a member boundary
+        if len(header) < BLOCK:
+            raise ValueError(
+                f"{path}: truncated shard: partial tar header at byte {pos} after member {last!r}"
+            )
+        if header == _END:
+            return
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:263] == b"ustar\0":  # POSIX ustar: a long name is split into a prefix
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+            name = f"{prefix}/{name}" if prefix else name
+        try:
+            size = _octal(header[124:136])
+        except ValueError as e:
+            raise ValueError(
+                f"{path}: malformed tar header at byte {pos} ({name!r}, after member {last!r})"
+            ) from e
+        offset = pos + BLOCK
+        pos = offset + (size + BLOCK - 1) // BLOCK * BLOCK
+        regular = header[156:157] in (b"0", b"\0")
+        if end is not None and (not regular or skip(name)):
+            have, data = end - offset, None
+            f.seek(pos)
+        else:
+            data = f.read(pos - offset)
+            have, data = len(data), data[:size]
+        if have < size:
+            raise ValueError(
+                f"{path}: truncated shard: member {name!r} has {max(have, 0)} of {size} bytes "
+                f"(data at byte {offset})"
+            )
+        last = name
+        if regular:
+            yield TarMember(name, offset, size, data)
+
+
+Sample = tuple[str, dict[str, tuple[int, int]], dict[str, bytes]]
+"""``(key, {ext: (data offset, size)}, {ext: bytes of the members read})`` of one sample."""
+
+
+def shard_samples(path: Path | str, *, skip_images: bool = False) -> Iterator[Sample]:
+    """The samples of one tar shard in file order; consecutive members sharing a key form one
+    sample (webdataset's rule). ``skip_images``: read only the ``.cls``/``.idx`` members (the
+    index builder and the label checks: image data is located, not read).
+
+    Raises:
+        ValueError: an unreadable file or a truncated or malformed tar, naming it.
+    """
+    try:  # a small buffer where most bytes are seeked over, a large one to stream
+        f = open(path, "rb", buffering=-1 if skip_images else 1 << 20)  # noqa: SIM115
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable tar shard ({e})") from e
+    skip = (lambda name: not is_small_member(name)) if skip_images else None
+    with f:
+        key, spans, data = None, {}, {}
+        for m in tar_members(f, path, skip=skip):
+            k, ext = split_name(m.name)
+            if k != key:
+                if key is not None:
+                    yield key, spans, data
+                key, spans, data = k, {}, {}
+            spans[ext] = (m.offset, m.size)
+            if m.data is not None:
+                data[ext] = m.data
+        if key is not None:
+            yield key, spans, data
+
+
+def iter_tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` per sample of a shard, in file order (every member read).
+
+    Raises:
+        ValueError: an unreadable file or a truncated or malformed tar, naming it.
+    """
+    for key, _, data in shard_samples(path):
+        yield key, data
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+def decode_image(
+    data: bytes, out_hw: tuple[int, int] | None = None, fixed: bool = True
+) -> np.ndarray:
+    """Decode PNG/JPEG bytes to RGB uint8 ``(H, W, 3)``.
+
+    Args:
+        data: the encoded image.
+        out_hw: the size to deliver; ``None``: as stored.
+        fixed: the dataset has a fixed image size, which the image must already have
+            (``ValueError`` otherwise). ``False`` (variable-size, full-res JPEG datasets): the
+            shorter side is resized to ``out_hw[0]`` and the center square cropped.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if out_hw is not None and not fixed:
+            h, w = out_hw
+            # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale when that still covers the
+            # target -- most of the 224/256 px speed-up for full-res JPEGs.
+            side = min(img.size)
+            img.draft("RGB", (max(h, w) * img.width // side, max(h, w) * img.height // side))
+        rgb = img.convert("RGB")
+    if out_hw is None:
+        return np.asarray(rgb)
+    if fixed:
+        if (rgb.height, rgb.width) != tuple(out_hw):
+            raise ValueError(
+                f"image is {rgb.height}x{rgb.width}, dataset says {out_hw[0]}x{out_hw[1]}"
+            )
+        return np.asarray(rgb)
+    target = out_hw[0]
+    scale = target / min(rgb.size)
+    nw, nh = max(target, round(rgb.width * scale)), max(target, round(rgb.height * scale))
+    rgb = rgb.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - target) // 2, (nh - target) // 2
+    return np.asarray(rgb.crop((left, top, left + target, top + target)))
