@@ -23,6 +23,7 @@ differ from the tensor backend's and its resume is exact only under the same wor
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.base import Batch, HostBatch, StepAccounting, TrainStream, paired_batches
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
-from pipelines.shard_index import Decoder, SplitIndex, build_index
+from pipelines.shard_index import Decoder, ReaderSetup, SplitIndex, build_index
 from shards.format import load_manifest
 
 log = logging.getLogger(__name__)
@@ -132,37 +133,20 @@ class WdsStream(StepAccounting):
 
     Args:
         root: dataset directory.
-        labeled_batch, unlabeled_batch, seed, rank, world_size, device: as for
-            :func:`pipelines.build_train_stream`.
-        num_workers: decode processes per stream (labeled and unlabeled each get this many).
-        prefetch_factor: batches queued per worker.
-        pin_memory: pin host batches (default: when ``device`` is CUDA).
-        load_size: output square size for variable-size (full-res JPEG) datasets.
-        on_corrupt: ``"raise"`` (default) or ``"skip"`` (counted in :attr:`skipped`, logged).
+        setup: rank, device, decode workers (per stream) and the other reader options.
+        labeled_batch, unlabeled_batch, seed: as for :func:`pipelines.build_train_stream`.
     """
 
     def __init__(
-        self,
-        root: Path,
-        *,
-        labeled_batch: int,
-        unlabeled_batch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        prefetch_factor: int = 4,
-        pin_memory: bool | None = None,
-        load_size: int | None = None,
-        on_corrupt: str = "raise",
+        self, root: Path, setup: ReaderSetup, *, labeled_batch: int, unlabeled_batch: int, seed: int
     ) -> None:
+        rank, world_size = setup.rank, setup.world_size
         check_rank(rank, world_size)
-        self.root, self.device = Path(root), torch.device(device)
+        self.root, self.device = Path(root), torch.device(setup.device)
         manifest = load_manifest(self.root, strict=False)
-        decoder = Decoder.of(manifest, load_size, on_corrupt)
-        self.num_workers, self.prefetch = int(num_workers), int(prefetch_factor)
-        self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        decoder = setup.decoder(manifest)
+        self.num_workers, self.prefetch = int(setup.num_workers), int(setup.prefetch_factor)
+        self.pin = setup.pin()
         self.skipped = 0
         self._parts = {}
         for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
@@ -189,17 +173,8 @@ class WdsStream(StepAccounting):
     def __iter__(self) -> Iterator[Batch]:
         loaders = {}
         for name, (reader, stream) in self._parts.items():
-            ds = _TrainBatches(
-                reader,
-                IndexStream(
-                    stream.n,
-                    stream.batch_size,
-                    seed=stream.seed,
-                    stream=stream.stream,
-                    rank=stream.rank,
-                    world_size=stream.world_size,
-                ),
-            )
+            # A copy of its own: _TrainBatches positions it at each batch it computes.
+            ds = _TrainBatches(reader, copy.copy(stream))
             start = self._batch_number(name) + self._steps
             loaders[name] = iter(
                 _loader(ds, _FromStep(start), self.num_workers, self.pin, self.prefetch)
@@ -253,32 +228,17 @@ class WdsEval:
     latest pass.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        split: str,
-        *,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        prefetch_factor: int = 4,
-        pin_memory: bool | None = None,
-        load_size: int | None = None,
-        on_corrupt: str = "raise",
-    ) -> None:
+    def __init__(self, root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         manifest = load_manifest(Path(root), strict=False)
-        decoder = Decoder.of(manifest, load_size, on_corrupt)
+        decoder = setup.decoder(manifest)
         index = build_index(Path(root), split, manifest)
         reader = _SampleReader(index, decoder)
-        idx, valid = eval_rank_indices(len(index), rank, world_size)
-        self.device, self.world_size = torch.device(device), world_size
-        pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        idx, valid = eval_rank_indices(len(index), setup.rank, setup.world_size)
+        self.device, self.world_size = torch.device(setup.device), setup.world_size
         self._ds = _EvalBatches(reader, idx, valid, batch_size)
-        self._args = (num_workers, pin, prefetch_factor)
+        self._args = (setup.num_workers, setup.pin(), setup.prefetch_factor)
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -302,26 +262,37 @@ _ORDERS = ("index", "stream")
 
 
 def build_train(
-    root: Path, *, order: str = "index", shuffle_buffer: int | None = None, **kwargs: Any
+    root: Path,
+    *,
+    labeled_batch: int,
+    unlabeled_batch: int,
+    seed: int = 0,
+    order: str = "index",
+    shuffle_buffer: int | None = None,
+    **setup: Any,
 ) -> TrainStream:
     """The training stream: ``order="index"`` (default, :class:`WdsStream`: seek per sample,
     exact tensor-backend batches) or ``order="stream"``
     (:class:`~pipelines.wds_stream.WdsShardStream`: shards read sequentially per worker with a
-    shuffle buffer of ``shuffle_buffer`` samples, default 1000)."""
+    shuffle buffer of ``shuffle_buffer`` samples, default 1000). ``setup``: the fields of
+    :class:`~pipelines.shard_index.ReaderSetup`."""
     if order not in _ORDERS:
         raise ValueError(f"webdataset order must be one of {_ORDERS}, got {order!r}")
+    batches = dict(labeled_batch=labeled_batch, unlabeled_batch=unlabeled_batch, seed=seed)
     if order == "stream":
         from pipelines.wds_stream import DEFAULT_SHUFFLE_BUFFER, WdsShardStream
 
         buffer = DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer
-        return WdsShardStream(root, shuffle_buffer=buffer, **kwargs)
+        return WdsShardStream(root, ReaderSetup(**setup), shuffle_buffer=buffer, **batches)
     if shuffle_buffer is not None:
         raise ValueError(
             f"shuffle_buffer={shuffle_buffer} only applies to order='stream' (order='index' "
             "samples a uniform permutation)"
         )
-    return WdsStream(root, **kwargs)
+    return WdsStream(root, ReaderSetup(**setup), **batches)
 
 
-def build_eval(root: Path, split: str, **kwargs: Any) -> WdsEval:
-    return WdsEval(root, split, **kwargs)
+def build_eval(root: Path, split: str, *, batch_size: int, **setup: Any) -> WdsEval:
+    """One pass over ``split``; ``setup``: the fields of
+    :class:`~pipelines.shard_index.ReaderSetup`."""
+    return WdsEval(root, split, ReaderSetup(**setup), batch_size=batch_size)

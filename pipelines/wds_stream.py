@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.base import Batch, HostBatch, StepAccounting, paired_batches
 from pipelines.sampling import check_rank, epoch_permutation, stream_seed
-from pipelines.shard_index import Decoder, split_info, warn_if_class_sorted
+from pipelines.shard_index import Decoder, ReaderSetup, split_info, warn_if_class_sorted
 from shards.format import MANIFEST, load_manifest, sample_fields, shard_samples, split_order
 
 log = logging.getLogger(__name__)
@@ -332,14 +332,9 @@ class WdsShardStream(StepAccounting):
 
     Args:
         root: dataset directory.
-        labeled_batch, unlabeled_batch, seed, rank, world_size, device: as for
-            :func:`pipelines.build_train_stream`.
-        num_workers: DataLoader worker processes per stream (labeled and unlabeled each get
-            this many); each needs a shard of its own, see the module docstring.
-        prefetch_factor: batches queued per worker.
-        pin_memory: pin host batches (default: when ``device`` is CUDA).
-        load_size: output square size for variable-size (full-res JPEG) datasets.
-        on_corrupt: ``"raise"`` (default) or ``"skip"`` (counted in :attr:`skipped`, logged).
+        setup: rank, device, DataLoader workers per stream (each needs a shard of its own, see
+            the module docstring) and the other reader options.
+        labeled_batch, unlabeled_batch, seed: as for :func:`pipelines.build_train_stream`.
         shuffle_buffer: encoded samples each worker buffers for shuffling (``<= 1``: none).
 
     Raises:
@@ -350,32 +345,25 @@ class WdsShardStream(StepAccounting):
     def __init__(
         self,
         root: Path,
+        setup: ReaderSetup,
         *,
         labeled_batch: int,
         unlabeled_batch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        prefetch_factor: int = 4,
-        pin_memory: bool | None = None,
-        load_size: int | None = None,
-        on_corrupt: str = "raise",
+        seed: int,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
+        rank, world_size = setup.rank, setup.world_size
         check_rank(rank, world_size)
         if int(shuffle_buffer) < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.root, self.device = Path(root), torch.device(device)
+        if int(setup.num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {setup.num_workers}")
+        self.root, self.device = Path(root), torch.device(setup.device)
         manifest = load_manifest(self.root, strict=False)
-        self.decoder = Decoder.of(manifest, load_size, on_corrupt)
-        self.num_workers, self.prefetch = int(num_workers), int(prefetch_factor)
+        self.decoder = setup.decoder(manifest)
+        self.num_workers, self.prefetch = int(setup.num_workers), int(setup.prefetch_factor)
         self.workers = max(self.num_workers, 1)  # num_workers=0 reads like one worker
-        self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
-        self.buffer = int(shuffle_buffer)
+        self.pin, self.buffer = setup.pin(), int(shuffle_buffer)
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.skipped = 0
         g_total = world_size * self.workers
