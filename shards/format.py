@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -254,14 +254,9 @@ BLOCK = 512
 _END = bytes(BLOCK)
 
 
-class TarMember(NamedTuple):
-    """A regular-file member: its full name, where its data lies, and the data itself
-    (``None`` where the reader was asked to skip it)."""
-
-    name: str
-    offset: int
-    size: int
-    data: bytes | None
+TarMember = tuple[str, int, int, "bytes | None"]
+"""A regular-file member: ``(name, data offset, size, data)``; its full name, where its data
+lies, and the data itself (``None`` where the reader was asked to skip it)."""
 
 
 def _octal(field: bytes) -> int:
@@ -322,7 +317,7 @@ def tar_members(
             )
         last = name
         if regular:
-            yield TarMember(name, offset, size, data)
+            yield name, offset, size, data
 
 
 Sample = tuple[str, dict[str, tuple[int, int]], dict[str, bytes]]
@@ -344,15 +339,15 @@ def shard_samples(path: Path | str, *, skip_images: bool = False) -> Iterator[Sa
     skip = (lambda name: not is_small_member(name)) if skip_images else None
     with f:
         key, spans, data = None, {}, {}
-        for m in tar_members(f, path, skip=skip):
-            k, ext = split_name(m.name)
+        for name, offset, size, member in tar_members(f, path, skip=skip):
+            k, _, ext = name.rsplit("/", 1)[-1].partition(".")  # split_name, inlined: per member
             if k != key:
                 if key is not None:
                     yield key, spans, data
                 key, spans, data = k, {}, {}
-            spans[ext] = (m.offset, m.size)
-            if m.data is not None:
-                data[ext] = m.data
+            spans[ext] = (offset, size)
+            if member is not None:
+                data[ext] = member
         if key is not None:
             yield key, spans, data
 

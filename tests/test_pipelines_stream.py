@@ -150,14 +150,14 @@ def test_tar_reader_matches_tarfile(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     with open(path, "rb") as f:
         got = list(tar_members(f, path))
-    assert [(m.name, m.data) for m in got] == want  # directories skipped, names joined
+    assert [(name, data) for name, _, _, data in got] == want  # directories skipped, joined
     with tarfile.open(path) as tf:  # data offsets and sizes as tarfile finds them
         spans = [(i.offset_data, i.size) for i in tf.getmembers() if i.isfile()]
-    assert [(m.offset, m.size) for m in got] == spans
+    assert [(offset, size) for _, offset, size, _ in got] == spans
     with open(path, "rb") as f:  # the index builder's mode: skipped members located, not read
         skipped = list(tar_members(f, path, skip=lambda name: name.endswith(".png")))
-    assert [(m.offset, m.size) for m in skipped] == spans
-    assert [m.data for m in skipped] == [None, b"2", b""]
+    assert [(offset, size) for _, offset, size, _ in skipped] == spans
+    assert [data for *_, data in skipped] == [None, b"2", b""]
 
 
 def _dir_info(name: str):
