@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -215,7 +215,7 @@ def is_small_member(name: str) -> bool:
 
 
 def sample_fields(
-    path: Path | str, key: str, exts: Any, data: dict[str, bytes], expected: int | None
+    path: Path | str, key: str, exts: Collection[str], data: dict[str, bytes], expected: int | None
 ) -> tuple[str, int, int]:
     """Check one sample's members; ``(image ext, label, stable index)``.
 
