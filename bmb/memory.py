@@ -47,6 +47,31 @@ def _positive(u: torch.Tensor) -> torch.Tensor:
     return u.clamp_min(torch.finfo(torch.float64).tiny)
 
 
+def _as_wide_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) viewed as rows of 16-byte words (the same bytes), or ``t`` itself where its
+    layout does not allow that view."""
+    words = t.shape[1] * t.element_size()
+    if (t.stride(1) == 1 and words % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+            and (t.storage_offset() * t.element_size()) % 16 == 0):
+        return t.view(torch.complex128)
+    return t
+
+
+def _copy_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.index_copy_(0, index, src)``: rows ``src[i]`` written to ``dst[index[i]]``, in place.
+
+    On the CPU, ``index_copy_`` loops element by element; copying each row as 16-byte words
+    (a ``complex128`` view of the same bytes: a copy moves bytes, bit for bit) makes it ~3x
+    faster at D = 2048 float32. Other devices copy in the rows' own dtype.
+    """
+    if dst.device.type == "cpu":
+        wide_dst, wide_src = _as_wide_rows(dst), _as_wide_rows(src)
+        if wide_dst.dtype == wide_src.dtype == torch.complex128:
+            wide_dst.index_copy_(0, index, wide_src)
+            return
+    dst.index_copy_(0, index, src)
+
+
 class BalancedMemoryBank:
     """Class-balanced memory of features and pseudo labels.
 
@@ -277,39 +302,43 @@ class BalancedMemoryBank:
         if self.device.type != "cpu":
             ok = ok & torch.isfinite(features).all(dim=1)
         lab = torch.where(ok, labels, c)  # non-candidates take the sentinel class
+        labels_all = self._labels_all
+        counts = self._counts_with_empty(labels_all)  # (C + 1,)
 
-        counts = self._counts_with_empty(self._labels_all)  # (C + 1,)
-        # Rank of each candidate among the same-class candidates before it in this batch.
-        onehot = (lab[:, None] == torch.arange(c + 1, device=self.device)).long()  # (B, C + 1)
-        rank = (onehot.cumsum(0) - onehot).gather(1, lab[:, None]).squeeze(1)  # (B,)
+        # Rank of each candidate among the same-class candidates before it in this batch: its
+        # position in the batch stably sorted by class, minus where its class starts there.
+        # O(B log B), no (B, C + 1) one-hot.
+        sorted_lab, perm = torch.sort(lab, stable=True)
+        run_start = torch.searchsorted(sorted_lab, sorted_lab)  # first position of each class
+        rank = torch.empty_like(lab).scatter_(0, perm, torch.arange(b, device=self.device) - run_start)
         eff = (counts[lab] + rank).to(torch.float64)
         p_put = ((counts[:c].min().to(torch.float64) + 1.0) / (eff + 1.0)).pow(self.put_power)
         accept = ok & (u_accept < p_put)
+        n_accept = accept.sum()
 
         # Overflow: remove exactly `excess` items of (stored + accepted), majority classes first,
         # by an exponential race over all capacity + B slots (empty/rejected ones weigh 0).
-        union = torch.cat([self._labels_all, torch.where(accept, labels, c)])  # (cap + B,)
+        union = torch.cat([labels_all, torch.where(accept, labels, c)])  # (cap + B,)
         union_counts = self._counts_with_empty(union)
-        p_keep = torch.cat([self.put_probability(union_counts[:c]), union_counts.new_ones(1).double()])
-        weights = (1.0 - p_keep + _REMOVE_EPS)[union] * (union < c)
-        excess = (self._size + accept.sum() - cap).clamp_min(0)
-        order = torch.argsort(self._race_keys(weights, u_race), stable=True)
-        removed = torch.zeros(cap + b, dtype=torch.bool, device=self.device)
-        removed[order] = torch.arange(cap + b, device=self.device) < excess
+        # Removal weight per class, 1 - P_put + eps, and 0 for the sentinel (empty/rejected).
+        remove_w = torch.cat([1.0 - self.put_probability(union_counts[:c]) + _REMOVE_EPS,
+                              torch.zeros(1, device=self.device, dtype=torch.float64)])
+        excess = (self._size + n_accept - cap).clamp_min(0)
+        order = torch.argsort(self._race_keys(remove_w[union], u_race), stable=True)
+        removed = torch.empty(cap + b, dtype=torch.bool, device=self.device)
+        removed.scatter_(0, order, torch.arange(cap + b, device=self.device) < excess)
         # Freed slots (removed stored items, then the empty tail) take the surviving new items in
-        # order. When the bank overflows they match one to one; otherwise nothing is removed and
-        # the free slots are the empty tail. Rejected candidates are written to the scratch row.
+        # order: the k-th survivor goes to the k-th free slot. When the bank overflows they match
+        # one to one; otherwise nothing is removed and the free slots are the empty tail.
+        # Rejected candidates are written to the scratch row. Only these B rows are written.
         free = (self._slots >= self._size) | removed[:cap]
-        free_rank = free.cumsum(0) - 1
-        slot_of_rank = torch.full((cap + 1,), cap, device=self.device, dtype=torch.long)
-        slot_of_rank.scatter_(0, torch.where(free, free_rank, cap), self._slots)  # [cap] is a dummy
         survive = accept & ~removed[cap:]
-        new_rank = (survive.cumsum(0) - 1).clamp_(0, cap)
-        target = torch.where(survive, slot_of_rank[new_rank], cap)
-        self._buf_feats.index_copy_(0, target, features)
+        slot = torch.searchsorted(free.cumsum(0), survive.cumsum(0))
+        target = torch.where(survive, slot, cap)
+        _copy_rows(self._buf_feats, target, features)
         self._buf_labels.index_copy_(0, target, labels)
         self._buf_labels[cap:].fill_(c)  # the scratch row is never an item (`[cap] = c` would sync)
-        self._size.copy_(torch.clamp(self._size + accept.sum(), max=cap))  # in place: graphs hold it
+        self._size.copy_(torch.clamp(self._size + n_accept, max=cap))  # in place: graphs hold it
         return accept
 
     def draw(self, n: int, class_prior: torch.Tensor, replacement: bool = False
