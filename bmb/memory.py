@@ -364,8 +364,10 @@ class BalancedMemoryBank:
                              f"got {tuple(prior.shape)}")
         # Value checks read the tensor on the host: done for host tensors only, so that a prior
         # living on the GPU (the trainer's N-hat) never makes the step wait for the device.
-        if prior.device.type == "cpu" and (not bool(torch.isfinite(prior).all()) or bool((prior < 0).any())):
-            raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
+        if prior.device.type == "cpu":  # one reduction: NaN propagates into both, +-inf shows in one
+            lo, hi = torch.aminmax(prior if prior.dtype != torch.bool else prior.double())
+            if not (float(lo) >= 0.0 and float(hi) < float("inf")):
+                raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
         return self.draw_core(n, prior.to(self.device), self.uniforms(self.uniforms_per_draw(n, replacement)),
                               replacement)
 
@@ -394,7 +396,9 @@ class BalancedMemoryBank:
                 idx = torch.cat([idx, idx.new_zeros(n - k)])
                 valid = torch.cat([valid, valid.new_zeros(n - k)])
         labels = torch.where(valid, labels_all[idx], 0)
-        return self._buf_feats[idx], labels, valid
+        # index_select, not `[idx]`: on the CPU it copies whole rows (advanced indexing goes
+        # element by element, ~5x slower at D = 2048).
+        return self._buf_feats.index_select(0, idx), labels, valid
 
     def get(self, n: int, class_prior: torch.Tensor, replacement: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,7 +417,9 @@ class BalancedMemoryBank:
         if self.device.type != "meta" and len(self) == 0:
             raise ValueError("BalancedMemoryBank.get: the bank is empty (enqueue items first)")
         feats, labels, valid = self.draw(n, class_prior, replacement)
-        return feats[valid], labels[valid]
+        # The valid rows are a prefix (see draw): slice them instead of a boolean-mask copy.
+        m = int(valid.sum())
+        return feats[:m], labels[:m]
 
     # ------------------------------------------------------------------ persistence
     def to(self, device: torch.device | str) -> BalancedMemoryBank:
