@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--row", action="append", default=None, metavar="CAP,BATCH,DIM,CLASSES",
+                    help="benchmark only these rows (repeatable); default: all of ROWS")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +75,8 @@ def main() -> None:
     print("| capacity | batch | dim | classes | enqueue+get (ms/step) | enqueue+get, replacement (ms/step) "
           "| enqueue alone (ms/step) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for capacity, batch, dim, classes in ROWS:
+    rows = [tuple(int(v) for v in r.split(",")) for r in args.row] if args.row else ROWS
+    for capacity, batch, dim, classes in rows:
         r = bench(capacity, batch, args.device, args.steps, dim, classes, args.repeats)
         print(f"| {capacity} | {batch} | {dim} | {classes} | {r['get']:.3f} | {r['get_repl']:.3f} "
               f"| {r['enqueue']:.3f} |", flush=True)
