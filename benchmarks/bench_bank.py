@@ -7,6 +7,9 @@ enqueue + one get (get_num = capacity / 2) per step, for both draws (without and
 replacement), and of the enqueue alone. Rows: feature dim 128 / 10 classes (CIFAR-10-LT) at
 capacity {128, 1024} x batch {64, 512}, and the ImageNet-LT shape (capacity 1024, batch 512,
 dim 2048, 1000 classes). Each number is the median over ``--repeats`` runs of ``--steps`` steps.
+glibc's malloc keeps freed memory, as ``launch/train.py`` sets it (``pipelines/host_memory.py``;
+``BMB_KEEP_FREED_MEMORY=0`` turns it off): the step's fresh (B, D) outputs are then reused memory,
+not new page-faulted mappings.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 import torch
 
 from bmb.memory import BalancedMemoryBank
+from pipelines.host_memory import keep_freed_memory
 
 # (capacity, batch, feature dim, classes)
 ROWS = [(128, 64, 128, 10), (128, 512, 128, 10), (1024, 64, 128, 10), (1024, 512, 128, 10),
@@ -68,10 +72,11 @@ def main() -> None:
     ap.add_argument("--row", action="append", default=None, metavar="CAP,BATCH,DIM,CLASSES",
                     help="benchmark only these rows (repeatable); default: all of ROWS")
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as launch/train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"steps={args.steps} repeats={args.repeats} (median)")
+          f"steps={args.steps} repeats={args.repeats} (median) malloc keeps freed memory: {kept}")
     print("| capacity | batch | dim | classes | enqueue+get (ms/step) | enqueue+get, replacement (ms/step) "
           "| enqueue alone (ms/step) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
