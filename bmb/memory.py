@@ -285,7 +285,9 @@ class BalancedMemoryBank:
         """:meth:`enqueue` on checked device tensors, with its uniforms passed in.
 
         Only fixed-shape device work that updates the bank in place, so a CUDA graph can
-        capture it (:mod:`bmb.graphs`).
+        capture it (:mod:`bmb.graphs`). Its cost is ``O(capacity + B log B)`` on labels and
+        keys plus ``O(B D)`` for the features: only the ``B`` candidate rows are written (each to
+        its slot or to the scratch row), the other stored rows are never touched.
 
         Args:
             features: ``(B, D)`` in the bank's dtype; labels: int64 ``(B,)``; ok: bool ``(B,)``
