@@ -1,6 +1,7 @@
 """Micro-benchmark: balanced memory bank enqueue + get per step.
 
     python benchmarks/bench_bank.py [--device cpu|cuda] [--steps 300] [--repeats 5] [--threads 1]
+                                    [--clock wall|cpu] [--row CAP,BATCH,DIM,CLASSES ...]
 
 Streams long-tailed candidates (gamma=100) through a full bank and prints the time of one
 enqueue + one get (get_num = capacity / 2) per step, for both draws (without and with
@@ -29,9 +30,10 @@ ROWS = [(128, 64, 128, 10), (128, 512, 128, 10), (1024, 64, 128, 10), (1024, 512
 
 
 def bench(capacity: int, batch: int, device: str, steps: int, dim: int = 128, classes: int = 10,
-          repeats: int = 1) -> dict[str, float]:
+          repeats: int = 1, clock=time.perf_counter) -> dict[str, float]:
     """Median ms per step over ``repeats`` runs: ``get`` (enqueue + get without replacement),
-    ``get_repl`` (enqueue + get with replacement) and ``enqueue`` (enqueue alone)."""
+    ``get_repl`` (enqueue + get with replacement) and ``enqueue`` (enqueue alone), timed by
+    ``clock`` (wall clock by default)."""
     g = torch.Generator().manual_seed(0)
     bank = BalancedMemoryBank(capacity, dim, classes, put_power=3.0, get_power=0.75,
                               generator=torch.Generator().manual_seed(1), device=device)
@@ -55,11 +57,11 @@ def bench(capacity: int, batch: int, device: str, steps: int, dim: int = 128, cl
     for _ in range(repeats):  # interleaved, so that load from other jobs hits all three alike
         for name, replacement in (("get", False), ("get_repl", True), ("enqueue", None)):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             for i in range(steps):
                 step(i, replacement)
             sync()
-            times[name].append((time.perf_counter() - t0) / steps * 1e3)
+            times[name].append((clock() - t0) / steps * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -69,6 +71,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall clock, or this thread's CPU time (CPU only: on a shared machine it leaves "
+                         "out the time other jobs hold the core)")
     ap.add_argument("--row", action="append", default=None, metavar="CAP,BATCH,DIM,CLASSES",
                     help="benchmark only these rows (repeatable); default: all of ROWS")
     args = ap.parse_args()
@@ -76,13 +81,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"steps={args.steps} repeats={args.repeats} (median) malloc keeps freed memory: {kept}")
+          f"steps={args.steps} repeats={args.repeats} (median) clock={args.clock} "
+          f"malloc keeps freed memory: {kept}")
     print("| capacity | batch | dim | classes | enqueue+get (ms/step) | enqueue+get, replacement (ms/step) "
           "| enqueue alone (ms/step) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     rows = [tuple(int(v) for v in r.split(",")) for r in args.row] if args.row else ROWS
     for capacity, batch, dim, classes in rows:
-        r = bench(capacity, batch, args.device, args.steps, dim, classes, args.repeats)
+        r = bench(capacity, batch, args.device, args.steps, dim, classes, args.repeats, clock)
         print(f"| {capacity} | {batch} | {dim} | {classes} | {r['get']:.3f} | {r['get_repl']:.3f} "
               f"| {r['enqueue']:.3f} |", flush=True)
 
