@@ -330,7 +330,10 @@ class BalancedMemoryBank:
         remove_w = torch.cat([1.0 - self.put_probability(union_counts[:c]) + _REMOVE_EPS,
                               torch.zeros(1, device=self.device, dtype=torch.float64)])
         excess = (self._size + n_accept - cap).clamp_min(0)
-        order = torch.argsort(self._race_keys(remove_w[union], u_race), stable=True)
+        # The keys are > 0 or +inf (u < 1, weights >= 0, never NaN), and positive doubles order
+        # as their bit patterns do as int64: the same stable order, ~1.5x faster on the CPU.
+        keys = self._race_keys(remove_w[union], u_race)
+        order = torch.argsort(keys.view(torch.int64), stable=True)
         removed = torch.empty(cap + b, dtype=torch.bool, device=self.device)
         removed.scatter_(0, order, torch.arange(cap + b, device=self.device) < excess)
         # Freed slots (removed stored items, then the empty tail) take the surviving new items in
