@@ -329,7 +329,8 @@ class BalancedMemoryBank:
         # Removal weight per class, 1 - P_put + eps, and 0 for the sentinel (empty/rejected).
         remove_w = torch.cat([1.0 - self.put_probability(union_counts[:c]) + _REMOVE_EPS,
                               torch.zeros(1, device=self.device, dtype=torch.float64)])
-        excess = (self._size + n_accept - cap).clamp_min(0)
+        total = self._size + n_accept  # stored + accepted
+        excess = (total - cap).clamp_min(0)
         # The keys are > 0 or +inf (u < 1, weights >= 0, never NaN), and positive doubles order
         # as their bit patterns do as int64: the same stable order, ~1.5x faster on the CPU.
         keys = self._race_keys(remove_w[union], u_race)
@@ -347,7 +348,7 @@ class BalancedMemoryBank:
         _copy_rows(self._buf_feats, target, features)
         self._buf_labels.index_copy_(0, target, labels)
         self._buf_labels[cap:].fill_(c)  # the scratch row is never an item (`[cap] = c` would sync)
-        self._size.copy_(torch.clamp(self._size + n_accept, max=cap))  # in place: graphs hold it
+        self._size.copy_(total.clamp_max(cap))  # in place: graphs hold it
         return accept
 
     def draw(self, n: int, class_prior: torch.Tensor, replacement: bool = False
@@ -427,7 +428,8 @@ class BalancedMemoryBank:
             raise ValueError("BalancedMemoryBank.get: the bank is empty (enqueue items first)")
         feats, labels, valid = self.draw(n, class_prior, replacement)
         # The valid rows are a prefix (see draw): slice them instead of a boolean-mask copy.
-        m = int(valid.sum())
+        # With replacement from a non-empty bank every row is valid.
+        m = n if replacement else int(valid.sum())
         return feats[:m], labels[:m]
 
     # ------------------------------------------------------------------ persistence
