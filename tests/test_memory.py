@@ -245,3 +245,99 @@ def test_step_graphs_need_a_cuda_bank_and_generator_and_otherwise_run_eagerly():
     want = torch.rand(5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.equal(got[0], torch.ones(2))
     assert torch.equal(torch.cat(got[1:]), want)
+
+
+# ----------------------------------------------------------------------------- enqueue cost
+def _reference_enqueue_core(bank: BalancedMemoryBank, features, labels, ok, u_accept, u_race):
+    """The enqueue_core of commit 0fb8cc3, kept verbatim as the reference: a dense (B, C + 1)
+    one-hot for the ranks and a mask-indexed removal. The fast version must match it bit for bit."""
+    c, cap = bank.num_classes, bank.capacity
+    b = labels.shape[0]
+    u_accept, u_race = u_accept.clamp_min(torch.finfo(torch.float64).tiny), u_race.clamp_min(
+        torch.finfo(torch.float64).tiny)
+    lab = torch.where(ok, labels, c)
+    counts = bank._counts_with_empty(bank._labels_all)
+    onehot = (lab[:, None] == torch.arange(c + 1)).long()
+    rank = (onehot.cumsum(0) - onehot).gather(1, lab[:, None]).squeeze(1)
+    eff = (counts[lab] + rank).to(torch.float64)
+    p_put = ((counts[:c].min().to(torch.float64) + 1.0) / (eff + 1.0)).pow(bank.put_power)
+    accept = ok & (u_accept < p_put)
+    union = torch.cat([bank._labels_all, torch.where(accept, labels, c)])
+    union_counts = bank._counts_with_empty(union)
+    p_keep = torch.cat([bank.put_probability(union_counts[:c]), union_counts.new_ones(1).double()])
+    weights = (1.0 - p_keep + 1e-6)[union] * (union < c)
+    excess = (bank._size + accept.sum() - cap).clamp_min(0)
+    order = torch.argsort(-torch.log(u_race) / weights, stable=True)
+    removed = torch.zeros(cap + b, dtype=torch.bool)
+    removed[order] = torch.arange(cap + b) < excess
+    free = (bank._slots >= bank._size) | removed[:cap]
+    free_rank = free.cumsum(0) - 1
+    slot_of_rank = torch.full((cap + 1,), cap, dtype=torch.long)
+    slot_of_rank.scatter_(0, torch.where(free, free_rank, cap), bank._slots)
+    survive = accept & ~removed[cap:]
+    new_rank = (survive.cumsum(0) - 1).clamp_(0, cap)
+    target = torch.where(survive, slot_of_rank[new_rank], cap)
+    bank._buf_feats.index_copy_(0, target, features)
+    bank._buf_labels.index_copy_(0, target, labels)
+    bank._buf_labels[cap:].fill_(c)
+    bank._size.copy_(torch.clamp(bank._size + accept.sum(), max=cap))
+    return accept
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@pytest.mark.parametrize("classes", [10, 100, 1000])
+def test_enqueue_core_matches_the_dense_reference_bit_for_bit(classes):
+    """Same uniforms, same decisions: accept masks, every stored bit (signed zeros included),
+    labels (scratch row included) and size equal the one-hot reference's, through the empty,
+    filling and overflowing bank, batches smaller and larger than the capacity, invalid rows,
+    skewed and uniform labels and tied uniforms."""
+    cap, dim = 64, 12
+    g = torch.Generator().manual_seed(classes)
+    for put_power in (0.0, 1.0, 3.0):
+        new = BalancedMemoryBank(cap, dim, classes, put_power=put_power)
+        ref = BalancedMemoryBank(cap, dim, classes, put_power=put_power)
+        for step in range(24):
+            b = (7, 48, 150)[step % 3]
+            feats = torch.randn(b, dim, generator=g)
+            feats[torch.rand(b, dim, generator=g) < 0.05] = -0.0
+            if step % 4 == 0:  # a few classes only: long same-class runs
+                labels = torch.randint(0, min(classes, 3), (b,), generator=g)
+            else:
+                labels = torch.randint(0, classes, (b,), generator=g)
+            ok = torch.rand(b, generator=g) < (1.0 if step % 5 == 0 else 0.7)
+            n_accept, n_race = new.uniforms_per_enqueue(b)
+            u_accept = torch.rand(n_accept, generator=g, dtype=torch.float64)
+            u_race = torch.rand(n_race, generator=g, dtype=torch.float64)
+            if step % 6 == 5:  # ties: equal race keys within a class, exact zeros
+                u_race = (u_race * 4).floor() / 4
+                u_accept = (u_accept * 2).floor() / 2
+            got = new.enqueue_core(feats, labels, ok, u_accept, u_race)
+            want = _reference_enqueue_core(ref, feats, labels, ok, u_accept, u_race)
+            assert torch.equal(got, want), (put_power, step)
+            for a, r in zip(new.state_tensors(), ref.state_tensors()):
+                assert torch.equal(_bits(a), _bits(r)), (put_power, step)
+        assert len(new) == cap  # the stream overflowed the bank
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [8, 12, 5])
+def test_row_copy_is_index_copy_bit_for_bit(dtype, dim):
+    """The CPU row copy (16-byte words where the layout allows, else the plain index_copy_)
+    writes exactly what index_copy_ writes, for contiguous and strided sources."""
+    from bmb.memory import _copy_rows
+
+    g = torch.Generator().manual_seed(dim)
+    dst = torch.randn(33, dim, generator=g).to(dtype)
+    wide = torch.randn(20, dim + 4, generator=g).to(dtype)
+    wide[::2, 1] = -0.0
+    index = torch.randperm(32, generator=g)[:20]
+    index[::3] = 32  # duplicates into a scratch row, as enqueue_core writes rejected candidates
+    for src in (wide[:, :dim].contiguous(), wide[:, :dim], wide[:, 2:dim + 2]):
+        want = dst.clone().index_copy_(0, index, src)
+        got = dst.clone()
+        _copy_rows(got, index, src)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
