@@ -44,7 +44,7 @@ def bench(capacity: int, batch: int, device: str, steps: int, dim: int = 128, cl
     labels = [torch.multinomial(p, batch, True, generator=g).to(device) for _ in range(16)]
     for i in range(50):  # fill + warm up
         bank.enqueue(feats[i % 16], labels[i % 16])
-        bank.get(capacity // 2, prior)
+        bank.get(capacity // 2, prior, replacement=False)
         bank.get(capacity // 2, prior, replacement=True)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 

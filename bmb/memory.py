@@ -91,8 +91,9 @@ class BalancedMemoryBank:
         capacity: int,
         feat_dim: int,
         num_classes: int,
-        put_power: float = 1.0,
-        get_power: float = 1.0,
+        *,
+        put_power: float,
+        get_power: float,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -213,7 +214,7 @@ class BalancedMemoryBank:
         dequeue race's (drawn in this order)."""
         return b, self.capacity + b
 
-    def uniforms_per_draw(self, n: int, replacement: bool = False) -> int:
+    def uniforms_per_draw(self, n: int, replacement: bool) -> int:
         """How many uniforms one ``draw`` of ``n`` rows draws."""
         return n if replacement else self.capacity
 
@@ -351,7 +352,7 @@ class BalancedMemoryBank:
         self._size.copy_(total.clamp_max(cap))  # in place: graphs hold it
         return accept
 
-    def draw(self, n: int, class_prior: torch.Tensor, replacement: bool = False
+    def draw(self, n: int, class_prior: torch.Tensor, replacement: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw ``n`` items with a validity mask: the fixed-shape, sync-free form of :meth:`get`.
 
@@ -381,7 +382,7 @@ class BalancedMemoryBank:
         return self.draw_core(n, prior.to(self.device), self.uniforms(self.uniforms_per_draw(n, replacement)),
                               replacement)
 
-    def draw_core(self, n: int, class_prior: torch.Tensor, u: torch.Tensor, replacement: bool = False
+    def draw_core(self, n: int, class_prior: torch.Tensor, u: torch.Tensor, replacement: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`draw` on a checked prior on the bank's device, with its uniforms ``u`` (float64,
         sized by :meth:`uniforms_per_draw`) passed in. Fixed-shape device work only, reading the
@@ -410,7 +411,7 @@ class BalancedMemoryBank:
         # element by element, ~5x slower at D = 2048).
         return self._buf_feats.index_select(0, idx), labels, valid
 
-    def get(self, n: int, class_prior: torch.Tensor, replacement: bool = False
+    def get(self, n: int, class_prior: torch.Tensor, replacement: bool
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw items, over-drawing classes that ``class_prior`` says are rare.
 

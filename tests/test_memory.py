@@ -59,7 +59,7 @@ def test_get_overdraws_rare_classes_and_more_with_larger_gamma(filled):
     shares = []
     for gamma in (0.5, 1.0, 2.0):
         bank.get_power = gamma
-        drawn = torch.cat([bank.get(64, prior)[1] for _ in range(200)])
+        drawn = torch.cat([bank.get(64, prior, replacement=False)[1] for _ in range(200)])
         shares.append(float(torch.isin(drawn, rare).float().mean()))
     bank.get_power = 1.0
     assert shares[0] > share_bank, (shares, share_bank)
@@ -100,8 +100,8 @@ def test_same_seed_same_bank_and_state_roundtrip():
     c.load_state_dict(sd)
     prior = torch.arange(1, C + 1).double()
     for _ in range(5):
-        fa, la = a.get(32, prior)
-        fc, lc = c.get(32, prior)
+        fa, la = a.get(32, prior, replacement=False)
+        fc, lc = c.get(32, prior, replacement=False)
         assert torch.equal(fa, fc) and torch.equal(la, lc)
     x, y = torch.randn(64, 8), torch.randint(0, C, (64,))
     assert torch.equal(a.enqueue(x, y), c.enqueue(x, y))
@@ -111,14 +111,14 @@ def test_same_seed_same_bank_and_state_roundtrip():
 def test_get_with_replacement_and_small_bank():
     bank = make(beta=0.0)
     bank.enqueue(torch.randn(5, 8), torch.arange(5))
-    f, y = bank.get(64, torch.ones(C))
+    f, y = bank.get(64, torch.ones(C), replacement=False)
     assert f.shape == (5, 8) and sorted(y.tolist()) == [0, 1, 2, 3, 4]  # without replacement: all 5
     f, y = bank.get(64, torch.ones(C), replacement=True)
     assert f.shape == (64, 8) and set(y.tolist()) <= set(range(5))
 
 
 def test_meta_device_and_no_cuda_calls(monkeypatch):
-    meta = BalancedMemoryBank(16, 4, 3, device="meta")
+    meta = BalancedMemoryBank(16, 4, 3, put_power=1.0, get_power=1.0, device="meta")
     assert len(meta) == 0 and meta.features.device.type == "meta"
     with pytest.raises(ValueError, match="meta"):
         meta.enqueue(torch.randn(2, 4), torch.tensor([0, 1]))
@@ -130,7 +130,7 @@ def test_meta_device_and_no_cuda_calls(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, boom)
     bank = meta.to("cpu")
     bank.enqueue(torch.randn(8, 4), torch.randint(0, 3, (8,)))
-    bank.get(4, torch.ones(3))
+    bank.get(4, torch.ones(3), replacement=False)
     bank.load_state_dict(bank.state_dict())
 
 
@@ -142,9 +142,9 @@ def test_meta_device_and_no_cuda_calls(monkeypatch):
     (lambda b: b.enqueue(torch.randn(4, 8), torch.tensor([0, 1, 2, C])), r"\[0, 10\)"),
     (lambda b: b.enqueue(torch.randn(4, 8), torch.tensor([0, -1, 2, 3])), r"\[0, 10\)"),
     (lambda b: b.enqueue(torch.full((4, 8), float("nan")), torch.zeros(4, dtype=torch.long)), "NaN"),
-    (lambda b: b.get(0, torch.ones(C)), "n must be"),
-    (lambda b: b.get(4, torch.ones(C + 1)), "class_prior"),
-    (lambda b: b.get(4, -torch.ones(C)), "class_prior"),
+    (lambda b: b.get(0, torch.ones(C), replacement=False), "n must be"),
+    (lambda b: b.get(4, torch.ones(C + 1), replacement=False), "class_prior"),
+    (lambda b: b.get(4, -torch.ones(C), replacement=False), "class_prior"),
 ])
 def test_bad_input_raises_and_leaves_state_untouched(call, match):
     bank = make(beta=0.0)
@@ -159,13 +159,13 @@ def test_bad_input_raises_and_leaves_state_untouched(call, match):
 
 def test_constructor_and_empty_get_errors():
     with pytest.raises(ValueError, match="capacity"):
-        BalancedMemoryBank(0, 8, C)
+        BalancedMemoryBank(0, 8, C, put_power=1.0, get_power=1.0)
     with pytest.raises(ValueError, match="put_power"):
-        BalancedMemoryBank(8, 8, C, put_power=-1)
+        BalancedMemoryBank(8, 8, C, put_power=-1, get_power=1.0)
     with pytest.raises(ValueError, match="get_power"):
-        BalancedMemoryBank(8, 8, C, get_power=-0.5)
+        BalancedMemoryBank(8, 8, C, put_power=1.0, get_power=-0.5)
     with pytest.raises(ValueError, match="empty"):
-        make().get(4, torch.ones(C))
+        make().get(4, torch.ones(C), replacement=False)
 
 
 # ----------------------------------------------------------------------------- fixed shapes
@@ -197,14 +197,14 @@ def test_random_consumption_does_not_depend_on_the_data():
         for _ in range(6):
             y = torch.randint(0, C, (24,), generator=g)
             bank.enqueue(torch.randn(24, 8, generator=g), y, valid=torch.rand(24, generator=g) < frac)
-            bank.draw(16, torch.rand(C, generator=g) * 50)
+            bank.draw(16, torch.rand(C, generator=g) * 50, replacement=False)
         states.append(bank.generator.get_state())
     assert all(torch.equal(states[0], s) for s in states[1:])
 
 
 def test_draw_has_fixed_shapes_and_get_is_draw_without_invalid_rows():
     bank = make(beta=0.0, capacity=32)
-    f, y, v = bank.draw(8, torch.ones(C))
+    f, y, v = bank.draw(8, torch.ones(C), replacement=False)
     assert f.shape == (8, 8) and y.shape == (8,) and not v.any()  # empty bank: nothing valid
     bank.enqueue(torch.randn(5, 8), torch.arange(5))
     for n, replacement in ((3, False), (8, False), (40, False), (8, True)):
@@ -222,7 +222,7 @@ def test_draw_has_fixed_shapes_and_get_is_draw_without_invalid_rows():
 
 
 def test_clear_empties_in_place_and_reallocation_bumps_the_version():
-    bank = BalancedMemoryBank(8, 3, 4, generator=torch.Generator().manual_seed(0))
+    bank = BalancedMemoryBank(8, 3, 4, put_power=1.0, get_power=1.0, generator=torch.Generator().manual_seed(0))
     buffers, version = bank.state_tensors(), bank.version
     bank.enqueue(torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]))
     assert len(bank) > 0
@@ -237,7 +237,7 @@ def test_clear_empties_in_place_and_reallocation_bumps_the_version():
 def test_step_graphs_need_a_cuda_bank_and_generator_and_otherwise_run_eagerly():
     from bmb.graphs import StepGraphs
 
-    bank = BalancedMemoryBank(8, 3, 4, generator=torch.Generator().manual_seed(0))
+    bank = BalancedMemoryBank(8, 3, 4, put_power=1.0, get_power=1.0, generator=torch.Generator().manual_seed(0))
     graphs = StepGraphs(bank)
     assert not StepGraphs.supported(bank) and not graphs.enabled
     # Eager: the function gets its uniforms from the bank's generator, as torch.rand would draw them.
@@ -297,8 +297,8 @@ def test_enqueue_core_matches_the_dense_reference_bit_for_bit(classes):
     cap, dim = 64, 12
     g = torch.Generator().manual_seed(classes)
     for put_power in (0.0, 1.0, 3.0):
-        new = BalancedMemoryBank(cap, dim, classes, put_power=put_power)
-        ref = BalancedMemoryBank(cap, dim, classes, put_power=put_power)
+        new = BalancedMemoryBank(cap, dim, classes, put_power=put_power, get_power=1.0)
+        ref = BalancedMemoryBank(cap, dim, classes, put_power=put_power, get_power=1.0)
         for step in range(24):
             b = (7, 48, 150)[step % 3]
             feats = torch.randn(b, dim, generator=g)
