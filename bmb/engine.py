@@ -5,12 +5,12 @@ It is handed everything it trains with (model, algorithm, input stream, view mak
 sources) by ``launch/train.py``, so it knows nothing about where data comes from. Accelerate
 supplies the device, mixed precision and DDP/DeepSpeed wrapping.
 
-=================== =======================================================================
+=================== ==========================================================================
 ``bmb.optim``       the optimizer and the lr schedule
 ``bmb.resume``      checkpoint save and resume, with the run's identity (``bmb.rundir``)
 ``bmb.evaluate``    confusion matrices, the metrics row, the protocol result, the table
-``bmb.logs``        ``train.jsonl``, ``metrics.jsonl``, TensorBoard
-=================== =======================================================================
+``bmb.logs``        ``train.jsonl``, ``metrics.jsonl``, the experiment trackers (TensorBoard ...)
+=================== ==========================================================================
 
 Run directory (``train.out_dir/name``)::
 
@@ -21,7 +21,7 @@ Run directory (``train.out_dir/name``)::
     train.jsonl        smoothed training scalars every ``log_every`` steps
     final.json         the result under the configured protocol
     checkpoints/       see bmb.checkpoint
-    tb/                TensorBoard scalars
+    tb/                TensorBoard scalars (``train.trackers``, see bmb.logs)
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class Trainer:
         self.groups = shot_groups(self.labeled_counts, *self.thresholds)
         self.get_hist = torch.zeros(len(class_names), dtype=torch.long, device=self.device)
         self.checkpoints = Checkpointer(self)
-        self.logs = RunLogs(self.run_dir, self.main, self.log)
+        self.logs = RunLogs(self.run_dir, accelerator)
         self.evaluator = Evaluator(cfg, eval_sources, lambda images: views.eval(images.to(self.device)), self.groups,
                                    len(class_names), self.coll.all_reduce_sum, self.device, accelerator.autocast)
 
@@ -205,7 +205,7 @@ class Trainer:
         cfg = self.cfg
         total = cfg.total_steps
         self.checkpoints.start()  # refuses (RunDirError) before writing anything; may resume
-        self.logs.start(self.history, self.step)
+        self.logs.start(self.history, self.step, cfg)
         start_step, t0 = self.step, time.time()
         seconds_before = self.history[-1]["seconds"] if self.history else 0.0
         bar = None
@@ -255,7 +255,6 @@ class Trainer:
                     raise SystemExit(code)
         if bar is not None:
             bar.close()
-        self.logs.close()
         self.log(f"[done] {self.step - start_step} steps in {time.time() - t0:.1f}s")
         return self.finalize() if self.main else None
 

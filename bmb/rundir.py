@@ -42,6 +42,7 @@ RESUMABLE = {
     "train.threads": "CPU threads (speed only)",
     "train.progress": "the progress bar",
     "train.log_every": "scalar logging cadence",
+    "train.trackers": "where the scalars are also logged",
     # Evaluation cadence does not touch training; note that the last-20 protocol then averages
     # rows taken at both cadences (each resume and its changes are in history.jsonl).
     "train.eval_every": "evaluation cadence",
