@@ -10,6 +10,7 @@ supplies the device, mixed precision and DDP/DeepSpeed wrapping.
 ``bmb.resume``      checkpoint save and resume, with the run's identity (``bmb.rundir``)
 ``bmb.evaluate``    confusion matrices, the metrics row, the protocol result, the table
 ``bmb.logs``        ``train.jsonl``, ``metrics.jsonl``, the experiment trackers (TensorBoard ...)
+``bmb.export``      the final EMA model as safetensors + ``model.json`` + a model card
 =================== ==========================================================================
 
 Run directory (``train.out_dir/name``)::
@@ -21,6 +22,7 @@ Run directory (``train.out_dir/name``)::
     train.jsonl        smoothed training scalars every ``log_every`` steps
     final.json         the result under the configured protocol
     checkpoints/       see bmb.checkpoint
+    export/            the final EMA model: model.safetensors, model.json, model_card.md (bmb.export)
     tb/                TensorBoard scalars (``train.trackers``, see bmb.logs)
 """
 
@@ -42,6 +44,7 @@ from bmb.config import Config
 from bmb.dist import Collectives
 from bmb.ema import ModelEMA
 from bmb.evaluate import Evaluator, final_result, format_table, shot_thresholds
+from bmb.export import write_export
 from bmb.logs import RunLogs
 from bmb.metrics import shot_groups
 from bmb.optim import build_optimizer, lr_lambda
@@ -263,11 +266,16 @@ class Trainer:
         return self.coll.any_true(received is not None)
 
     def finalize(self) -> dict[str, Any]:
-        """Rank 0: apply the evaluation protocol to the history, write ``final.json``, record the
-        finish and print the table."""
+        """Rank 0: apply the evaluation protocol to the history, write ``final.json`` and the
+        evaluated (EMA) model's export (``export/``, see bmb.export), record the finish and print
+        the table."""
         result = final_result(self.cfg, self.history, self.step, self.labeled_counts, self.class_names,
                               self.thresholds, self.run_id, self.device)
         (self.run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_export(self.run_dir / "export", self.ema.module, cfg=self.cfg, eval_head=self.algorithm.eval_head,
+                     class_names=self.class_names, labeled_counts=self.labeled_counts.tolist(),
+                     thresholds=self.thresholds, result=result, history=self.history, step=self.step,
+                     run_id=self.run_id)
         rundir.append_history(self.run_dir, "finish", self.run_id, step=self.step)
         self.log(format_table(result))
         return result
