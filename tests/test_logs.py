@@ -43,10 +43,12 @@ def test_tensorboard_gets_the_train_and_eval_scalars(run, tmp_path):
     assert list((d / "tb").glob("*/hparams.yml"))  # the config, stored by Accelerate's tracker
 
 
-def test_no_trackers(run, tmp_path):
+def test_no_trackers_and_a_resume_may_change_them(run, tmp_path):
     assert run("train.trackers=[]") == 0
     d = tmp_path / "r"
     assert not (d / "tb").exists() and len(rows(d / "metrics.jsonl")) == 4
+    assert run("train.epochs=3") == 0  # extended with the default tracker: no opt-in needed
+    assert len(rows(d / "metrics.jsonl")) == 6 and any((d / "tb").glob("events.out.tfevents.*"))
 
 
 def test_unknown_tracker_is_refused_before_training(run, tmp_path, capsys):
