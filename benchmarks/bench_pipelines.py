@@ -1,7 +1,8 @@
 """Input pipeline throughput: samples/s delivered *augmented* (labeled weak + unlabeled weak +
-2 strong views), for every installed backend at 32, 64 and 224 px, beside a naive baseline
-(per-sample PIL decode + the same augmentation applied per sample -- 1-image batches -- in
-DataLoader workers).
+2 strong views), for every installed backend at 32, 64 and 224 px, beside the baseline a user
+would otherwise run: the FixMatch/USB reference pipeline -- per-sample PIL decode and per-sample
+PIL views (flip, pad-and-crop or random-resized-crop, RandAugment, Cutout, ToTensor + Normalize;
+``benchmarks/bench_augment.py``'s baseline) in DataLoader workers.
 
     .venv/bin/python benchmarks/bench_pipelines.py [--steps 20] [--sizes 32 64 224]
         [--backends webdataset tensor ffcv dali]   (the naive baseline always runs)
@@ -17,6 +18,9 @@ import argparse
 import importlib.util
 import io
 import json
+import math
+import random
+import sys
 import tarfile
 import tempfile
 import time
@@ -24,13 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from pipelines import build_train_stream
-from pipelines.augment import ViewMaker
+from pipelines.augment import CIFAR10_MEAN, CIFAR10_STD, ViewMaker
 from pipelines.host_memory import keep_freed_memory
 from pipelines.shard_index import build_index
 from shards.format import decode_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The per-sample PIL views of FixMatch/USB reference code, as bench_augment.py measures them.
+from bench_augment import _pil_strong, _pil_weak, _PILFixMatchViews, _seed_worker  # noqa: E402
 
 BL, BU = 32, 64
 
@@ -109,24 +117,86 @@ def build_jpeg(root: Path, n: int, ffcv: bool = False) -> None:
     )
 
 
-class NaiveDataset(Dataset):
-    """One sample per item: PIL decode + its own views, like a torchvision-style pipeline."""
+def _pil_rrc(img, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop on a PIL image (bilinear): the peers' 224 px crop."""
+    from PIL import Image
 
-    def __init__(self, root: Path, split: str, size: int, fixed: bool, views: ViewMaker):
-        self.index, self.size, self.fixed, self.views = build_index(root, split), size, fixed, views
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * random.uniform(*scale)
+        r = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = random.randint(0, w - cw), random.randint(0, h - ch)
+            break
+    else:  # center crop at the nearest allowed aspect ratio
+        cw, ch = w, h
+        if w / h < ratio[0]:
+            ch = round(w / ratio[0])
+        elif w / h > ratio[1]:
+            cw = round(h * ratio[1])
+        x, y = (w - cw) // 2, (h - ch) // 2
+    return img.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+
+
+class NaiveDataset(_PILFixMatchViews):
+    """The FixMatch/USB reference pipeline, one sample per item: PIL decode, then per-sample PIL
+    views -- a weak view for a labeled key ``("l", i)``, weak + 2 strong views for an unlabeled
+    key ``("u", i)`` -- normalised with ToTensor + Normalize (``bench_augment``'s baseline code).
+    At 32/64 px the crop is reflect pad-and-crop (1/8 of the side); for full-resolution JPEGs it
+    is a random-resized-crop of the decoded 256 px square to 224 before the same flip and ops."""
+
+    def __init__(self, root: Path, size: int, fixed: bool):
+        self.index = {"l": build_index(root, "labeled"), "u": build_index(root, "unlabeled")}
+        self.size, self.fixed = size, fixed
+        self.pad = round(0.125 * size) if fixed else 0
+        self.mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.index["u"])
 
-    def __getitem__(self, i: int):
-        with open(self.index.shards[self.index.shard[i]], "rb") as f:
-            f.seek(int(self.index.offset[i]))
-            data = f.read(int(self.index.size[i]))
+    def _crop(self, img):
+        return img if self.fixed else _pil_rrc(img, 224)
+
+    def __getitem__(self, key):
+        from PIL import Image
+
+        split, i = key
+        index = self.index[split]
+        with open(index.shards[index.shard[i]], "rb") as f:
+            f.seek(int(index.offset[i]))
+            data = f.read(int(index.size[i]))
         hw = (self.size, self.size) if self.fixed else (256, 256)
-        x = torch.from_numpy(decode_image(data, hw, self.fixed)).permute(2, 0, 1)[None]
-        g = torch.Generator().manual_seed(int(i))
-        weak, weak_u, strong = self.views(x, x, g)  # per-sample augment (1-image batches)
-        return weak[0], weak_u[0], strong[0][0], strong[1][0], int(self.index.labels[i])
+        img = Image.fromarray(decode_image(data, hw, self.fixed))
+        views = [_pil_weak(self._crop(img), self.pad)]
+        if split == "u":
+            views += [_pil_strong(self._crop(img), self.pad) for _ in range(2)]
+        return split, [self._to_tensor(v) for v in views], int(index.labels[i])
+
+
+class _StepKeys:
+    """Batch sampler: per step ``BL`` random labeled keys and ``BU`` random unlabeled keys."""
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, steps: int, seed: int = 0):
+        self.n_l, self.n_u, self.steps, self.rng = n_labeled, n_unlabeled, steps, random.Random(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield ([("l", self.rng.randrange(self.n_l)) for _ in range(BL)]
+                   + [("u", self.rng.randrange(self.n_u)) for _ in range(BU)])
+
+
+def _collate_step(items):
+    """(labeled weak, labels), (unlabeled weak, strong 1, strong 2) batches of one step."""
+    lab = [(v[0], y) for split, v, y in items if split == "l"]
+    unl = [v for split, v, _ in items if split == "u"]
+    weak_l = torch.stack([v for v, _ in lab])
+    labels = torch.tensor([y for _, y in lab])
+    return weak_l, labels, *(torch.stack([v[k] for v in unl]) for k in range(3))
 
 
 def time_stream(stream, views: ViewMaker, steps: int, warmup: int = 3) -> float:
@@ -142,23 +212,27 @@ def time_stream(stream, views: ViewMaker, steps: int, warmup: int = 3) -> float:
     return steps * (BL + BU) / (time.perf_counter() - t)
 
 
-def time_naive(root: Path, size: int, fixed: bool, views: ViewMaker, steps: int, workers: int) -> float:
+def time_naive(root: Path, size: int, fixed: bool, steps: int, workers: int) -> float:
+    """Samples/s of the FixMatch/USB reference pipeline (:class:`NaiveDataset`) in ``workers``
+    DataLoader worker processes: per step ``BL`` labeled weak + ``BU`` unlabeled weak + 2 strong
+    views, the work the other rows do."""
+    ds = NaiveDataset(root, size, fixed)
+    warmup = 2
     dl = DataLoader(
-        NaiveDataset(root, "unlabeled", size, fixed, views),
-        batch_size=BL + BU,
-        shuffle=True,
+        ds,
+        batch_sampler=_StepKeys(len(ds.index["l"]), len(ds.index["u"]), steps + warmup),
         num_workers=workers,
-        drop_last=True,
+        collate_fn=_collate_step,
+        worker_init_fn=_seed_worker,
         persistent_workers=True,
     )
     it = iter(dl)
-    for _ in range(2):
+    for _ in range(warmup):
         next(it)
-    n = min(steps, len(dl) - 3)
     t = time.perf_counter()
-    for _ in range(n):
+    for _ in range(steps):
         next(it)
-    return n * (BL + BU) / (time.perf_counter() - t)
+    return steps * (BL + BU) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -197,8 +271,8 @@ def main() -> None:
                 build_jpeg(root, 768, ffcv=has_ffcv)
                 views = ViewMaker(image_size=224, crop="rrc")
             steps = args.steps if fixed else max(4, args.steps // 4)
-            naive = f"naive (per sample, {args.workers} workers)"
-            res = {naive: time_naive(root, size, fixed, views, steps, args.workers)}
+            naive = f"per-sample PIL, FixMatch/USB-style ({args.workers} workers)"
+            res = {naive: time_naive(root, size, fixed, steps, args.workers)}
             kw = dict(labeled_batch=BL, unlabeled_batch=BU, device=args.device)
             w = args.workers
             cands = {}
@@ -221,7 +295,7 @@ def main() -> None:
             base = res[naive]
             for label, v in res.items():
                 rows.append((size, label, v, v / base))
-    print("\n| px | pipeline | samples/s (augmented) | x naive |\n|---|---|---|---|")
+    print("\n| px | pipeline | samples/s (augmented) | x per-sample PIL |\n|---|---|---|---|")
     for size, label, v, r in rows:
         print(f"| {size} | {label} | {v:,.0f} | {r:.1f} |")
 

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key."""
 
 
+# Experiment trackers train.trackers may name (Accelerate's names; see bmb/logs.py).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
+
+
 # YAML 1.1 (PyYAML) reads `1e-3` and `2E5` as strings: its floats need a dot. A float key takes
 # them as the numbers they plainly are.
 _DOTLESS_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -147,6 +151,9 @@ class TrainConfig:
     log_every: int = _f(50, "steps between scalar logs", ge=1)
     progress: bool = _f(True, "show a progress bar")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", ge=1)
+    trackers: list[str] = _f(["tensorboard"], "experiment trackers (through Accelerate) for the train/eval "
+                             "scalars, any of: tensorboard (in the run dir's tb/), wandb, mlflow, aim; [] for "
+                             "none (train.jsonl and metrics.jsonl are always written)")
 
 
 @dataclass
@@ -177,6 +184,9 @@ class Config:
                 raise ConfigError(f"data.{key} must have 3 values (R, G, B), got {v!r}")
         if any(s <= 0 for s in self.data.std):
             raise ConfigError(f"data.std must be > 0, got {self.data.std!r}")
+        unknown = [n for n in t.trackers if n not in TRACKERS]
+        if unknown or len(set(t.trackers)) != len(t.trackers):
+            raise ConfigError(f"train.trackers: each of {', '.join(TRACKERS)} at most once; got {t.trackers!r}")
 
     @property
     def total_steps(self) -> int:

@@ -47,6 +47,31 @@ def _positive(u: torch.Tensor) -> torch.Tensor:
     return u.clamp_min(torch.finfo(torch.float64).tiny)
 
 
+def _as_wide_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) viewed as rows of 16-byte words (the same bytes), or ``t`` itself where its
+    layout does not allow that view."""
+    words = t.shape[1] * t.element_size()
+    if (t.stride(1) == 1 and words % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+            and (t.storage_offset() * t.element_size()) % 16 == 0):
+        return t.view(torch.complex128)
+    return t
+
+
+def _copy_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.index_copy_(0, index, src)``: rows ``src[i]`` written to ``dst[index[i]]``, in place.
+
+    On the CPU, ``index_copy_`` loops element by element; copying each row as 16-byte words
+    (a ``complex128`` view of the same bytes: a copy moves bytes, bit for bit) makes it ~3x
+    faster at D = 2048 float32. Other devices copy in the rows' own dtype.
+    """
+    if dst.device.type == "cpu":
+        wide_dst, wide_src = _as_wide_rows(dst), _as_wide_rows(src)
+        if wide_dst.dtype == wide_src.dtype == torch.complex128:
+            wide_dst.index_copy_(0, index, wide_src)
+            return
+    dst.index_copy_(0, index, src)
+
+
 class BalancedMemoryBank:
     """Class-balanced memory of features and pseudo labels.
 
@@ -66,8 +91,9 @@ class BalancedMemoryBank:
         capacity: int,
         feat_dim: int,
         num_classes: int,
-        put_power: float = 1.0,
-        get_power: float = 1.0,
+        *,
+        put_power: float,
+        get_power: float,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -131,8 +157,11 @@ class BalancedMemoryBank:
     def _counts_with_empty(self, labels: torch.Tensor) -> torch.Tensor:
         """Per-class counts of ``labels`` with the sentinel class ``C`` last, int64 ``(C + 1,)``.
 
-        ``scatter_add_`` instead of ``bincount``: CUDA's bincount reads the maximum on the host.
+        ``scatter_add_`` instead of ``bincount``: CUDA's bincount reads the maximum on the host
+        (on the CPU, where that costs nothing, ``bincount`` is one op instead of three).
         """
+        if labels.device.type == "cpu":
+            return torch.bincount(labels, minlength=self.num_classes + 1)
         counts = torch.zeros(self.num_classes + 1, device=labels.device, dtype=torch.long)
         return counts.scatter_add_(0, labels, torch.ones_like(labels))
 
@@ -185,7 +214,7 @@ class BalancedMemoryBank:
         dequeue race's (drawn in this order)."""
         return b, self.capacity + b
 
-    def uniforms_per_draw(self, n: int, replacement: bool = False) -> int:
+    def uniforms_per_draw(self, n: int, replacement: bool) -> int:
         """How many uniforms one ``draw`` of ``n`` rows draws."""
         return n if replacement else self.capacity
 
@@ -219,10 +248,11 @@ class BalancedMemoryBank:
                              f"({labels.shape[0]},), got {what}")
         if labels.device.type != "cpu" or features.device.type != "cpu":
             return  # value checks would wait for the device; see the module docstring
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"BalancedMemoryBank.enqueue: labels must be in [0, {self.num_classes}), got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]")
+        if labels.numel():
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"BalancedMemoryBank.enqueue: labels must be in [0, {self.num_classes}), "
+                                 f"got values in [{lo}, {hi}]")
         # One reduction instead of an element-wise isfinite: NaN/Inf anywhere makes the sum non-finite.
         if features.numel() and not bool(torch.isfinite(features.sum())):
             raise ValueError("BalancedMemoryBank.enqueue: features contain NaN or Inf")
@@ -260,7 +290,9 @@ class BalancedMemoryBank:
         """:meth:`enqueue` on checked device tensors, with its uniforms passed in.
 
         Only fixed-shape device work that updates the bank in place, so a CUDA graph can
-        capture it (:mod:`bmb.graphs`).
+        capture it (:mod:`bmb.graphs`). Its cost is ``O(capacity + B log B)`` on labels and
+        keys plus ``O(B D)`` for the features: only the ``B`` candidate rows are written (each to
+        its slot or to the scratch row), the other stored rows are never touched.
 
         Args:
             features: ``(B, D)`` in the bank's dtype; labels: int64 ``(B,)``; ok: bool ``(B,)``
@@ -277,42 +309,50 @@ class BalancedMemoryBank:
         if self.device.type != "cpu":
             ok = ok & torch.isfinite(features).all(dim=1)
         lab = torch.where(ok, labels, c)  # non-candidates take the sentinel class
+        labels_all = self._labels_all
+        counts = self._counts_with_empty(labels_all)  # (C + 1,)
 
-        counts = self._counts_with_empty(self._labels_all)  # (C + 1,)
-        # Rank of each candidate among the same-class candidates before it in this batch.
-        onehot = (lab[:, None] == torch.arange(c + 1, device=self.device)).long()  # (B, C + 1)
-        rank = (onehot.cumsum(0) - onehot).gather(1, lab[:, None]).squeeze(1)  # (B,)
+        # Rank of each candidate among the same-class candidates before it in this batch: its
+        # position in the batch stably sorted by class, minus where its class starts there.
+        # O(B log B), no (B, C + 1) one-hot.
+        sorted_lab, perm = torch.sort(lab, stable=True)
+        run_start = torch.searchsorted(sorted_lab, sorted_lab)  # first position of each class
+        rank = torch.empty_like(lab).scatter_(0, perm, torch.arange(b, device=self.device) - run_start)
         eff = (counts[lab] + rank).to(torch.float64)
         p_put = ((counts[:c].min().to(torch.float64) + 1.0) / (eff + 1.0)).pow(self.put_power)
         accept = ok & (u_accept < p_put)
+        n_accept = accept.sum()
 
         # Overflow: remove exactly `excess` items of (stored + accepted), majority classes first,
         # by an exponential race over all capacity + B slots (empty/rejected ones weigh 0).
-        union = torch.cat([self._labels_all, torch.where(accept, labels, c)])  # (cap + B,)
+        union = torch.cat([labels_all, torch.where(accept, labels, c)])  # (cap + B,)
         union_counts = self._counts_with_empty(union)
-        p_keep = torch.cat([self.put_probability(union_counts[:c]), union_counts.new_ones(1).double()])
-        weights = (1.0 - p_keep + _REMOVE_EPS)[union] * (union < c)
-        excess = (self._size + accept.sum() - cap).clamp_min(0)
-        order = torch.argsort(self._race_keys(weights, u_race), stable=True)
-        removed = torch.zeros(cap + b, dtype=torch.bool, device=self.device)
-        removed[order] = torch.arange(cap + b, device=self.device) < excess
+        # Removal weight per class, 1 - P_put + eps, and 0 for the sentinel (empty/rejected).
+        remove_w = torch.cat([1.0 - self.put_probability(union_counts[:c]) + _REMOVE_EPS,
+                              torch.zeros(1, device=self.device, dtype=torch.float64)])
+        total = self._size + n_accept  # stored + accepted
+        excess = (total - cap).clamp_min(0)
+        # The keys are > 0 or +inf (u < 1, weights >= 0, never NaN), and positive doubles order
+        # as their bit patterns do as int64: the same stable order, ~1.5x faster on the CPU.
+        keys = self._race_keys(remove_w[union], u_race)
+        order = torch.argsort(keys.view(torch.int64), stable=True)
+        removed = torch.empty(cap + b, dtype=torch.bool, device=self.device)
+        removed.scatter_(0, order, torch.arange(cap + b, device=self.device) < excess)
         # Freed slots (removed stored items, then the empty tail) take the surviving new items in
-        # order. When the bank overflows they match one to one; otherwise nothing is removed and
-        # the free slots are the empty tail. Rejected candidates are written to the scratch row.
+        # order: the k-th survivor goes to the k-th free slot. When the bank overflows they match
+        # one to one; otherwise nothing is removed and the free slots are the empty tail.
+        # Rejected candidates are written to the scratch row. Only these B rows are written.
         free = (self._slots >= self._size) | removed[:cap]
-        free_rank = free.cumsum(0) - 1
-        slot_of_rank = torch.full((cap + 1,), cap, device=self.device, dtype=torch.long)
-        slot_of_rank.scatter_(0, torch.where(free, free_rank, cap), self._slots)  # [cap] is a dummy
         survive = accept & ~removed[cap:]
-        new_rank = (survive.cumsum(0) - 1).clamp_(0, cap)
-        target = torch.where(survive, slot_of_rank[new_rank], cap)
-        self._buf_feats.index_copy_(0, target, features)
+        slot = torch.searchsorted(free.cumsum(0), survive.cumsum(0))
+        target = torch.where(survive, slot, cap)
+        _copy_rows(self._buf_feats, target, features)
         self._buf_labels.index_copy_(0, target, labels)
         self._buf_labels[cap:].fill_(c)  # the scratch row is never an item (`[cap] = c` would sync)
-        self._size.copy_(torch.clamp(self._size + accept.sum(), max=cap))  # in place: graphs hold it
+        self._size.copy_(total.clamp_max(cap))  # in place: graphs hold it
         return accept
 
-    def draw(self, n: int, class_prior: torch.Tensor, replacement: bool = False
+    def draw(self, n: int, class_prior: torch.Tensor, replacement: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw ``n`` items with a validity mask: the fixed-shape, sync-free form of :meth:`get`.
 
@@ -335,12 +375,14 @@ class BalancedMemoryBank:
                              f"got {tuple(prior.shape)}")
         # Value checks read the tensor on the host: done for host tensors only, so that a prior
         # living on the GPU (the trainer's N-hat) never makes the step wait for the device.
-        if prior.device.type == "cpu" and (not bool(torch.isfinite(prior).all()) or bool((prior < 0).any())):
-            raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
+        if prior.device.type == "cpu":  # one reduction: NaN propagates into both, +-inf shows in one
+            lo, hi = torch.aminmax(prior if prior.dtype != torch.bool else prior.double())
+            if not (float(lo) >= 0.0 and float(hi) < float("inf")):
+                raise ValueError("BalancedMemoryBank.get: class_prior must be finite and >= 0")
         return self.draw_core(n, prior.to(self.device), self.uniforms(self.uniforms_per_draw(n, replacement)),
                               replacement)
 
-    def draw_core(self, n: int, class_prior: torch.Tensor, u: torch.Tensor, replacement: bool = False
+    def draw_core(self, n: int, class_prior: torch.Tensor, u: torch.Tensor, replacement: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`draw` on a checked prior on the bank's device, with its uniforms ``u`` (float64,
         sized by :meth:`uniforms_per_draw`) passed in. Fixed-shape device work only, reading the
@@ -365,9 +407,11 @@ class BalancedMemoryBank:
                 idx = torch.cat([idx, idx.new_zeros(n - k)])
                 valid = torch.cat([valid, valid.new_zeros(n - k)])
         labels = torch.where(valid, labels_all[idx], 0)
-        return self._buf_feats[idx], labels, valid
+        # index_select, not `[idx]`: on the CPU it copies whole rows (advanced indexing goes
+        # element by element, ~5x slower at D = 2048).
+        return self._buf_feats.index_select(0, idx), labels, valid
 
-    def get(self, n: int, class_prior: torch.Tensor, replacement: bool = False
+    def get(self, n: int, class_prior: torch.Tensor, replacement: bool
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw items, over-drawing classes that ``class_prior`` says are rare.
 
@@ -384,7 +428,10 @@ class BalancedMemoryBank:
         if self.device.type != "meta" and len(self) == 0:
             raise ValueError("BalancedMemoryBank.get: the bank is empty (enqueue items first)")
         feats, labels, valid = self.draw(n, class_prior, replacement)
-        return feats[valid], labels[valid]
+        # The valid rows are a prefix (see draw): slice them instead of a boolean-mask copy.
+        # With replacement from a non-empty bank every row is valid.
+        m = n if replacement else int(valid.sum())
+        return feats[:m], labels[:m]
 
     # ------------------------------------------------------------------ persistence
     def to(self, device: torch.device | str) -> BalancedMemoryBank:

@@ -1,7 +1,8 @@
 """Run identity: which run a run directory (and each checkpoint in it) belongs to, and which config
 changes a resume may make.
 
-A run directory ``out_dir/name`` holds, besides the outputs listed in ``bmb/engine.py``::
+A run directory ``out_dir/name`` holds, besides the outputs listed in ``bmb/engine.py``
+(checkpoints are written and resumed by ``bmb/resume.py``)::
 
     run.json        {"run_id", "created", "config"}: the run's id and the config it was started with
     history.jsonl   one JSON event per line: start, resume (with the cadence keys that changed),
@@ -41,6 +42,7 @@ RESUMABLE = {
     "train.threads": "CPU threads (speed only)",
     "train.progress": "the progress bar",
     "train.log_every": "scalar logging cadence",
+    "train.trackers": "where the scalars are also logged",
     # Evaluation cadence does not touch training; note that the last-20 protocol then averages
     # rows taken at both cadences (each resume and its changes are in history.jsonl).
     "train.eval_every": "evaluation cadence",

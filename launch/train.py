@@ -125,7 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # gloo on CPUs (also under DeepSpeed), NCCL on GPUs
         backend = "nccl" if torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU") else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
-    accelerator = Accelerator(kwargs_handlers=handlers)
+    run_dir = Path(cfg.train.out_dir) / cfg.name
+    from bmb.logs import make_trackers
+
+    try:  # started by the trainer once the run directory's checks pass
+        trackers = make_trackers(cfg, run_dir)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    accelerator = Accelerator(kwargs_handlers=handlers, log_with=trackers or None)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
@@ -157,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         collectives=Collectives(), device=accelerator.device))
     views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=cfg.method.num_strong,
                       mean=cfg.data.mean, std=cfg.data.std)
-    run_dir = Path(cfg.train.out_dir) / cfg.name
     trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir)
     code = 0
     try:
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     # The wrapped model goes before the process group: DDP's reducer keeps its last collective,
     # and a DDP + gloo process that left it to interpreter shutdown was seen to abort after its
-    # work was done (tests/test_dist.py).
+    # work was done (tests/test_dist.py). end_training also closes the trackers (train.trackers).
     del trainer, model, algorithm
     accelerator.free_memory()
     accelerator.wait_for_everyone()

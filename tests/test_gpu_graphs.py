@@ -53,9 +53,9 @@ def test_graphed_enqueue_and_draw_match_the_eager_bank(put_power):
         _assert_same_bank(eager, graphed)
         prior = torch.rand(C, device="cuda", generator=g, dtype=torch.float64) * 100
         for n in (16, CAP + 8):  # fewer and more rows than the bank holds
-            want = eager.draw(n, prior)
-            got = graphs.run(("draw", n), lambda p, u, n=n: graphed.draw_core(n, p, u), [prior],
-                             uniforms=[graphed.uniforms_per_draw(n)])
+            want = eager.draw(n, prior, replacement=False)
+            got = graphs.run(("draw", n), lambda p, u, n=n: graphed.draw_core(n, p, u, replacement=False), [prior],
+                             uniforms=[graphed.uniforms_per_draw(n, replacement=False)])
             for w, h in zip(want, got):
                 assert torch.equal(w, h), (step, n)
         if step == 12:  # reallocation: the graphs must be recaptured on the new buffers

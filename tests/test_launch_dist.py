@@ -117,7 +117,7 @@ def test_ddp_sigterm_resume_is_bitwise_exact(data, tmp_path):
         assert torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]), k
     for k in ("features", "labels", "generator"):
         assert torch.equal(a["algorithm"]["bank"][k], b["algorithm"]["bank"][k]), k
-    assert torch.equal(a["algorithm"]["estimator"]["value"], b["algorithm"]["estimator"]["value"])
+    assert torch.equal(a["algorithm"]["estimator"]["fraction"], b["algorithm"]["estimator"]["fraction"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
     shutil.rmtree(tmp_path / "full")

@@ -104,7 +104,7 @@ def test_bank_loss_trains_only_the_aux_head():
     o = model(x)
     losses = alg(StepOutputs(torch.tensor([0, 1, 2, 0]), o, o, o), model.aux_head)
     # Only the bank loss: recompute it with grad and back-propagate it alone.
-    feats, labels = alg.bank.get(4, alg.estimator.value())
+    feats, labels = alg.bank.get(4, alg.estimator.value(), replacement=False)
     F.cross_entropy(model.aux_head(feats), labels).backward()
     assert model.aux_head.weight.grad.abs().sum() > 0
     assert model.base_head.weight.grad is None

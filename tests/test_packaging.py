@@ -46,7 +46,8 @@ def test_wheel_installs_and_resolves_every_preset_outside_the_checkout(tmp_path:
     assert shipped and shipped <= names, sorted(shipped - names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
-    for script in ("bmb-shards = shards.cli:main", "bmb-train = launch.train:main", "bmb-report = launch.report:main"):
+    for script in ("bmb-shards = shards.cli:main", "bmb-train = launch.train:main", "bmb-report = launch.report:main",
+                   "bmb-eval = launch.eval:main"):
         assert script in scripts
 
     site = tmp_path / "site"

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bmb.config import load_config
-from bmb.engine import Trainer
+from bmb.evaluate import final_result
 from bmb.metrics import group_recall, shot_groups
 from bmb.protocols import best_val, last_n, select_result
 
@@ -152,8 +151,9 @@ def test_imagenet_lt_subset_thresholds_match_the_standard_split(
     assert (cfg.train.many_above, cfg.train.few_at_most) == (many_above, few_at_most)
 
 
-def test_finalize_writes_the_protocol_result(tmp_path: Path):
-    """``Trainer.finalize`` on a hand-made history: best-val row's test metrics land in final.json."""
+def test_final_result_applies_the_protocol():
+    """``final_result`` (what ``Trainer.finalize`` writes to final.json) on a hand-made history:
+    the best-val row's test metrics."""
     cfg = load_config(
         None,
         [
@@ -170,19 +170,8 @@ def test_finalize_writes_the_protocol_result(tmp_path: Path):
         _row(200, 0.6, [0.6, 0.5, 0.4], val_top1=0.5, seconds=2.0),
         _row(300, 0.4, [0.4, 0.4, 0.4], val_top1=0.3, seconds=3.0),
     ]
-    fake = SimpleNamespace(
-        cfg=cfg,
-        history=history,
-        step=300,
-        labeled_counts=torch.tensor([30, 10, 2]),
-        class_names=["a", "b", "c"],
-        thresholds=(20, 4),
-        run_dir=tmp_path,
-        log=lambda *_: None,
-        device=torch.device("cpu"),
-    )
-    Trainer.finalize(fake)
-    final = json.loads((tmp_path / "final.json").read_text())
+    final = final_result(cfg, history, 300, torch.tensor([30, 10, 2]), ["a", "b", "c"], (20, 4), "run-x")
+    final = json.loads(json.dumps(final))  # as final.json holds it
     assert final["top1"] == 0.6 and final["per_class_recall"] == [0.6, 0.5, 0.4]
     assert final["evaluations"] == [200] and final["steps"] == 300 and final["seconds"] == 3.0
     assert (final["many_above"], final["few_at_most"]) == (20, 4)

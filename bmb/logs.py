@@ -1,0 +1,117 @@
+"""The run's logs: ``train.jsonl``, ``metrics.jsonl`` and the experiment trackers.
+
+The JSONL files are always written (``launch/report`` reads them). The same scalars also go to
+the trackers of ``train.trackers`` through Accelerate (``Accelerator(log_with=...)``,
+``init_trackers``, ``log``; ``end_training``, called by ``launch/train.py``, closes them):
+
+=============== ==============================================================================
+tensorboard     the run directory's ``tb/`` (the default)
+wandb           project ``bmb``, run name = ``name``, files under the run directory's ``wandb/``
+mlflow          experiment ``bmb``, run name = ``name``; where: ``MLFLOW_TRACKING_URI`` (mlflow's
+                default: ``./mlruns``)
+aim             the repository ``train.out_dir/.aim`` (shared by the runs there), run name = ``name``
+=============== ==============================================================================
+
+Training scalars are logged as ``train/<key>``, evaluation numbers as ``eval/<key>``, at the step
+they belong to; the config is stored with each tracker as flat ``section.key`` hyperparameters.
+
+Only rank 0 writes (the other ranks' :class:`RunLogs` do nothing). After a resume,
+:meth:`RunLogs.start` cuts both JSONL files back to the checkpoint's step: the steps after it are
+redone, and logged again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bmb.config import TRACKERS, Config, ConfigError, config_to_dict
+
+PROJECT = "bmb"  # the trackers' project / experiment name
+
+
+def _available(name: str) -> bool:
+    from accelerate import utils
+
+    return bool(getattr(utils, f"is_{name}_available")())
+
+
+def make_trackers(cfg: Config, run_dir: str | Path) -> list[Any]:
+    """Accelerate trackers for ``train.trackers`` (for ``Accelerator(log_with=...)``); nothing is
+    written until :meth:`RunLogs.start` starts them.
+
+    Raises:
+        ConfigError: a tracker whose package is not installed (named, with the pip command).
+    """
+    from accelerate.tracking import AimTracker, MLflowTracker, TensorBoardTracker, WandBTracker
+
+    missing = [n for n in cfg.train.trackers if not _available(n)]
+    if missing:
+        raise ConfigError(f"train.trackers: {', '.join(missing)} not installed (or not a version Accelerate "
+                          f"supports): pip install {' '.join(missing)}, or leave {' and '.join(missing)} out of "
+                          f"train.trackers (now {cfg.train.trackers!r}; any of {', '.join(TRACKERS)}, or [])")
+    run_dir = Path(run_dir)
+    make = {
+        "tensorboard": lambda: TensorBoardTracker("tb", run_dir),
+        "wandb": lambda: WandBTracker(PROJECT, name=cfg.name, dir=str(run_dir)),
+        "mlflow": lambda: MLflowTracker(PROJECT, run_name=cfg.name),
+        "aim": lambda: AimTracker(cfg.name, str(Path(cfg.train.out_dir) / ".aim"), experiment=PROJECT),
+    }
+    return [make[n]() for n in cfg.train.trackers]
+
+
+def tracker_config(cfg: Config) -> dict[str, Any]:
+    """The config as flat ``section.key`` hyperparameters (lists as text: what every tracker takes)."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple)) else v
+        return out
+
+    return flat(config_to_dict(cfg))
+
+
+class RunLogs:
+    """Writes one run's scalar logs.
+
+    Args:
+        run_dir: the run directory.
+        accelerator: its trackers (``log_with``) get the scalars; rank 0 (``is_main_process``)
+            writes.
+    """
+
+    def __init__(self, run_dir: str | Path, accelerator: Any) -> None:
+        self.run_dir, self.acc, self.main = Path(run_dir), accelerator, accelerator.is_main_process
+
+    def start(self, history: list[dict[str, Any]], step: int, cfg: Config) -> None:
+        """Make the logs end at ``step`` (``metrics.jsonl`` = ``history``, the evaluations kept in
+        the checkpoint) and start the trackers with the config."""
+        if not self.main:
+            return
+        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        train_log = self.run_dir / "train.jsonl"
+        if train_log.exists():
+            rows = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
+            train_log.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+        self.acc.init_trackers(PROJECT, tracker_config(cfg))
+
+    def train(self, step: int, values: dict[str, float]) -> None:
+        """One ``train.jsonl`` row (smoothed training scalars), also as ``train/<key>`` scalars."""
+        if not self.main:
+            return
+        with open(self.run_dir / "train.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.acc.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        """One ``metrics.jsonl`` row (an evaluation); its numbers also as ``eval/<key>`` scalars."""
+        if not self.main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.acc.log({f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                     step=row["step"])
