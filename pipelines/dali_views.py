@@ -99,8 +99,12 @@ class ViewBatch(Batch):
             lw, uw, strong = self.views
             views = (mv(lw), mv(uw), [mv(s) for s in strong])
         return ViewBatch(
-            mv(self.labeled), mv(self.labels), mv(self.unlabeled), mv(self.unlabeled_index),
-            mv(self.unlabeled_labels), views,
+            mv(self.labeled),
+            mv(self.labels),
+            mv(self.unlabeled),
+            mv(self.unlabeled_index),
+            mv(self.unlabeled_labels),
+            views,
         )
 
 
