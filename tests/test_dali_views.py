@@ -319,3 +319,16 @@ def test_each_op_matches_viewmakers_kernel():
             assert diff[..., 1:-1, 1:-1].max() <= 1, (name, diff.max())
         else:
             assert name == "equalize" and got.shape == (n, 3, size, size)
+
+
+def test_every_preset_makes_its_views_in_the_trainer():
+    """docs/fidelity.md row 26: every preset uses data.views=trainer (FixMatch-exact)."""
+    from bmb.config import load_config
+
+    configs = Path(CONFIG).parent
+    presets = [p for p in configs.rglob("*.yaml") if "base" not in p.relative_to(configs).parts]
+    assert len(presets) > 20
+    for p in presets:
+        assert load_config(p).data.views == "trainer", p
+    ledger = (configs.parents[1] / "docs" / "fidelity.md").read_text().replace("**", "")
+    assert "Every preset uses `data.views=trainer`" in ledger
