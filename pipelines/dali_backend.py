@@ -22,6 +22,11 @@ not parse every tar header when it starts. For older datasets without them DALI 
 index itself in memory at start-up (nothing is written into the dataset directory). Resume uses DALI's pipeline
 checkpointing (``enable_checkpointing``): the reader position is serialized into the state.
 Orders therefore differ from the tensor/webdataset/ffcv backends (same samples, other order).
+
+With ``views`` (config ``data.views=loader``; :mod:`pipelines.dali_views`) the same pipelines
+also make the step's weak and strong views after decode and emit them normalised (float32
+NCHW, on the GPU with ``mixed`` decode); the stream then yields
+:class:`~pipelines.dali_views.ViewBatch` es and the trainer skips its ``ViewMaker``.
 """
 
 from __future__ import annotations
@@ -241,7 +246,8 @@ class DaliStream:
         lab, unl = self._get("labeled"), self._get("unlabeled")
         d = self.device
         if self.views is not None:
-            yield from self._iter_views(lab, unl)
+            yield from self._iter_views(lab, unl)  # infinite
+            return
         while True:
             x_l, y_l, _ = lab.run()
             x_u, y_u, i_u = unl.run()
