@@ -75,7 +75,8 @@ OPS = (
     "translate_y",
 )
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # PIL's "L" weights
+# PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2**15) >> 16, exact in float32.
+_LUMA = np.array([19595.0, 38470.0, 7471.0], dtype=np.float32)
 
 
 @dataclass
@@ -236,11 +237,22 @@ def _midpoints(lo: float, hi: float, n: int) -> np.ndarray:
 
 @augmentation
 def _color(data, factor):
-    """PIL's ``ImageEnhance.Color``: a blend from the image's luma ("L") towards the image
-    (DALI's stock ``color`` is ``fn.saturation``, an HSV-space scaling)."""
-    luma = types.Constant(_LUMA)
-    gray = fn.reductions.sum(data * luma, axis_names="C", keep_dims=True)
-    return fn.cast_like(gray + (data - gray) * factor, data)
+    """PIL's ``ImageEnhance.Color``: from the image's integer luma (``convert("L")``) towards
+    the image, ``floor(L + f (x - L))`` in float32 as ViewMaker (DALI's stock ``color`` is
+    ``fn.saturation``, an HSV-space scaling)."""
+    import nvidia.dali.math as dmath
+
+    weighted = fn.reductions.sum(data * types.Constant(_LUMA), axis_names="C", keep_dims=True)
+    luma = dmath.floor((weighted + 32768.0) * (1.0 / 65536.0))
+    return fn.cast_like(dmath.floor(luma + (data - luma) * factor), data)
+
+
+@augmentation
+def _brightness(data, factor):
+    """PIL's ``ImageEnhance.Brightness``: ``floor(f x)`` (DALI's ``fn.brightness`` rounds)."""
+    import nvidia.dali.math as dmath
+
+    return fn.cast_like(dmath.floor(data * factor), data)
 
 
 @augmentation
@@ -293,7 +305,7 @@ def suite(size: int, bins: int = MAGNITUDE_BINS) -> list:
         aa.solarize.augmentation(mag_range=mid(0.0, 256.0)),
         aa.posterize.augmentation(mag_range=bits, mag_to_param=aa.poster_mask_uint8),
         aa.contrast.augmentation(mag_range=blend, randomly_negate=False, mag_to_param=None),
-        aa.brightness.augmentation(mag_range=blend, randomly_negate=False, mag_to_param=None),
+        _brightness.augmentation(mag_range=blend, name="brightness"),
         _color.augmentation(mag_range=blend, randomly_negate=False, name="color"),
         _sharpness.augmentation(
             mag_range=blend, mag_to_param=aa.sharpness_kernel_shifted, name="sharpness"
