@@ -267,8 +267,9 @@ _SAME_UP_TO_SIGN = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"
 def test_each_op_matches_viewmakers_kernel():
     """Every DALI op at a given bin against ViewMaker's kernel at that bin's magnitude: the
     geometric ops, solarize, posterize, color and brightness pixel for pixel (shears and
-    translations: up to the sign of the magnitude -- the ranges are symmetric), contrast and
-    autocontrast within one level (DALI rounds where PIL truncates), sharpness within one
+    translations: up to the sign of the magnitude -- the ranges are symmetric), contrast all
+    but an ulp's worth, autocontrast within one level (DALI rounds where PIL truncates),
+    sharpness within one
     level inside the 1-px border (PIL leaves the border, DALI filters it), equalize only run
     (OpenCV's table; docs/fidelity.md)."""
     from pipelines.augment import MAGNITUDE_RANGES, apply_rand_augment
@@ -314,7 +315,9 @@ def test_each_op_matches_viewmakers_kernel():
             assert torch.equal(got, ours(-mags)), name
         elif name in ("identity", "solarize", "posterize", "color", "brightness"):
             assert diff.max() == 0, name
-        elif name in ("autocontrast", "contrast"):
+        elif name == "contrast":  # float32 vs float64 blends: rarely an ulp across a level
+            assert diff.max() <= 1 and (diff == 0).float().mean() > 0.999, name
+        elif name == "autocontrast":
             assert diff.max() <= 1, (name, diff.max())
         elif name == "sharpness":
             assert diff[..., 1:-1, 1:-1].max() <= 1, (name, diff.max())
