@@ -115,6 +115,27 @@ def test_views_read_the_same_samples_as_the_uint8_path(tiny):
         assert torch.equal(x.labels, y.labels)
 
 
+@pytest.mark.gpu
+def test_gpu_views_stay_on_the_gpu_and_are_shifted_flipped_crops(tiny):
+    """``mixed`` decode: every view is made and normalised on the GPU (never on the host)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    root, arrays = tiny
+    v = DaliViews(image_size=8, num_strong=2, mean=MEAN, std=STD)
+    it = iter(stream(root, v, device="cuda"))
+    x_u = arrays["unlabeled"][0]
+    for _ in range(3):
+        b = next(it)
+        lw, uw, strong = b.views
+        assert all(t.is_cuda and t.dtype == torch.float32 for t in (lw, uw, *strong))
+        assert lw.shape == (4, 3, 8, 8) and uw.shape == (8, 3, 8, 8) and len(strong) == 2
+        i = b.unlabeled_index.cpu().numpy()
+        for view, src in zip(unnormalize(uw.cpu()), x_u[i]):
+            assert (crops(src, 8, 1) == view).all((1, 2, 3)).any()
+        for s in strong:
+            unnormalize(s.cpu())
+
+
 def test_rrc_views_resize_within_the_source_range(tiny):
     root, arrays = tiny
     v = DaliViews(image_size=6, crop="rrc", num_strong=1, mean=MEAN, std=STD)
@@ -264,7 +285,8 @@ def test_loader_views_refused_for_other_backends(demo, tmp_path, backend, capsys
 _SAME_UP_TO_SIGN = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
-def test_each_op_matches_viewmakers_kernel():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_each_op_matches_viewmakers_kernel(device):
     """Every DALI op at a given bin against ViewMaker's kernel at that bin's magnitude: the
     geometric ops, solarize, posterize, color and brightness pixel for pixel (shears and
     translations: up to the sign of the magnitude -- the ranges are symmetric), contrast all
@@ -277,6 +299,8 @@ def test_each_op_matches_viewmakers_kernel():
     from pipelines.dali_views import MAGNITUDE_BINS, OPS, _midpoints, suite
 
     assert OPS == OURS
+    if device == "gpu" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     n, size, bins = 10, 24, MAGNITUDE_BINS
     g = torch.Generator().manual_seed(0)
     low = torch.randint(0, 256, (n, 3, 4, 4), generator=g).float()
@@ -287,9 +311,10 @@ def test_each_op_matches_viewmakers_kernel():
     ops = suite(size)
     for j, name in enumerate(OPS):
 
-        @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=0)
+        @pipeline_def(batch_size=n, num_threads=1, device_id=0 if device == "gpu" else None, seed=0)
         def p(op):
             x = fn.external_source(source=lambda: list(hwc), layout="HWC")
+            x = x.gpu() if device == "gpu" else x
             b = fn.external_source(source=lambda: [np.array(v, np.int32) for v in idx])
             return op(x, magnitude_bin=b, num_magnitude_bins=bins, fill_value=0,
                           interp_type=types.INTERP_NN)  # fmt: skip
@@ -297,6 +322,7 @@ def test_each_op_matches_viewmakers_kernel():
         pipe = p(ops[j])
         pipe.build()
         (out,) = pipe.run()
+        out = out.as_cpu() if device == "gpu" else out
         got = torch.from_numpy(np.asarray(out.as_tensor())).permute(0, 3, 1, 2).int()
         if name == "posterize":
             mags = torch.from_numpy(4 + idx * 5 // bins).float()
