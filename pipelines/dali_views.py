@@ -22,11 +22,14 @@ as DALI's operators allow:
   top-left corner clamped at 0 first, clipped at the far borders).
 
 How this RandAugment differs from ours and from DALI's stock ``rand_augment(data, n, m)``:
-docs/fidelity.md (the ledger row "RandAugment in the loader"). In short: DALI looks each op's
-parameter up in a table of ``num_magnitude_bins`` magnitudes, so the per-op uniform draw of
-FixMatch becomes a uniform draw of one of :data:`MAGNITUDE_BINS` bin midpoints of FixMatch's
-range; the colour ops and shears are DALI's kernels (equalize follows OpenCV, sharpness leaves
-no 1-px border unchanged, bilinear-free nearest-neighbour geometry like ours).
+docs/fidelity.md (ledger row 26). In short: DALI looks each op's parameter up in a table of
+``num_magnitude_bins`` magnitudes, so the per-op uniform draw of FixMatch becomes a uniform
+draw of one of :data:`MAGNITUDE_BINS` bin midpoints of FixMatch's range. Geometric ops
+(nearest-neighbour, black fill, shears about the centre), solarize, posterize and the
+Color/Brightness/Contrast blends (PIL's truncating arithmetic, written here with DALI's
+arithmetic operators) give ViewMaker's pixels at the same magnitude; autocontrast rounds where
+PIL truncates (one level), equalize is DALI's (OpenCV's table), sharpness also filters the
+1-px border (tests/test_dali_views.py).
 """
 
 from __future__ import annotations
