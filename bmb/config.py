@@ -111,6 +111,9 @@ class DataConfig:
     crop: str = _f("translate", "weak crop: translate (32/64 px) or rrc (random-resized-crop, 224 px)",
                    choices=("translate", "rrc"))
     load_size: int = _f(256, "full-res datasets: square size the readers deliver before the crop", ge=8)
+    views: str = _f("trainer", "who makes the weak/strong views: trainer (ViewMaker, FixMatch-exact; every preset) or "
+                    "loader (data.backend=dali only: the DALI pipeline emits normalised views on the device; its "
+                    "RandAugment differs, see docs/fidelity.md)", choices=("trainer", "loader"))
     mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean (0-1 scale)")
     std: list[float] = _f([0.25, 0.25, 0.25], "per-channel normalisation std (0-1 scale)")
     eval_split: str = _f("test", "split reported as the result")

@@ -153,7 +153,8 @@ class Trainer:
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         self.model.train()
-        lw, uw, strong = self.views(batch.labeled, batch.unlabeled, self.aug_gen)
+        made = getattr(batch, "views", None)  # data.views=loader: the loader made them (ViewBatch)
+        lw, uw, strong = made if made is not None else self.views(batch.labeled, batch.unlabeled, self.aug_gen)
         bl, bu, k = lw.shape[0], uw.shape[0], len(strong)
         # The model puts x in its memory format (channels_last on CUDA by default: one copy of the
         # batch) and runs its compiled encoder here if model.compile is on; neither syncs.

@@ -41,6 +41,9 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     from shards.format import load_manifest
 
     d = cfg.data
+    if d.views == "loader" and d.backend != "dali":
+        raise ConfigError(f"data.views=loader needs data.backend=dali (got data.backend={d.backend}): only the "
+                          "DALI pipeline makes views; use data.views=trainer (the default) with this backend")
     root = Path(d.dataset)
     if not (root / "manifest.json").is_file():
         raise ConfigError(f"data.dataset: {root} is not a dataset directory (no manifest.json); build one "
@@ -73,6 +76,11 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
         options["num_workers"] = d.workers
     elif backend == "dali":
         options["num_threads"] = max(d.workers, 1)
+        if d.views == "loader":  # the pipeline makes the views (ViewMaker's settings)
+            from pipelines.dali_views import DaliViews
+
+            options["views"] = DaliViews(image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
+                                         mean=d.mean, std=d.std)
     try:
         options.update(pipelines.corrupt_options(backend, d.on_corrupt))
     except ValueError as e:
@@ -86,7 +94,7 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     stream = pipelines.build_train_stream(
         backend, dataset, labeled_batch=t.labeled_batch // world, unlabeled_batch=t.unlabeled_batch // world,
         seed=t.seed, rank=rank, world_size=world, device=device, **options)
-    eval_options = {k: v for k, v in options.items() if k not in ("order", "shuffle_buffer")}  # train-only
+    eval_options = {k: v for k, v in options.items() if k not in ("order", "shuffle_buffer", "views")}  # train-only
     evals = {}
     for split in dict.fromkeys([d.eval_split] + ([d.val_split] if d.val_split else [])):
         evals[split] = pipelines.build_eval_source(backend, dataset, split, batch_size=d.eval_batch, rank=rank,

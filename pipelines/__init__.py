@@ -63,7 +63,9 @@ _TRAIN_OPTIONS: dict[str, frozenset[str]] = {
         }
     ),
     "ffcv": frozenset({"num_workers", "order", "os_cache", "load_size"}),
-    "dali": frozenset({"num_threads", "load_size", "decode_device", "prefetch", "shuffle_buffer"}),
+    "dali": frozenset(
+        {"num_threads", "load_size", "decode_device", "prefetch", "shuffle_buffer", "views"}
+    ),  # views: data.views=loader (pipelines.dali_views.DaliViews)
 }
 _EVAL_OPTIONS: dict[str, frozenset[str]] = {
     "tensor": frozenset({"mmap", "on_device"}),

@@ -22,6 +22,11 @@ not parse every tar header when it starts. For older datasets without them DALI 
 index itself in memory at start-up (nothing is written into the dataset directory). Resume uses DALI's pipeline
 checkpointing (``enable_checkpointing``): the reader position is serialized into the state.
 Orders therefore differ from the tensor/webdataset/ffcv backends (same samples, other order).
+
+With ``views`` (config ``data.views=loader``; :mod:`pipelines.dali_views`) the same pipelines
+also make the step's weak and strong views after decode and emit them normalised (float32
+NCHW, on the GPU with ``mixed`` decode); the stream then yields
+:class:`~pipelines.dali_views.ViewBatch` es and the trainer skips its ``ViewMaker``.
 """
 
 from __future__ import annotations
@@ -115,15 +120,23 @@ def _pipe(
     buffer: int,
     checkpoint: str | None,
     pad: bool,
+    views: Any = None,
+    strong: bool = False,
+    view_seed: int | None = None,
 ):
+    """The reader + decode pipeline; with ``views`` (a :class:`~pipelines.dali_views.DaliViews`)
+    it outputs the normalised views (``[weak]``, or ``[weak, strong...]`` with ``strong``)
+    instead of the uint8 images, its random ops seeded by ``view_seed``."""
+
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=torch.cuda.current_device() if gpu else None,
-        seed=seed,
+        seed=seed if view_seed is None else view_seed,
         prefetch_queue_depth=prefetch,
         enable_checkpointing=True,
         checkpoint=checkpoint,
+        enable_conditionals=views is not None,  # RandAugment splits the batch per op
     )
     def pipe():
         img, cls, idx = fn.readers.webdataset(
@@ -143,6 +156,8 @@ def _pipe(
         if not fixed:
             img = fn.resize(img, resize_shorter=out_hw[0])
             img = fn.crop(img, crop=out_hw)
+        if views is not None:
+            return (*views.make(img, out_hw, strong), cls, idx)
         return img, cls, idx
 
     p = pipe()
@@ -162,6 +177,9 @@ class DaliStream:
         prefetch: DALI prefetch queue depth.
         shuffle_buffer: reader shuffle buffer (samples); default ``max(1024, 4 * batch)``
             capped at the rank's part of the split (see the module docstring).
+        views: a :class:`~pipelines.dali_views.DaliViews` (``data.views=loader``): the
+            pipelines emit the step's normalised views and the stream yields
+            :class:`~pipelines.dali_views.ViewBatch` es; ``None`` (default): uint8 images.
     """
 
     def __init__(
@@ -179,6 +197,7 @@ class DaliStream:
         decode_device: str | None = None,
         prefetch: int = 2,
         shuffle_buffer: int | None = None,
+        views: Any = None,
     ) -> None:
         check_rank(rank, world_size)
         root, self.device = Path(root), torch.device(device)
@@ -188,7 +207,10 @@ class DaliStream:
             raise ValueError("dali decode_device='mixed' needs a CUDA device")
         warn_if_class_sorted(root, manifest, "dali", ("labeled", "unlabeled"))
         self._cfg = {}
-        for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
+        self.views = views
+        for part, (name, batch) in enumerate(
+            (("labeled", labeled_batch), ("unlabeled", unlabeled_batch))
+        ):
             per_rank = int(split_info(root, manifest, name)["count"]) // world_size
             self._cfg[name] = dict(
                 paths=_paths(root, manifest, name),
@@ -206,6 +228,13 @@ class DaliStream:
                 buffer=shuffle_buffer_size(shuffle_buffer, batch, per_rank),
                 pad=False,
             )
+            if views is not None:
+                # Augmentation randomness differs per rank and per split (the reader keeps its
+                # own seed, so the sample order is the uint8 path's).
+                state = np.random.SeedSequence([seed, rank, part, 17]).generate_state(1)
+                self._cfg[name].update(
+                    views=views, strong=name == "unlabeled", view_seed=int(state[0] >> 1)
+                )
         self._pipes: dict[str, Any] = {}
         self._checkpoints: dict[str, str | None] = {"labeled": None, "unlabeled": None}
 
@@ -217,6 +246,9 @@ class DaliStream:
     def __iter__(self) -> Iterator[Batch]:
         lab, unl = self._get("labeled"), self._get("unlabeled")
         d = self.device
+        if self.views is not None:
+            yield from self._iter_views(lab, unl)  # infinite
+            return
         while True:
             x_l, y_l, _ = lab.run()
             x_u, y_u, i_u = unl.run()
@@ -226,6 +258,24 @@ class DaliStream:
                 _to_torch(x_u).to(d),
                 _decode_ascii(i_u).to(d),
                 _decode_ascii(y_u).to(d),
+            )
+
+    def _iter_views(self, lab: Any, unl: Any) -> Iterator[Batch]:
+        from pipelines.dali_views import ViewBatch, float_to_torch, moved
+
+        d = self.device
+        while True:
+            lw, y_l, _ = lab.run()
+            *views, y_u, i_u = unl.run()
+            lw = moved(float_to_torch(lw), d)
+            uw, *strong = (moved(float_to_torch(v), d) for v in views)
+            yield ViewBatch(
+                lw,
+                _decode_ascii(y_l).to(d),
+                uw,
+                _decode_ascii(i_u).to(d),
+                _decode_ascii(y_u).to(d),
+                views=(lw, uw, strong),
             )
 
     def state_dict(self) -> dict[str, Any]:

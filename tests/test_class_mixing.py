@@ -104,6 +104,22 @@ def test_batches_mix_classes_like_a_uniform_permutation(shuffled, backend, optio
     assert abs(got - ref) <= 0.1 * ref, f"{backend} {options}: {got:.1f} vs uniform {ref:.1f}"
 
 
+def test_dali_loader_views_mix_classes_like_a_uniform_permutation(shuffled):
+    """data.views=loader: the same reader, now emitting views -- the mixing must hold."""
+    pytest.importorskip("nvidia.dali")
+    from pipelines.dali_views import DaliViews
+
+    ref = uniform_reference(np.load(shuffled / "unlabeled" / "labels.npy"))
+    views = DaliViews(image_size=32, num_strong=1)
+    s = build_train_stream("dali", shuffled, labeled_batch=8, unlabeled_batch=BATCH, seed=1,
+                           num_threads=1, shuffle_buffer=BUFFER, views=views)  # fmt: skip
+    it = iter(s)
+    batches = [next(it) for _ in range(BATCHES)]
+    assert all(b.views[2][0].shape == (BATCH, 3, 32, 32) for b in batches)
+    got = float(np.mean([len(set(b.unlabeled_labels.tolist())) for b in batches]))
+    assert abs(got - ref) <= 0.1 * ref, f"dali views: {got:.1f} vs uniform {ref:.1f}"
+
+
 def test_class_sorted_shards_fail_the_bound_when_streamed(class_sorted):
     ref = uniform_reference(np.load(class_sorted / "unlabeled" / "labels.npy"))
     with pytest.warns(UserWarning):
