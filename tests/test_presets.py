@@ -237,6 +237,15 @@ def _attribute_reads(sources: list[Path]) -> set[tuple[str, str]]:
             if isinstance(node, ast.FunctionDef) and node.name == "validate":
                 node.body = []
         aliases: dict[str, str] = {}  # local name -> section
+        # A parameter annotated with a section's dataclass (``method: MethodConfig``) is that section.
+        section_types = {f"{s.capitalize()}Config": s for s in sections}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in node.args.args + node.args.kwonlyargs:
+                    ann = arg.annotation
+                    name = ann.id if isinstance(ann, ast.Name) else getattr(ann, "value", None)
+                    if isinstance(name, str) and name in section_types:
+                        aliases[arg.arg] = section_types[name]
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign):
                 pairs = []
@@ -252,6 +261,8 @@ def _attribute_reads(sources: list[Path]) -> set[tuple[str, str]]:
                         and val.attr in sections
                     ):
                         aliases[tgt.id] = val.attr
+                    elif isinstance(tgt, ast.Name) and isinstance(val, ast.Name) and val.id in aliases:
+                        aliases[tgt.id] = aliases[val.id]  # m = method
         for node in ast.walk(tree):
             if not isinstance(node, ast.Attribute):
                 continue
@@ -284,9 +295,11 @@ def test_dead_key_detector_finds_a_dead_key(tmp_path: Path):
     src.write_text(
         "def validate(self):\n    return self.train.seed\n\n"
         "def f(cfg):\n    t = cfg.train\n    return t.epochs, cfg.method.alpha, cfg.name\n"
+        "def g(method: MethodConfig, n: int):\n    m, c = method, n\n    return m.put_power, n.real\n"
     )
     reads = _attribute_reads([src])
     assert ("train", "epochs") in reads and ("method", "alpha") in reads and ("", "name") in reads
+    assert ("method", "put_power") in reads and ("", "real") not in reads
     assert ("train", "seed") not in reads
 
 
