@@ -19,9 +19,11 @@ prose; this module is its definition.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -106,7 +108,7 @@ def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
     Raises:
         ManifestError: naming ``file`` and the first bad key.
     """
-    file = Path(file)
+    file = file if is_url(file) else Path(file)  # a URL keeps its "//"
     if not isinstance(m, dict):
         raise ManifestError(f"{file}: top level must be a JSON object")
     fv = _need(m, "format_version", int, "", file)
@@ -145,6 +147,66 @@ def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
     return m
 
 
+# ------------------------------------------------------------------------------------ URLs
+
+URL_SCHEMES = ("http://", "https://", "pipe:", "s3://", "gs://")
+"""Dataset locations read as streams through :func:`webdataset.gopen` (``order="stream"`` only)."""
+
+
+def is_url(location: Any) -> bool:
+    """Whether ``location`` (a ``data.dataset`` value) names a URL, not a local directory."""
+    return isinstance(location, str) and location.startswith(URL_SCHEMES)
+
+
+def join_url(base: str, name: str) -> str:
+    """The URL of file ``name`` (``manifest.json`` or a shard's ``file``) of the dataset at
+    ``base``: ``base/name``. A ``pipe:`` command names the file with ``{}``
+    (``pipe:aws s3 cp s3://bucket/ds/{} -``); without ``{}`` the name is appended to the
+    command's last word (``pipe:curl -sf https://host/ds`` ->
+    ``pipe:curl -sf https://host/ds/manifest.json``)."""
+    if base.startswith("pipe:") and "{}" in base:
+        return base.replace("{}", name)
+    return f"{base.rstrip('/')}/{name}"
+
+
+def open_url(url: str) -> BinaryIO:
+    """A binary read stream of ``url`` (:func:`webdataset.gopen`: ``http(s)://`` through
+    ``curl``, ``pipe:CMD`` through the shell; ``s3://``/``gs://`` by whatever handler the
+    installed webdataset has). Errors may surface on read or close rather than here.
+
+    Raises:
+        ValueError: the URL cannot be opened, naming it.
+    """
+    from webdataset.gopen import gopen
+
+    try:
+        return gopen(url, "rb")
+    except Exception as e:  # gopen raises ValueError/OSError/... depending on the handler
+        raise ValueError(f"{url}: cannot open ({e})") from e
+
+
+def transfer_error(url: str, e: Exception) -> str:
+    """A failed transfer in words: webdataset reports a reading command's (``curl``, a
+    ``pipe:`` command) non-zero exit status as an ``OSError`` quoting the whole command line."""
+    m = re.search(r"exit (\d+)", str(e))
+    if m is None:
+        return f"{url}: cannot read ({e})"
+    code = int(m.group(1))
+    why = " (curl: an HTTP error status, e.g. 404 Not Found)" if code == 22 else ""
+    return f"{url}: cannot read: the reading command exited with status {code}{why}"
+
+
+def read_url(url: str) -> bytes:
+    """All bytes of ``url``; a failed transfer (e.g. HTTP 404) is a ValueError naming it."""
+    try:
+        with open_url(url) as f:
+            return f.read()
+    except ValueError:
+        raise
+    except Exception as e:  # webdataset's pipe reader raises on a non-zero exit status
+        raise ValueError(transfer_error(url, e)) from e
+
+
 def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dict[str, Any]:
     """Read ``dataset_dir/manifest.json``.
 
@@ -159,6 +221,8 @@ def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dic
         ManifestNotFound: no manifest (also a :class:`FileNotFoundError`).
         ManifestError: invalid JSON or a bad key, naming the file (and the key).
     """
+    if is_url(dataset_dir):
+        return _load_manifest_url(join_url(str(dataset_dir), MANIFEST), strict)
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise ManifestNotFound(
@@ -173,6 +237,24 @@ def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dic
         return validate_manifest(m, path)
     if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
         raise ManifestError(f"{path}: missing key 'splits' (or not an object)")
+    return m
+
+
+def _load_manifest_url(url: str, strict: bool) -> dict[str, Any]:
+    try:
+        raw = read_url(url)
+    except ValueError as e:
+        raise ManifestNotFound(
+            f"{e} -- is the URL the dataset directory (the one holding manifest.json)?"
+        ) from e
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{url}: not valid JSON ({e})") from e
+    if strict:
+        return validate_manifest(m, url)
+    if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
+        raise ManifestError(f"{url}: missing key 'splits' (or not an object)")
     return m
 
 
@@ -332,24 +414,66 @@ def shard_samples(path: Path | str, *, skip_images: bool = False) -> Iterator[Sa
     Raises:
         ValueError: an unreadable file or a truncated or malformed tar, naming it.
     """
+    if is_url(path):
+        if skip_images:
+            raise ValueError(f"{path}: a URL cannot be indexed (no seeks); read it as a stream")
+        yield from _url_samples(str(path))
+        return
     try:  # a small buffer where most bytes are seeked over, a large one to stream
         f = open(path, "rb", buffering=-1 if skip_images else 1 << 20)  # noqa: SIM115
     except OSError as e:
         raise ValueError(f"{path}: not a readable tar shard ({e})") from e
     skip = (lambda name: not is_small_member(name)) if skip_images else None
     with f:
-        key, spans, data = None, {}, {}
-        for name, offset, size, member in tar_members(f, path, skip=skip):
-            k, _, ext = name.rsplit("/", 1)[-1].partition(".")  # split_name, inlined: per member
-            if k != key:
-                if key is not None:
-                    yield key, spans, data
-                key, spans, data = k, {}, {}
-            spans[ext] = (offset, size)
-            if member is not None:
-                data[ext] = member
-        if key is not None:
-            yield key, spans, data
+        yield from _samples(f, path, skip)
+
+
+def _samples(f: BinaryIO, path: Path | str, skip: Callable[[str], bool] | None) -> Iterator[Sample]:
+    """:func:`shard_samples` of an open file (left open)."""
+    key, spans, data = None, {}, {}
+    for name, offset, size, member in tar_members(f, path, skip=skip):
+        k, _, ext = name.rsplit("/", 1)[-1].partition(".")  # split_name, inlined: per member
+        if k != key:
+            if key is not None:
+                yield key, spans, data
+            key, spans, data = k, {}, {}
+        spans[ext] = (offset, size)
+        if member is not None:
+            data[ext] = member
+    if key is not None:
+        yield key, spans, data
+
+
+def _url_samples(url: str) -> Iterator[Sample]:
+    """:func:`shard_samples` of a URL. A reading command's failure (``curl`` on HTTP 404, a
+    ``pipe:`` command's error) shows as its exit status when the stream is closed, so the
+    stream is read to its end (the archive's zero padding too: closed early, the command would
+    fail writing it) and closed before the shard counts as read."""
+    f = open_url(url)
+    try:
+        yield from _samples(f, url, None)
+        while f.read(1 << 16):
+            pass
+    except GeneratorExit:  # the consumer stopped early: the command's exit status is moot
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    except ValueError as e:  # cut short or malformed: a failed transfer explains it better
+        try:
+            while f.read(1 << 16):  # (the rest of the shard, so that a good command exits 0)
+                pass
+            f.close()
+        except OSError as closed:
+            raise ValueError(transfer_error(url, closed)) from e
+        raise
+    except OSError as e:  # webdataset's Pipe.read raises once the command has failed
+        with contextlib.suppress(OSError):
+            f.close()
+        raise ValueError(transfer_error(url, e)) from e
+    try:
+        f.close()
+    except OSError as e:
+        raise ValueError(transfer_error(url, e)) from e
 
 
 def iter_tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
