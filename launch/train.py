@@ -38,17 +38,27 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     """Training stream, evaluation sources, labeled counts, the unlabeled split's size and class
     names for this rank."""
     import pipelines
-    from shards.format import load_manifest
+    from shards.format import ManifestError, is_url, load_manifest
 
     d = cfg.data
     if d.views == "loader" and d.backend != "dali":
         raise ConfigError(f"data.views=loader needs data.backend=dali (got data.backend={d.backend}): only the "
                           "DALI pipeline makes views; use data.views=trainer (the default) with this backend")
-    root = Path(d.dataset)
-    if not (root / "manifest.json").is_file():
-        raise ConfigError(f"data.dataset: {root} is not a dataset directory (no manifest.json); build one "
-                          "with `bmb-shards`, e.g. `bmb-shards demo --out data/demo --formats wds,arrays`")
-    manifest = load_manifest(root)
+    if is_url(d.dataset):  # shards and manifest read as streams (docs/datasets.md, "Datasets at a URL")
+        if d.backend != "webdataset" or d.order != "stream":
+            raise ConfigError(f"data.dataset={d.dataset} is a URL, which only data.backend=webdataset with "
+                              f"data.order=stream reads (got data.backend={d.backend} data.order={d.order})")
+        root = d.dataset
+        try:
+            manifest = load_manifest(root)
+        except ManifestError as e:
+            raise ConfigError(f"data.dataset: {e}") from e
+    else:
+        root = Path(d.dataset)
+        if not (root / "manifest.json").is_file():
+            raise ConfigError(f"data.dataset: {root} is not a dataset directory (no manifest.json); build one "
+                              "with `bmb-shards`, e.g. `bmb-shards demo --out data/demo --formats wds,arrays`")
+        manifest = load_manifest(root)
     dataset, backend = root, d.backend
     labeled_counts = torch.tensor(manifest["splits"]["labeled"]["class_counts"])
     unlabeled_size = int(sum(manifest["splits"]["unlabeled"]["class_counts"]))

@@ -127,15 +127,26 @@ def _tensor_splits(dataset: Any, names: tuple[str, ...], options: dict[str, Any]
     return out
 
 
-def _check_dataset(dataset: Any) -> None:
+def _check_dataset(dataset: Any, name: str) -> Any:
+    """The dataset as the backend takes it (a directory ``Path``, a URL string, a dict)."""
+    from shards.format import is_url
+
+    if is_url(dataset):  # read as a stream (pipelines.wds_stream)
+        if name != "webdataset":
+            raise ValueError(
+                f"dataset {dataset} is a URL, which only backend 'webdataset' with "
+                f"order='stream' reads (data.order=stream), not backend {name!r}"
+            )
+        return dataset
     if isinstance(dataset, dict):
-        return
+        return dataset
     if not isinstance(dataset, (str, Path)):
         raise ValueError(
             f"dataset must be a directory path or a dict of ArraySplit, got {type(dataset)}"
         )
     if not (Path(dataset) / "manifest.json").is_file() and not Path(dataset).is_dir():
         raise ValueError(f"dataset directory {dataset} does not exist")
+    return Path(dataset)
 
 
 def _check_labels(
@@ -217,7 +228,7 @@ def build_train_stream(
     """
     name = _resolve(backend)
     _check_options(name, options, _TRAIN_OPTIONS[name])
-    _check_dataset(dataset)
+    dataset = _check_dataset(dataset, name)
     _check_labels(dataset, name, ("labeled", "unlabeled"), options)
     common = dict(
         labeled_batch=labeled_batch,
@@ -234,7 +245,7 @@ def build_train_stream(
         return TensorStream(lab, unl, **common)
     if isinstance(dataset, dict):
         raise ValueError(f"backend {name!r} reads a dataset directory, not in-memory splits")
-    return _module(name).build_train(Path(dataset), **common, **options)
+    return _module(name).build_train(dataset, **common, **options)
 
 
 def build_eval_source(
@@ -265,7 +276,7 @@ def build_eval_source(
     """
     name = _resolve(backend)
     _check_options(name, options, _EVAL_OPTIONS[name])
-    _check_dataset(dataset)
+    dataset = _check_dataset(dataset, name)
     _check_labels(dataset, name, (split,), options)
     if name == "tensor":
         from pipelines.tensor import TensorEval
@@ -275,7 +286,7 @@ def build_eval_source(
     if isinstance(dataset, dict):
         raise ValueError(f"backend {name!r} reads a dataset directory, not in-memory splits")
     return _module(name).build_eval(
-        Path(dataset),
+        dataset,
         split,
         batch_size=batch_size,
         rank=rank,

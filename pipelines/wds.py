@@ -19,6 +19,8 @@ That is the default, ``order="index"``. Where random access is slow (network fil
 object stores) ``order="stream"`` reads every shard front to back instead, shards split by
 global DataLoader worker, with a shuffle buffer (:mod:`pipelines.wds_stream`); its batches
 differ from the tensor backend's and its resume is exact only under the same worker layout.
+Only that order reads a dataset given as a URL (``http(s)://``, ``pipe:``, ...: no seeks);
+evaluation of such a dataset streams each split too (:class:`~pipelines.wds_stream.WdsStreamEval`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipelines.base import Batch, HostBatch, StepAccounting, TrainStream, paired_batches
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import Decoder, ReaderSetup, SplitIndex, build_index
-from shards.format import load_manifest
+from shards.format import is_url, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +264,7 @@ _ORDERS = ("index", "stream")
 
 
 def build_train(
-    root: Path,
+    root: Path | str,
     *,
     labeled_batch: int,
     unlabeled_batch: int,
@@ -278,6 +280,11 @@ def build_train(
     :class:`~pipelines.shard_index.ReaderSetup`."""
     if order not in _ORDERS:
         raise ValueError(f"webdataset order must be one of {_ORDERS}, got {order!r}")
+    if is_url(root) and order != "stream":
+        raise ValueError(
+            f"dataset {root} is a URL: the webdataset backend reads URLs only with "
+            f"order='stream' (data.order=stream), not order={order!r}, which seeks in the shards"
+        )
     batches = dict(labeled_batch=labeled_batch, unlabeled_batch=unlabeled_batch, seed=seed)
     if order == "stream":
         from pipelines.wds_stream import DEFAULT_SHUFFLE_BUFFER, WdsShardStream
@@ -292,7 +299,11 @@ def build_train(
     return WdsStream(root, ReaderSetup(**setup), **batches)
 
 
-def build_eval(root: Path, split: str, *, batch_size: int, **setup: Any) -> WdsEval:
-    """One pass over ``split``; ``setup``: the fields of
-    :class:`~pipelines.shard_index.ReaderSetup`."""
+def build_eval(root: Path | str, split: str, *, batch_size: int, **setup: Any) -> Any:
+    """One pass over ``split`` (a URL: streamed, :class:`~pipelines.wds_stream.WdsStreamEval`);
+    ``setup``: the fields of :class:`~pipelines.shard_index.ReaderSetup`."""
+    if is_url(root):
+        from pipelines.wds_stream import WdsStreamEval
+
+        return WdsStreamEval(root, split, ReaderSetup(**setup), batch_size=batch_size)
     return WdsEval(root, split, ReaderSetup(**setup), batch_size=batch_size)

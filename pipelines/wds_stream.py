@@ -59,8 +59,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.base import Batch, HostBatch, StepAccounting, paired_batches
 from pipelines.sampling import check_rank, epoch_permutation, stream_seed
-from pipelines.shard_index import Decoder, ReaderSetup, split_info, warn_if_class_sorted
-from shards.format import MANIFEST, load_manifest, sample_fields, shard_samples, split_order
+from pipelines.shard_index import Decoder, ReaderSetup, warn_if_class_sorted
+from shards.format import (
+    MANIFEST,
+    is_url,
+    join_url,
+    load_manifest,
+    sample_fields,
+    shard_samples,
+    split_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +135,7 @@ class _Sample(NamedTuple):
 
 
 def iter_shard(
-    path: Path,
+    path: Path | str,
     shard: int,
     *,
     indices: np.ndarray,
@@ -136,7 +144,7 @@ def iter_shard(
     """Stream one shard's samples in file order (no seeks).
 
     Args:
-        path: the tar file.
+        path: the tar file, or its URL (:func:`shards.format.open_url`).
         shard: its number in the split (carried along for error messages).
         indices: int64 ``(count,)`` stable indices of its samples in file order (the
             manifest's order record); ``count`` is the number of samples it must hold.
@@ -187,7 +195,7 @@ class _SplitShards:
     """One split as the stream reader needs it (picklable: it travels to the workers)."""
 
     name: str
-    paths: tuple[Path, ...]
+    paths: tuple[Path | str, ...]  # files, or URLs (read through webdataset.gopen)
     counts: np.ndarray  # int64 (S,)
     first: np.ndarray  # int64 (S,) file position of each shard's first sample
     order: np.ndarray  # int64 (N,) stable index of the sample at each file position
@@ -198,18 +206,32 @@ class _SplitShards:
         return int(self.counts.sum())
 
 
-def load_split_shards(root: Path, split: str, manifest: dict[str, Any]) -> _SplitShards:
-    """The shard list of ``split`` from the manifest; checks the files exist.
+def manifest_location(root: Path | str) -> Path | str:
+    """The manifest of the dataset at ``root`` (a directory or a URL), for messages."""
+    return join_url(root, MANIFEST) if is_url(root) else Path(root) / MANIFEST
+
+
+def load_split_shards(root: Path | str, split: str, manifest: dict[str, Any]) -> _SplitShards:
+    """The shard list of ``split`` from the manifest; checks that local files exist (a URL's
+    shards are checked when read: a missing one is an error naming its URL then).
 
     Raises:
         ValueError: unknown split, a missing shard file or an empty shard, naming it.
     """
-    info = split_info(root, manifest, split)
+    if split not in manifest["splits"]:
+        raise ValueError(
+            f"{manifest_location(root)}: no split {split!r} (has {sorted(manifest['splits'])})"
+        )
+    info = manifest["splits"][split]
     paths, counts = [], []
     for entry in info["shards"]:
-        path = root / entry["file"]
-        if not path.is_file():
-            raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
+        path: Path | str
+        if is_url(root):
+            path = join_url(str(root), entry["file"])
+        else:
+            path = Path(root) / entry["file"]
+            if not path.is_file():
+                raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
         if int(entry["count"]) < 1:
             raise ValueError(f"{path}: manifest lists an empty shard (count {entry['count']})")
         paths.append(path)
@@ -217,7 +239,7 @@ def load_split_shards(root: Path, split: str, manifest: dict[str, Any]) -> _Spli
     c = np.asarray(counts, dtype=np.int64)
     if "count" in info and int(info["count"]) != int(c.sum()):
         raise ValueError(
-            f"{root / MANIFEST}: split {split!r} has {info['count']} samples but its "
+            f"{manifest_location(root)}: split {split!r} has {info['count']} samples but its "
             f"shards' counts sum to {int(c.sum())}"
         )
     first = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
@@ -331,7 +353,8 @@ class WdsShardStream(StepAccounting):
     See the module docstring for the sampling, equal-step and resume guarantees.
 
     Args:
-        root: dataset directory.
+        root: dataset directory, or its URL (``http(s)://``, ``pipe:``, ... see
+            :func:`shards.format.is_url`): ``manifest.json`` and the shards are read as streams.
         setup: rank, device, DataLoader workers per stream (each needs a shard of its own, see
             the module docstring) and the other reader options.
         labeled_batch, unlabeled_batch, seed: as for :func:`pipelines.build_train_stream`.
@@ -344,7 +367,7 @@ class WdsShardStream(StepAccounting):
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str,
         setup: ReaderSetup,
         *,
         labeled_batch: int,
@@ -358,7 +381,8 @@ class WdsShardStream(StepAccounting):
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if int(setup.num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {setup.num_workers}")
-        self.root, self.device = Path(root), torch.device(setup.device)
+        self.root = root if is_url(root) else Path(root)
+        self.device = torch.device(setup.device)
         manifest = load_manifest(self.root, strict=False)
         self.decoder = setup.decoder(manifest)
         self.num_workers, self.prefetch = int(setup.num_workers), int(setup.prefetch_factor)
@@ -492,3 +516,78 @@ class WdsShardStream(StepAccounting):
                 self._start_batch[name] = int(st["batches"])
         self._steps = 0
         self.skipped = int(state.get("skipped", 0))
+
+
+class WdsStreamEval:
+    """One pass over a split read as a stream (an :class:`~pipelines.base.EvalSource`), for a
+    dataset at a URL, which cannot be indexed (no seeks).
+
+    Rank ``r`` of ``R`` takes the samples at file positions ``r, r + R, ...`` (the shards read
+    in manifest order; :class:`~pipelines.wds.WdsEval` splits by stable index instead, so a
+    rank's share differs, but together the ranks evaluate every sample exactly once either
+    way), padded to ``ceil(n / R)`` with a repeat marked invalid. Every rank reads the whole
+    split and decodes its share in the main process (no DataLoader workers).
+
+    Raises:
+        ValueError: bad options or an unknown split (at construction); a shard that cannot be
+            read, is truncated or holds other samples than the manifest says (when read),
+            naming its URL.
+    """
+
+    def __init__(
+        self, root: Path | str, split: str, setup: ReaderSetup, *, batch_size: int
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_rank(setup.rank, setup.world_size)
+        manifest = load_manifest(root, strict=False)
+        self.decoder = setup.decoder(manifest)
+        self.split = load_split_shards(root, split, manifest)
+        self.rank, self.world_size, self.batch_size = setup.rank, setup.world_size, batch_size
+        self.per_rank = -(-self.split.n // self.world_size)
+        self.device = torch.device(setup.device)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def _samples(self) -> Iterator[tuple[_Sample, bool]]:
+        sp, pos, mine, pad = self.split, 0, 0, None
+        for s, path in enumerate(sp.paths):
+            indices = sp.order[sp.first[s] : sp.first[s] + sp.counts[s]]
+            for sample in iter_shard(path, s, indices=indices, num_classes=sp.num_classes):
+                if pad is None or (pos == self.rank):
+                    pad = sample  # this rank's first sample (the split's first for a rank >= n)
+                if pos % self.world_size == self.rank:
+                    yield sample, True
+                    mine += 1
+                pos += 1
+        for _ in range(self.per_rank - mine):
+            yield pad, False
+
+    def _batch(self, items: list[tuple[_Sample, bool]]) -> tuple[torch.Tensor, ...]:
+        paths = self.split.paths
+        x, y, _, skipped = self.decoder.batch(
+            [s.image for s, _ in items],
+            np.array([s.label for s, _ in items]),
+            np.array([s.index for s, _ in items]),
+            lambda j: f"{paths[items[j][0].shard]}: sample {items[j][0].key!r}",
+        )
+        if skipped:
+            self.skipped += int(skipped)
+            log.warning("%d corrupt evaluation images skipped in this pass", self.skipped)
+        x, y = x.to(self.device), y.to(self.device)
+        if self.world_size == 1:
+            return x, y
+        return x, y, torch.tensor([v for _, v in items], dtype=torch.bool, device=self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        self.skipped = 0
+        items: list[tuple[_Sample, bool]] = []
+        for item in self._samples():
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self._batch(items)
+                items = []
+        if items:
+            yield self._batch(items)
