@@ -34,6 +34,12 @@ sequentially (plain ustar reads, no seeks), the way webdataset users expect:
   An undecodable image raises naming shard and key, or with ``on_corrupt="skip"`` is replaced
   by a copy of a valid sample of the same batch (with that sample's own label and index),
   counted and logged -- the sample sequence never depends on decoding, which keeps resume exact.
+* **URLs.** ``root`` may be a URL (``http(s)://``, webdataset ``pipe:`` commands, ``gs://``:
+  :func:`shards.format.is_url`): the manifest and every shard are opened with
+  ``webdataset.gopen`` and parsed by :func:`shards.format.tar_members`; a failed transfer raises
+  like a malformed shard, naming the URL. The shards' sha256 are not checked (nor are local
+  files' here). Evaluation of such a dataset streams too (:class:`WdsStreamEval`), and resume
+  is the same as below: re-reading at most one epoch of a worker's shards means re-fetching it.
 * **Resume.** The state records, per stream, the epoch the stream restarted from, the batches
   delivered since, and the earliest epoch still in progress. Restored with the same seed,
   world size, ``max(num_workers, 1)``, batch size and buffer, the stream continues *exactly*:

@@ -13,6 +13,9 @@ prose; this module is its definition.
 * **Tar reader** (:func:`tar_members`, :func:`shard_samples`): one plain-ustar parser for every
   reader. It reads front to back (the streaming reader: no seeks, so a pipe will do) or, asked
   to skip members, seeks past their data and reports where it lies (the index builder).
+* **URLs** (:func:`is_url`, :func:`join_url`, :func:`open_url`): a dataset directory served
+  over the network, opened with ``webdataset.gopen`` and read front to back (the streaming
+  reader only, ``docs/datasets.md`` "Datasets at a URL").
 * **Decoding** (:func:`decode_image`): PNG/JPEG to RGB uint8, checked against a fixed size or
   resized and center-cropped for variable-size datasets.
 """
@@ -243,10 +246,9 @@ def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dic
 def _load_manifest_url(url: str, strict: bool) -> dict[str, Any]:
     try:
         raw = read_url(url)
-    except ValueError as e:
-        raise ManifestNotFound(
-            f"{e} -- is the URL the dataset directory (the one holding manifest.json)?"
-        ) from e
+    except ValueError as e:  # opened but not read (e.g. HTTP 404): likely the wrong folder
+        hint = " -- is the URL the dataset directory (the one holding manifest.json)?"
+        raise ManifestNotFound(f"{e}{hint if 'cannot read' in str(e) else ''}") from e
     try:
         m = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
