@@ -105,7 +105,8 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("", "dataset directory built by `bmb-shards` (e.g. `bmb-shards demo --out data/demo`)")
+    dataset: str = _f("", "dataset directory built by `bmb-shards` (e.g. `bmb-shards demo --out data/demo`), "
+                          "or its http(s)://, pipe: or gs:// URL with data.backend=webdataset data.order=stream")
     backend: str = _f("tensor", "input backend", choices=("tensor", "webdataset", "ffcv", "dali"))
     image_size: int = _f(32, "training resolution", ge=8)
     crop: str = _f("translate", "weak crop: translate (32/64 px) or rrc (random-resized-crop, 224 px)",
