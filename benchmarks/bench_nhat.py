@@ -50,7 +50,8 @@ def main() -> None:
             _, labels, valid = bank.draw(1024, nhat, replacement=True)
             hist += torch.zeros_like(hist).scatter_add_(0, labels, valid.double())
         shares = " / ".join(f"{hist[g].sum() / hist.sum():.3f}" for g in groups.values())
-        print(f"| {name} | {int((nhat <= 1).sum())} | {100 * err.median():.1f} % / {100 * err.max():.1f} % | {shares} |")
+        errors = f"{100 * err.median():.1f} % / {100 * err.max():.1f} %"
+        print(f"| {name} | {int((nhat <= 1).sum())} | {errors} | {shares} |")
     print("| reference (true counts) | | | " + " / ".join(f"{ref[g].sum():.3f}" for g in groups.values()) + " |")
 
 

@@ -123,7 +123,8 @@ class Trainer:
         self.deepspeed = ds is not None
         if self.deepspeed and ds.deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
             # We feed batches ourselves (no DataLoader for Accelerate to read the size from).
-            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = max(cfg.train.labeled_batch // accelerator.num_processes, 1)
+            per_rank = max(cfg.train.labeled_batch // accelerator.num_processes, 1)
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.algorithm.to(self.device)
         self.ema = ModelEMA(self.raw_model, cfg.train.ema_decay)

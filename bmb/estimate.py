@@ -64,7 +64,8 @@ class UnlabeledCountEstimator:
         (both global: summed over ranks)."""
         c = torch.as_tensor(step_counts).detach().to(self.device, torch.float64)
         if c.shape != (self.num_classes,):
-            raise ValueError(f"UnlabeledCountEstimator.update: counts must have shape ({self.num_classes},), got {tuple(c.shape)}")
+            raise ValueError(f"UnlabeledCountEstimator.update: counts must have shape ({self.num_classes},), "
+                             f"got {tuple(c.shape)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"UnlabeledCountEstimator.update: batch_size must be an integer >= 1, got {batch_size!r}")
         self.steps += 1

@@ -85,7 +85,8 @@ class Evaluator:
                  all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                  autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
         self.cfg, self.sources, self.prepare, self.groups = cfg, sources, prepare, groups
-        self.num_classes, self.all_reduce_sum, self.device, self.autocast = num_classes, all_reduce_sum, device, autocast
+        self.num_classes, self.all_reduce_sum = num_classes, all_reduce_sum
+        self.device, self.autocast = device, autocast
 
     def split(self, source: Iterable, ema: nn.Module, raw: nn.Module, eval_head: str) -> dict[str, EvalResult]:
         """Results of the EMA aux and base heads (``ema_aux``, ``ema_base``) and of the non-EMA

@@ -26,8 +26,8 @@ and moved.
 shapes: the number of items is a device tensor, empty slots carry the sentinel label ``C``,
 candidates arrive with a validity mask instead of being filtered, and every call draws a fixed
 number of random numbers (``B`` for the accept test and ``capacity + B`` for the dequeue race
-per ``enqueue``; ``capacity`` per ``draw``, or ``n`` with replacement). So on a GPU the training step never waits for the
-device, and the random stream does not depend on the data. Value checks that would read device
+per ``enqueue``; ``capacity`` per ``draw``, or ``n`` with replacement). So on a GPU the training step never waits for
+the device, and the random stream does not depend on the data. Value checks that would read device
 memory (label range, NaN) run only for CPU inputs; on other devices non-finite candidates are
 rejected instead. ``len(bank)``, :attr:`features`, :meth:`get` and :meth:`state_dict` do read
 the size from the device: they are for inspection, tests and checkpoints, not the hot path.

@@ -18,7 +18,8 @@ def adaptive_weights(class_counts: torch.Tensor, alpha: float) -> torch.Tensor:
     """
     counts = torch.as_tensor(class_counts)
     if counts.dim() != 1 or counts.numel() == 0:
-        raise ValueError(f"adaptive_weights: class_counts must be a non-empty 1-D tensor, got shape {tuple(counts.shape)}")
+        raise ValueError(f"adaptive_weights: class_counts must be a non-empty 1-D tensor, "
+                         f"got shape {tuple(counts.shape)}")
     if not (alpha >= 0) or alpha == float("inf"):
         raise ValueError(f"adaptive_weights: alpha must be a finite number >= 0, got {alpha!r}")
     n = counts.to(torch.float64).clamp_min(1.0)

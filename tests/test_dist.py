@@ -153,7 +153,8 @@ def build_model() -> nn.Module:
 
 def build_alg(get_num: int) -> BMB:
     # threshold 0.2 so that the untrained model's predictions produce masks and candidates
-    return make_bmb(C, 32, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, threshold=0.2, put_power=0.0, get_power=1.0,
+    return make_bmb(C, 32, torch.tensor([9, 6, 4, 2, 1]), unlabeled_size=500, threshold=0.2, put_power=0.0,
+                    get_power=1.0,
                lambda_mb=1.0, bank_size=32, get_num=get_num, generator=torch.Generator().manual_seed(1),
                collectives=Collectives())
 

@@ -69,7 +69,8 @@ def test_graphed_enqueue_and_draw_match_the_eager_bank(put_power):
                                      {"estimate": "ema", "adaptive_weights": False}])
 def test_bmb_trains_the_same_with_and_without_graphs(options):
     def make(cuda_graphs: bool) -> BMB:
-        return make_bmb(C, D, torch.arange(1, C + 1) * 10, unlabeled_size=1000, threshold=0.3, bank_size=CAP, get_num=16,
+        return make_bmb(C, D, torch.arange(1, C + 1) * 10, unlabeled_size=1000, threshold=0.3, bank_size=CAP,
+                        get_num=16,
                    generator=torch.Generator(device="cuda").manual_seed(1), device="cuda",
                    cuda_graphs=cuda_graphs, **options)
 

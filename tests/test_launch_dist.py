@@ -32,7 +32,8 @@ TINY = ["model.width=8", "train.labeled_batch=16", "train.unlabeled_batch=16", "
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("d") / "demo"
-    assert shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20", "--gamma-u", "20", "--test-per-class", "20",
+    assert shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20",
+                            "--gamma-u", "20", "--test-per-class", "20",
                             "--formats", "wds,arrays", "--workers", "1", "--no-progress"]) == 0
     return out
 

@@ -115,7 +115,8 @@ def test_bank_loss_trains_only_the_aux_head():
 def test_bank_features_are_detached_inside_the_step():
     torch.manual_seed(0)
     model = BMBModel.build("small", 3, width=4)
-    alg = make_bmb(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0, bank_size=16,
+    alg = make_bmb(3, model.feat_dim, torch.tensor([5, 3, 1]), unlabeled_size=12, threshold=0.0, put_power=0.0,
+                   bank_size=16,
               get_num=4, lambda_u=0.0, lambda_mb=1.0, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():

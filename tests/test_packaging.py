@@ -57,4 +57,5 @@ def test_wheel_installs_and_resolves_every_preset_outside_the_checkout(tmp_path:
     run = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert f"{len([s for s in shipped if s.startswith('launch/configs') and '/base/' not in s])} presets resolved" in run.stdout
+    presets = [s for s in shipped if s.startswith("launch/configs") and "/base/" not in s]
+    assert f"{len(presets)} presets resolved" in run.stdout

@@ -95,7 +95,8 @@ def test_hyperparameters_match_the_paper(stem: str):
     got = (m.threshold, m.alpha, m.put_power, m.get_power, m.lambda_mb, m.bank_size, m.get_num)
     assert got == pytest.approx(PAPER[stem]), stem
     # The authors' ImageNet127 SGD scripts pass --loss_u_weight 2.0.
-    assert m.algorithm == "bmb" and m.lambda_u == (2.0 if stem.startswith("imagenet127") and stem.endswith("_sgd") else 1.0)
+    authors_127_sgd = stem.startswith("imagenet127") and stem.endswith("_sgd")
+    assert m.algorithm == "bmb" and m.lambda_u == (2.0 if authors_127_sgd else 1.0)
     assert m.num_strong == 2 and m.get_replacement
     assert m.adaptive_weights and m.use_bank and m.bank_view == "strong" and not m.anneal_weights
     t = cfg.train

@@ -31,7 +31,8 @@ CONFIG = os.path.join(REPO, "launch", "configs", "demo.yaml")
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "demo"
-    code = shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20", "--gamma-u", "20",
+    code = shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20",
+                            "--gamma-u", "20",
                             "--test-per-class", "20", "--formats", "arrays", "--workers", "1", "--no-progress"])
     assert code == 0
     return out
@@ -316,7 +317,8 @@ def test_deepspeed_optimizer_state_loads_with_its_allow_list(tmp_path):
 
     from bmb import checkpoint as ckpt
 
-    obj = {"loss_scaler": LossScaler(1.0), "dyn": DynamicLossScaler(2.0**16, 1000, 1, 1, False), "zero_stage": ZeroStageEnum.gradients,
+    obj = {"loss_scaler": LossScaler(1.0), "dyn": DynamicLossScaler(2.0**16, 1000, 1, 1, False),
+           "zero_stage": ZeroStageEnum.gradients,
            "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "t": torch.arange(3)}
     path = tmp_path / "ds.pt"
     ckpt.atomic_save(obj, path, {"run_id": "x", "step": 0})
@@ -343,7 +345,8 @@ def test_classify_config_changes():
 
     assert kinds([], [], older_schema) == {}
     assert kinds([], ["method.use_bank=false"], older_schema) == {"method.use_bank": "guarded"}
-    assert kinds([], ["train.epochs=9", "train.eval_every=7", "optim.lr=0.1", "model.width=4", "method.estimate=ema"]) == {
+    changes = ["train.epochs=9", "train.eval_every=7", "optim.lr=0.1", "model.width=4", "method.estimate=ema"]
+    assert kinds([], changes) == {
         "train.epochs": "free", "train.eval_every": "free", "optim.lr": "guarded", "model.width": "fixed",
         "method.estimate": "fixed"}
     cosine = ["optim.schedule=cosine"]

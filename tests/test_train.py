@@ -29,7 +29,8 @@ CONFIG = os.path.join(REPO, "launch", "configs", "demo.yaml")
 def demo_data(tmp_path_factory):
     """A small demo dataset built through the CLI, as a user would."""
     out = tmp_path_factory.mktemp("data") / "demo"
-    code = shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20", "--gamma-u", "20", "--test-per-class", "20",
+    code = shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20",
+                            "--gamma-u", "20", "--test-per-class", "20",
                             "--formats", "wds,arrays", "--workers", "1", "--no-progress"])
     assert code == 0
     return out
