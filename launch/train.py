@@ -75,40 +75,20 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
                           f"images ({root}); the translate crop does not resize: set "
                           f"data.image_size={size[0]}, or use data.crop=rrc to resize")
 
-    options: dict = {}
-    if backend == "tensor":
-        options["on_device"] = device.type == "cuda"
-    elif backend == "webdataset":
-        options.update(num_workers=d.workers, order=d.order)
-        if d.order == "stream":
-            options["shuffle_buffer"] = d.shuffle_buffer
-    elif backend == "ffcv":
-        options["num_workers"] = d.workers
-    elif backend == "dali":
-        options["num_threads"] = max(d.workers, 1)
-        if d.views == "loader":  # the pipeline makes the views (ViewMaker's settings)
-            from pipelines.dali_views import DaliViews
-
-            options["views"] = DaliViews(image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
-                                         mean=d.mean, std=d.std)
     try:
-        options.update(pipelines.corrupt_options(backend, d.on_corrupt))
+        setup = pipelines.reader_setup(cfg, rank, world, device)
     except ValueError as e:
-        raise ConfigError(f"data.on_corrupt: {e}") from e
-    if backend != "tensor" and d.crop == "rrc":
-        options["load_size"] = d.load_size
+        raise ConfigError(str(e)) from e
     t = cfg.train
     for key, value in (("train.labeled_batch", t.labeled_batch), ("train.unlabeled_batch", t.unlabeled_batch)):
         if value % world:
             raise ConfigError(f"{key}={value} is not divisible by the {world} processes")
     stream = pipelines.build_train_stream(
         backend, dataset, labeled_batch=t.labeled_batch // world, unlabeled_batch=t.unlabeled_batch // world,
-        seed=t.seed, rank=rank, world_size=world, device=device, **options)
-    eval_options = {k: v for k, v in options.items() if k not in ("order", "shuffle_buffer", "views")}  # train-only
+        seed=t.seed, setup=setup)
     evals = {}
     for split in dict.fromkeys([d.eval_split] + ([d.val_split] if d.val_split else [])):
-        evals[split] = pipelines.build_eval_source(backend, dataset, split, batch_size=d.eval_batch, rank=rank,
-                                                   world_size=world, device=device, **eval_options)
+        evals[split] = pipelines.build_eval_source(backend, dataset, split, batch_size=d.eval_batch, setup=setup)
     return stream, evals, labeled_counts, unlabeled_size, names
 
 

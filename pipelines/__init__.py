@@ -10,6 +10,10 @@ ffcv       the ``.beton`` files (``--formats ffcv``); ``pip install bmb[ffcv]``
 dali       the tar shards via ``fn.readers.webdataset``; GPU decode; ``pip install bmb[dali]``
 ========== ============================================================================
 
+Every backend reads its placement (rank, world size, device) and options from one
+:class:`~pipelines.base.ReaderSetup`: built from the run config by :func:`reader_setup`, or from
+the keyword options of the two builders; its fields say which backend reads each.
+
 Before a backend is built, the labels it will read are re-counted against the manifest's
 per-class counts (:mod:`pipelines.checks`); a changed split stops the run at start.
 
@@ -23,19 +27,19 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipelines.base import Batch, EvalSource, TrainStream
+from pipelines.base import Batch, EvalSource, ReaderSetup, TrainStream
 
 __all__ = [
     "BACKENDS",
     "Batch",
     "EvalSource",
     "ON_CORRUPT",
+    "ReaderSetup",
     "TrainStream",
     "build_eval_source",
     "build_train_stream",
     "corrupt_options",
+    "reader_setup",
 ]
 
 # name -> (module, pip extra or None when only core dependencies are needed)
@@ -48,33 +52,8 @@ _MODULES: dict[str, tuple[str, str | None]] = {
 _ALIASES = {"wds": "webdataset"}
 BACKENDS = tuple(_MODULES)
 
-# Options each backend accepts (beyond the common arguments); anything else is a ValueError.
-_TRAIN_OPTIONS: dict[str, frozenset[str]] = {
-    "tensor": frozenset({"mmap", "on_device"}),
-    "webdataset": frozenset(
-        {
-            "num_workers",
-            "prefetch_factor",
-            "pin_memory",
-            "load_size",
-            "on_corrupt",
-            "order",  # "index" (seek per sample, default) or "stream" (sequential shards)
-            "shuffle_buffer",  # order="stream" only
-        }
-    ),
-    "ffcv": frozenset({"num_workers", "order", "os_cache", "load_size"}),
-    "dali": frozenset(
-        {"num_threads", "load_size", "decode_device", "prefetch", "shuffle_buffer", "views"}
-    ),  # views: data.views=loader (pipelines.dali_views.DaliViews)
-}
-_EVAL_OPTIONS: dict[str, frozenset[str]] = {
-    "tensor": frozenset({"mmap", "on_device"}),
-    "webdataset": frozenset(
-        {"num_workers", "prefetch_factor", "pin_memory", "load_size", "on_corrupt"}
-    ),
-    "ffcv": frozenset({"num_workers", "os_cache", "load_size"}),
-    "dali": frozenset({"num_threads", "load_size", "decode_device"}),
-}
+# The options every backend reads: pipelines.base.ReaderSetup (its fields say which backend
+# reads which; anything else is a ValueError).
 
 
 def _resolve(backend: str) -> str:
@@ -82,14 +61,6 @@ def _resolve(backend: str) -> str:
     if name not in _MODULES:
         raise ValueError(f"unknown input backend {backend!r}; choose one of {list(BACKENDS)}")
     return name
-
-
-def _check_options(name: str, options: dict[str, Any], allowed: frozenset[str]) -> None:
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for input backend {name!r}; allowed: {sorted(allowed)}"
-        )
 
 
 def _module(name: str) -> Any:
@@ -105,7 +76,7 @@ def _module(name: str) -> Any:
         ) from e
 
 
-def _tensor_splits(dataset: Any, names: tuple[str, ...], options: dict[str, Any], device: Any):
+def _tensor_splits(dataset: Any, names: tuple[str, ...], setup: ReaderSetup):
     from pipelines.tensor import ArraySplit, load_array_split
 
     out = []
@@ -119,10 +90,10 @@ def _tensor_splits(dataset: Any, names: tuple[str, ...], options: dict[str, Any]
             if not isinstance(s, ArraySplit):
                 raise ValueError(f"in-memory split {split!r} must be an ArraySplit, got {type(s)}")
         else:
-            s = load_array_split(dataset, split, mmap=options.get("mmap", True))
-        if options.get("on_device", False):
+            s = load_array_split(dataset, split, mmap=setup.mmap)
+        if setup.on_device:
             # Whole split on the training device: batches are then a device-side gather.
-            s = ArraySplit(s.images.to(device).contiguous(), s.labels.to(device))
+            s = ArraySplit(s.images.to(setup.device).contiguous(), s.labels.to(setup.device))
         out.append(s)
     return out
 
@@ -149,13 +120,11 @@ def _check_dataset(dataset: Any, name: str) -> Any:
     return Path(dataset)
 
 
-def _check_labels(
-    dataset: Any, name: str, splits: tuple[str, ...], options: dict[str, Any]
-) -> None:
+def _check_labels(dataset: Any, name: str, splits: tuple[str, ...], setup: ReaderSetup) -> None:
     """The start-of-run label check (:mod:`pipelines.checks`) for a dataset directory."""
     if isinstance(dataset, dict) or not (Path(dataset) / "manifest.json").is_file():
         return  # in-memory splits / bare arrays: no manifest to check against
-    if name == "webdataset" and options.get("order") == "stream":
+    if name == "webdataset" and setup.order == "stream":
         return  # no up-front random access in that mode (see pipelines.checks)
     from pipelines.checks import check_labels
 
@@ -192,6 +161,80 @@ def corrupt_options(backend: str, on_corrupt: str) -> dict[str, Any]:
     return {}
 
 
+def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSetup:
+    """The run's :class:`~pipelines.base.ReaderSetup` (training and evaluation alike), built
+    from its config: ``cfg.data`` (backend, workers, order, shuffle_buffer, views, on_corrupt,
+    crop, load_size, image_size, mean, std) and ``cfg.method.num_strong``.
+
+    ``data.workers`` are the ``webdataset`` DataLoader workers, the ``ffcv`` decode threads and
+    the ``dali`` CPU threads (at least 1); ``tensor`` holds the splits on the device when it is
+    CUDA; ``load_size`` applies to ``rrc`` crops of the decoding backends.
+
+    Raises:
+        ValueError: ``data.on_corrupt`` is not supported by the backend (message starts with
+            ``data.on_corrupt:``), or an unknown backend.
+    """
+    import torch
+
+    d = cfg.data
+    name = _resolve(d.backend)
+    options: dict[str, Any] = dict(rank=rank, world_size=world_size, device=device)
+    if name == "tensor":
+        options["on_device"] = torch.device(device).type == "cuda"
+    elif name == "webdataset":
+        options.update(num_workers=d.workers, order=d.order)
+        if d.order == "stream":
+            options["shuffle_buffer"] = d.shuffle_buffer
+    elif name == "ffcv":
+        options["num_workers"] = d.workers
+    elif name == "dali":
+        options["num_threads"] = max(d.workers, 1)
+        if d.views == "loader":  # the pipeline makes the views (ViewMaker's settings)
+            from pipelines.dali_views import DaliViews
+
+            options["views"] = DaliViews(
+                image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
+                mean=d.mean, std=d.std,
+            )
+    try:
+        options.update(corrupt_options(name, d.on_corrupt))
+    except ValueError as e:
+        raise ValueError(f"data.on_corrupt: {e}") from e
+    if name != "tensor" and d.crop == "rrc":
+        options["load_size"] = d.load_size
+    return ReaderSetup(**options)
+
+
+def _setup(name: str, kind: str, setup: ReaderSetup | None, options: dict[str, Any]) -> ReaderSetup:
+    if setup is None:
+        return ReaderSetup.from_options(name, kind, options)
+    if options:
+        raise ValueError(f"pass either setup or options, not both (got {sorted(options)})")
+    return setup
+
+
+def _prepare(
+    backend: str, dataset: Any, splits: tuple[str, ...], kind: str, setup: ReaderSetup | None,
+    options: dict[str, Any],
+) -> tuple[str, ReaderSetup, Any]:
+    """The backend's name, its setup and the dataset as it takes it (a directory ``Path``, a URL
+    string, a dict of in-memory splits), once the options, the dataset and its labels check out."""
+    name = _resolve(backend)
+    setup = _setup(name, kind, setup, options)
+    dataset = _check_dataset(dataset, name)
+    _check_labels(dataset, name, splits, setup)
+    if name != "tensor" and isinstance(dataset, dict):
+        raise ValueError(f"backend {name!r} reads a dataset directory, not in-memory splits")
+    return name, setup, dataset
+
+
+def _build(name: str, kind: str, root: Any, args: tuple, setup: ReaderSetup, **sizes: Any) -> Any:
+    factory = getattr(_module(name), f"build_{kind}")
+    if name == "webdataset":  # pipelines.wds makes its ReaderSetup of the fields it reads
+        return factory(root, *args, **sizes, **setup.options(name, kind))
+    return factory(root, *args, setup, **sizes)
+
+
 def build_train_stream(
     backend: str,
     dataset: str | Path | dict[str, Any],
@@ -199,9 +242,7 @@ def build_train_stream(
     labeled_batch: int,
     unlabeled_batch: int,
     seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | str = "cpu",
+    setup: ReaderSetup | None = None,
     **options: Any,
 ) -> TrainStream:
     """Build the infinite training stream of one rank.
@@ -213,10 +254,11 @@ def build_train_stream(
         labeled_batch: labeled samples per step ``B_L`` (per rank).
         unlabeled_batch: unlabeled samples per step ``B_U`` (per rank).
         seed: base seed of the sampling order.
-        rank: this process's rank.
-        world_size: number of ranks; every rank gets the same number of steps per epoch.
-        device: where batches are delivered.
-        **options: backend options (see ``_TRAIN_OPTIONS``), e.g. ``num_workers=4``.
+        setup: where and how to deliver (:class:`~pipelines.base.ReaderSetup`, e.g. from
+            :func:`reader_setup`); or, instead,
+        **options: its fields as keyword options, e.g. ``rank=1, world_size=2,
+            device="cuda", num_workers=4`` (every rank gets the same number of steps per
+            epoch); a field the backend does not read is a ValueError.
 
     Returns:
         A :class:`~pipelines.base.TrainStream` yielding :class:`~pipelines.base.Batch`.
@@ -226,26 +268,15 @@ def build_train_stream(
             not match the manifest's per-class counts (:mod:`pipelines.checks`).
         ImportError: the backend's optional package is missing (names the pip extra).
     """
-    name = _resolve(backend)
-    _check_options(name, options, _TRAIN_OPTIONS[name])
-    dataset = _check_dataset(dataset, name)
-    _check_labels(dataset, name, ("labeled", "unlabeled"), options)
-    common = dict(
-        labeled_batch=labeled_batch,
-        unlabeled_batch=unlabeled_batch,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-    )
+    name, setup, dataset = _prepare(backend, dataset, ("labeled", "unlabeled"), "train", setup, options)
+    batches = dict(labeled_batch=labeled_batch, unlabeled_batch=unlabeled_batch, seed=seed)
     if name == "tensor":
         from pipelines.tensor import TensorStream
 
-        lab, unl = _tensor_splits(dataset, ("labeled", "unlabeled"), options, device)
-        return TensorStream(lab, unl, **common)
-    if isinstance(dataset, dict):
-        raise ValueError(f"backend {name!r} reads a dataset directory, not in-memory splits")
-    return _module(name).build_train(dataset, **common, **options)
+        lab, unl = _tensor_splits(dataset, ("labeled", "unlabeled"), setup)
+        place = dict(rank=setup.rank, world_size=setup.world_size, device=setup.device)
+        return TensorStream(lab, unl, **batches, **place)
+    return _build(name, "train", dataset, (), setup, **batches)
 
 
 def build_eval_source(
@@ -254,9 +285,7 @@ def build_eval_source(
     split: str,
     *,
     batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | str = "cpu",
+    setup: ReaderSetup | None = None,
     **options: Any,
 ) -> EvalSource:
     """Build one rank's finite pass over ``split`` (e.g. ``"test"``).
@@ -269,28 +298,14 @@ def build_eval_source(
         dataset: dataset directory, or for ``tensor`` a dict of :class:`ArraySplit`.
         split: split name.
         batch_size: samples per batch.
-        rank: this process's rank.
-        world_size: number of ranks.
-        device: where batches are delivered.
-        **options: backend options (see ``_EVAL_OPTIONS``).
+        setup, **options: as for :func:`build_train_stream` (a training setup serves: the
+            training-only fields are not read).
     """
-    name = _resolve(backend)
-    _check_options(name, options, _EVAL_OPTIONS[name])
-    dataset = _check_dataset(dataset, name)
-    _check_labels(dataset, name, (split,), options)
+    name, setup, dataset = _prepare(backend, dataset, (split,), "eval", setup, options)
     if name == "tensor":
         from pipelines.tensor import TensorEval
 
-        (s,) = _tensor_splits(dataset, (split,), options, device)
-        return TensorEval(s, batch_size=batch_size, rank=rank, world_size=world_size, device=device)
-    if isinstance(dataset, dict):
-        raise ValueError(f"backend {name!r} reads a dataset directory, not in-memory splits")
-    return _module(name).build_eval(
-        dataset,
-        split,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        **options,
-    )
+        (s,) = _tensor_splits(dataset, (split,), setup)
+        place = dict(rank=setup.rank, world_size=setup.world_size, device=setup.device)
+        return TensorEval(s, batch_size=batch_size, **place)
+    return _build(name, "eval", dataset, (split,), setup, batch_size=batch_size)

@@ -10,12 +10,113 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
 
 log = logging.getLogger(__name__)
+
+_EVERY = ("tensor", "webdataset", "ffcv", "dali")
+
+
+def _option(default: Any, train: tuple[str, ...], eval: tuple[str, ...] | None = None) -> Any:
+    """A :class:`ReaderSetup` field read by the ``train`` backends' training streams and the
+    ``eval`` backends' evaluation passes (default: the same backends)."""
+    return field(
+        default=default,
+        metadata={"train": frozenset(train), "eval": frozenset(train if eval is None else eval)},
+    )
+
+
+@dataclass(frozen=True)
+class ReaderSetup:
+    """Where and how an input backend delivers: the one options object of every backend.
+
+    Built from the run config by :func:`pipelines.reader_setup`, or from the keyword options of
+    :func:`pipelines.build_train_stream` / :func:`pipelines.build_eval_source`
+    (:meth:`from_options`); one setup serves both (each reads only its own fields). ``None``
+    means the backend's own default.
+
+    Attributes:
+        rank, world_size, device: this process's rank, the number of ranks, where batches go.
+        num_workers: ``webdataset``: DataLoader worker processes per stream (labeled and
+            unlabeled each get this many; ``0``: read in the main process); ``ffcv``: decode
+            threads per stream.
+        prefetch_factor: ``webdataset``: batches queued per worker.
+        pin_memory: ``webdataset``: pin host batches (``None``: when ``device`` is CUDA).
+        load_size: output square size for variable-size (full-res JPEG) datasets.
+        on_corrupt: ``webdataset``: ``"raise"`` or ``"skip"`` (replaced, counted in the
+            reader's ``skipped``, logged), see :class:`~pipelines.shard_index.Decoder`.
+        order: training order: ``webdataset`` ``"index"`` (default) or ``"stream"``; ``ffcv``
+            ``"exact"`` (default) or ``"quasi_random"``.
+        shuffle_buffer: training shuffle buffer (samples) of ``webdataset`` ``order="stream"``
+            and of ``dali``.
+        mmap, on_device: ``tensor``: memory-map the arrays; hold the splits on ``device``.
+        os_cache: ``ffcv``: let the OS page cache hold the file (default: for ``exact`` and
+            evaluation).
+        num_threads, decode_device, prefetch: ``dali``: CPU threads per pipeline, ``"cpu"`` or
+            ``"mixed"`` decode (default: mixed on CUDA), prefetch queue depth (training).
+        views: ``dali`` training: a :class:`~pipelines.dali_views.DaliViews` that makes the
+            step's views in the pipeline (``data.views=loader``).
+    """
+
+    rank: int = _option(0, _EVERY)
+    world_size: int = _option(1, _EVERY)
+    device: torch.device | str = _option("cpu", _EVERY)
+    num_workers: int = _option(2, ("webdataset", "ffcv"))
+    prefetch_factor: int = _option(4, ("webdataset",))
+    pin_memory: bool | None = _option(None, ("webdataset",))
+    load_size: int | None = _option(None, ("webdataset", "ffcv", "dali"))
+    on_corrupt: str = _option("raise", ("webdataset",))
+    order: str | None = _option(None, ("webdataset", "ffcv"), ())
+    shuffle_buffer: int | None = _option(None, ("webdataset", "dali"), ())
+    mmap: bool = _option(True, ("tensor",))
+    on_device: bool = _option(False, ("tensor",))
+    os_cache: bool | None = _option(None, ("ffcv",))
+    num_threads: int = _option(2, ("dali",))
+    decode_device: str | None = _option(None, ("dali",))
+    prefetch: int = _option(2, ("dali",), ())
+    views: Any = _option(None, ("dali",), ())
+
+    @staticmethod
+    def accepted(backend: str, kind: str) -> list[str]:
+        """The fields ``backend``'s ``kind`` (``"train"`` or ``"eval"``) reads."""
+        return [f.name for f in fields(ReaderSetup) if backend in f.metadata[kind]]
+
+    @classmethod
+    def from_options(cls, backend: str, kind: str, options: dict[str, Any]) -> ReaderSetup:
+        """The setup of keyword options; raises ValueError for one ``backend``'s ``kind``
+        does not read (the placement fields are accepted by every backend)."""
+        allowed = set(cls.accepted(backend, kind))
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            listed = sorted(allowed - {"rank", "world_size", "device"})
+            raise ValueError(
+                f"unknown option(s) {unknown} for input backend {backend!r}; allowed: {listed}"
+            )
+        return cls(**options)
+
+    def options(self, backend: str, kind: str) -> dict[str, Any]:
+        """The fields ``backend``'s ``kind`` reads, as keyword options (``None`` left out: the
+        backend's own default)."""
+        values = {name: getattr(self, name) for name in self.accepted(backend, kind)}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def pin(self) -> bool:
+        """Whether host batches are pinned."""
+        if self.pin_memory is None:
+            return torch.device(self.device).type == "cuda"
+        return bool(self.pin_memory)
+
+    def decoder(self, manifest: dict[str, Any]) -> Any:
+        """The :class:`~pipelines.shard_index.Decoder` for a dataset; raises ValueError for an
+        unknown ``on_corrupt``."""
+        from pipelines.shard_index import Decoder, check_on_corrupt, output_size
+
+        check_on_corrupt(self.on_corrupt)
+        fixed = bool(manifest.get("image_size"))
+        return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt)
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

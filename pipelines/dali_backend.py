@@ -40,7 +40,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorListGPU
 
-from pipelines.base import Batch
+from pipelines.base import Batch, ReaderSetup
 from pipelines.sampling import check_rank, eval_rank_indices
 from pipelines.shard_index import output_size, split_info, warn_if_class_sorted
 from shards.format import load_manifest
@@ -165,44 +165,35 @@ def _pipe(
     return p
 
 
+def _decode_on_gpu(decode_device: str | None, device: torch.device) -> bool:
+    """Whether images decode on the GPU (``decode_device`` ``"mixed"``; default: on CUDA)."""
+    return (decode_device or ("mixed" if device.type == "cuda" else "cpu")) == "mixed"
+
+
 class DaliStream:
     """Infinite :class:`~pipelines.base.TrainStream` over the tar shards, decoded by DALI.
 
     Args:
-        root, labeled_batch, unlabeled_batch, seed, rank, world_size, device: as for
-            :func:`pipelines.build_train_stream`.
-        num_threads: DALI CPU threads per stream.
-        load_size: output square size for variable-size (JPEG) datasets.
-        decode_device: ``"cpu"`` or ``"mixed"`` (default: mixed on CUDA devices).
-        prefetch: DALI prefetch queue depth.
-        shuffle_buffer: reader shuffle buffer (samples); default ``max(1024, 4 * batch)``
-            capped at the rank's part of the split (see the module docstring).
-        views: a :class:`~pipelines.dali_views.DaliViews` (``data.views=loader``): the
-            pipelines emit the step's normalised views and the stream yields
-            :class:`~pipelines.dali_views.ViewBatch` es; ``None`` (default): uint8 images.
+        root, labeled_batch, unlabeled_batch, seed: as for :func:`pipelines.build_train_stream`.
+        setup: placement and options; reads ``num_threads`` (DALI CPU threads per stream),
+            ``load_size`` (output square size for variable-size JPEG datasets),
+            ``decode_device`` (``"cpu"`` or ``"mixed"``; default: mixed on CUDA devices),
+            ``prefetch`` (DALI prefetch queue depth), ``shuffle_buffer`` (reader shuffle buffer
+            in samples; default ``max(1024, 4 * batch)`` capped at the rank's part of the split,
+            see the module docstring) and ``views`` (a
+            :class:`~pipelines.dali_views.DaliViews`, ``data.views=loader``: the pipelines emit
+            the step's normalised views and the stream yields
+            :class:`~pipelines.dali_views.ViewBatch` es; ``None``, the default: uint8 images).
     """
 
     def __init__(
-        self,
-        root: Path,
-        *,
-        labeled_batch: int,
-        unlabeled_batch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        num_threads: int = 2,
-        load_size: int | None = None,
-        decode_device: str | None = None,
-        prefetch: int = 2,
-        shuffle_buffer: int | None = None,
-        views: Any = None,
+        self, root: Path, setup: ReaderSetup, *, labeled_batch: int, unlabeled_batch: int, seed: int = 0
     ) -> None:
+        rank, world_size, views = setup.rank, setup.world_size, setup.views
         check_rank(rank, world_size)
-        root, self.device = Path(root), torch.device(device)
+        root, self.device = Path(root), torch.device(setup.device)
         manifest = load_manifest(root)
-        gpu = (decode_device or ("mixed" if self.device.type == "cuda" else "cpu")) == "mixed"
+        gpu = _decode_on_gpu(setup.decode_device, self.device)
         if gpu and not torch.cuda.is_available():
             raise ValueError("dali decode_device='mixed' needs a CUDA device")
         warn_if_class_sorted(root, manifest, "dali", ("labeled", "unlabeled"))
@@ -222,10 +213,10 @@ class DaliStream:
                 shuffle=True,
                 gpu=gpu,
                 fixed=bool(manifest.get("image_size")),
-                out_hw=output_size(manifest, load_size),
-                num_threads=num_threads,
-                prefetch=prefetch,
-                buffer=shuffle_buffer_size(shuffle_buffer, batch, per_rank),
+                out_hw=output_size(manifest, setup.load_size),
+                num_threads=setup.num_threads,
+                prefetch=setup.prefetch,
+                buffer=shuffle_buffer_size(setup.shuffle_buffer, batch, per_rank),
                 pad=False,
             )
             if views is not None:
@@ -292,25 +283,13 @@ class DaliEval:
     """One in-order pass over a split (an :class:`~pipelines.base.EvalSource`); rank ``r``
     keeps samples ``r, r + R, ...`` and pads like :class:`~pipelines.tensor.TensorEval`."""
 
-    def __init__(
-        self,
-        root: Path,
-        split: str,
-        *,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        num_threads: int = 2,
-        load_size: int | None = None,
-        decode_device: str | None = None,
-    ) -> None:
-        root, self.device = Path(root), torch.device(device)
+    def __init__(self, root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> None:
+        root, self.device = Path(root), torch.device(setup.device)
         manifest = load_manifest(root)
         self.n = int(split_info(root, manifest, split)["count"])
-        gpu = (decode_device or ("mixed" if self.device.type == "cuda" else "cpu")) == "mixed"
-        self._idx, self._valid = eval_rank_indices(self.n, rank, world_size)
-        self.batch_size, self.world_size = batch_size, world_size
+        gpu = _decode_on_gpu(setup.decode_device, self.device)
+        self._idx, self._valid = eval_rank_indices(self.n, setup.rank, setup.world_size)
+        self.batch_size, self.world_size = batch_size, setup.world_size
         # The reader reads the whole split in order (cheap for eval sizes); each rank keeps its
         # strided part, so the rank split equals the other backends'.
         self._cfg = dict(
@@ -323,8 +302,8 @@ class DaliEval:
             shuffle=False,
             gpu=gpu,
             fixed=bool(manifest.get("image_size")),
-            out_hw=output_size(manifest, load_size),
-            num_threads=num_threads,
+            out_hw=output_size(manifest, setup.load_size),
+            num_threads=setup.num_threads,
             prefetch=2,
             buffer=1,
             checkpoint=None,
@@ -372,9 +351,9 @@ class DaliEval:
         return (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
 
 
-def build_train(root: Path, **kwargs: Any) -> DaliStream:
-    return DaliStream(root, **kwargs)
+def build_train(root: Path, setup: ReaderSetup, **batches: Any) -> DaliStream:
+    return DaliStream(root, setup, **batches)
 
 
-def build_eval(root: Path, split: str, **kwargs: Any) -> DaliEval:
-    return DaliEval(root, split, **kwargs)
+def build_eval(root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> DaliEval:
+    return DaliEval(root, split, setup, batch_size=batch_size)

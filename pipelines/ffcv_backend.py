@@ -32,7 +32,7 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor, ToTorchImage
 
-from pipelines.base import Batch
+from pipelines.base import Batch, ReaderSetup
 from pipelines.sampling import IndexStream, check_rank, epoch_permutation, eval_rank_indices
 from pipelines.shard_index import output_size, split_info
 from shards.format import load_manifest
@@ -184,30 +184,19 @@ class FfcvStream:
 
     Args:
         root: dataset directory (built with ``--formats ffcv``).
-        labeled_batch, unlabeled_batch, seed, rank, world_size, device: as for
-            :func:`pipelines.build_train_stream`.
-        num_workers: FFCV decode threads per stream.
-        order: ``"exact"`` or ``"quasi_random"`` (see the module docstring).
-        os_cache: let the OS page cache hold the file (FFCV default); ``False`` for
-            datasets larger than RAM (required by ``quasi_random``).
-        load_size: output square size for variable-size (JPEG) datasets.
+        setup: placement and options; reads ``num_workers`` (FFCV decode threads per
+            stream), ``order`` (``"exact"``, the default, or ``"quasi_random"``, see the module
+            docstring), ``os_cache`` (let the OS page cache hold the file, FFCV's default;
+            ``False`` for datasets larger than RAM, required by ``quasi_random``) and
+            ``load_size`` (output square size for variable-size JPEG datasets).
+        labeled_batch, unlabeled_batch, seed: as for :func:`pipelines.build_train_stream`.
     """
 
     def __init__(
-        self,
-        root: Path,
-        *,
-        labeled_batch: int,
-        unlabeled_batch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        order: str = "exact",
-        os_cache: bool | None = None,
-        load_size: int | None = None,
+        self, root: Path, setup: ReaderSetup, *, labeled_batch: int, unlabeled_batch: int, seed: int = 0
     ) -> None:
+        rank, world_size = setup.rank, setup.world_size
+        order, os_cache = "exact" if setup.order is None else setup.order, setup.os_cache
         check_rank(rank, world_size)
         if order not in _ORDERS:
             raise ValueError(f"ffcv order must be one of {_ORDERS}, got {order!r}")
@@ -217,7 +206,7 @@ class FfcvStream:
             raise ValueError("ffcv order 'quasi_random' needs os_cache=False")
         root = Path(root)
         manifest = load_manifest(root)
-        self.device = torch.device(device)
+        self.device = torch.device(setup.device)
         self._streams: dict[str, IndexStream] = {}
         self._paths: dict[str, Path] = {}
         for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
@@ -227,7 +216,7 @@ class FfcvStream:
                 n, batch, seed=seed, stream=name, rank=rank, world_size=world_size
             )
         self._kw = dict(
-            order=order, os_cache=os_cache, num_workers=num_workers, load_size=load_size
+            order=order, os_cache=os_cache, num_workers=setup.num_workers, load_size=setup.load_size
         )
         self._manifest = manifest
 
@@ -284,19 +273,8 @@ class FfcvEval:
     """One pass over a split's ``.beton`` (an :class:`~pipelines.base.EvalSource`); same batch
     layout and rank split as :class:`~pipelines.tensor.TensorEval`."""
 
-    def __init__(
-        self,
-        root: Path,
-        split: str,
-        *,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        os_cache: bool = True,
-        load_size: int | None = None,
-    ) -> None:
+    def __init__(self, root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> None:
+        rank, world_size, device = setup.rank, setup.world_size, setup.device
         root = Path(root)
         manifest = load_manifest(root)
         path = beton_path(root, split, manifest)
@@ -308,12 +286,12 @@ class FfcvEval:
         self.loader = Loader(
             str(path),
             batch_size=batch_size,
-            num_workers=num_workers,
+            num_workers=setup.num_workers,
             order=OrderOption.SEQUENTIAL,
-            os_cache=os_cache,
+            os_cache=True if setup.os_cache is None else setup.os_cache,
             drop_last=False,
             indices=rows[idx.numpy()],
-            pipelines=_pipelines(manifest, load_size),
+            pipelines=_pipelines(manifest, setup.load_size),
         )
 
     def __len__(self) -> int:
@@ -328,9 +306,9 @@ class FfcvEval:
             yield (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
 
 
-def build_train(root: Path, **kwargs: Any) -> FfcvStream:
-    return FfcvStream(root, **kwargs)
+def build_train(root: Path, setup: ReaderSetup, **batches: Any) -> FfcvStream:
+    return FfcvStream(root, setup, **batches)
 
 
-def build_eval(root: Path, split: str, **kwargs: Any) -> FfcvEval:
-    return FfcvEval(root, split, **kwargs)
+def build_eval(root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> FfcvEval:
+    return FfcvEval(root, split, setup, batch_size=batch_size)

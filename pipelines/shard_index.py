@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# ReaderSetup lives in pipelines.base (every backend's options); re-exported for the readers.
 from pipelines.base import HostBatch
+from pipelines.base import ReaderSetup as ReaderSetup
 from shards.format import (
     MANIFEST,
     Sample,
@@ -324,43 +326,3 @@ class Decoder:
             out[bad], labels[bad], idx[bad] = out[src], labels[src], idx[src]
         images_ = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
         return images_, torch.from_numpy(labels), torch.from_numpy(idx), skipped
-
-
-@dataclass(frozen=True)
-class ReaderSetup:
-    """Where and how a webdataset reader (either order, training or evaluation) delivers.
-
-    The factory's placement arguments and the webdataset keyword options of
-    :func:`pipelines.build_train_stream` / :func:`pipelines.build_eval_source`.
-
-    Attributes:
-        rank, world_size, device: this process's rank, the number of ranks, where batches go.
-        num_workers: DataLoader worker processes per stream (labeled and unlabeled each get
-            this many; ``0``: read in the main process).
-        prefetch_factor: batches queued per worker.
-        pin_memory: pin host batches (``None``: when ``device`` is CUDA).
-        load_size: output square size for variable-size (full-res JPEG) datasets.
-        on_corrupt: ``"raise"`` or ``"skip"`` (replaced, counted in the reader's ``skipped``,
-            logged), see :class:`Decoder`.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device | str = "cpu"
-    num_workers: int = 2
-    prefetch_factor: int = 4
-    pin_memory: bool | None = None
-    load_size: int | None = None
-    on_corrupt: str = "raise"
-
-    def pin(self) -> bool:
-        """Whether host batches are pinned."""
-        if self.pin_memory is None:
-            return torch.device(self.device).type == "cuda"
-        return bool(self.pin_memory)
-
-    def decoder(self, manifest: dict[str, Any]) -> Decoder:
-        """The decoder for a dataset; raises ValueError for an unknown ``on_corrupt``."""
-        check_on_corrupt(self.on_corrupt)
-        fixed = bool(manifest.get("image_size"))
-        return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt)

@@ -156,21 +156,12 @@ class TensorStream:
     ) -> None:
         check_rank(rank, world_size)
         self.labeled, self.unlabeled, self.device = labeled, unlabeled, torch.device(device)
-        self._lab = IndexStream(
-            len(labeled),
-            labeled_batch,
-            seed=seed,
-            stream="labeled",
-            rank=rank,
-            world_size=world_size,
-        )
-        self._unl = IndexStream(
-            len(unlabeled),
-            unlabeled_batch,
-            seed=seed,
-            stream="unlabeled",
-            rank=rank,
-            world_size=world_size,
+        self._lab, self._unl = (
+            IndexStream(len(split), batch, seed=seed, stream=name, rank=rank, world_size=world_size)
+            for name, split, batch in (
+                ("labeled", labeled, labeled_batch),
+                ("unlabeled", unlabeled, unlabeled_batch),
+            )
         )
 
     def __iter__(self) -> Iterator[Batch]:
