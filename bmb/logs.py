@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bmb.config import TRACKERS, Config, ConfigError, config_to_dict
+from bmb.config import TRACKERS, Config, ConfigError, config_to_dict, flatten
 
 PROJECT = "bmb"  # the trackers' project / experiment name
 
@@ -63,16 +63,7 @@ def make_trackers(cfg: Config, run_dir: str | Path) -> list[Any]:
 
 def tracker_config(cfg: Config) -> dict[str, Any]:
     """The config as flat ``section.key`` hyperparameters (lists as text: what every tracker takes)."""
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple)) else v
-        return out
-
-    return flat(config_to_dict(cfg))
+    return {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(config_to_dict(cfg)).items()}
 
 
 class RunLogs:

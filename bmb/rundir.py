@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bmb.config import Config, config_to_dict
+from bmb.config import Config, config_to_dict, flatten
 
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.jsonl"
@@ -76,16 +76,6 @@ class RunDirError(RuntimeError):
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _defaults() -> dict[str, Any]:

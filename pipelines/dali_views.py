@@ -60,23 +60,7 @@ CUTOUT_FILL = 127
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
-#: The op list, in :data:`pipelines.augment.OPS` order (the same 14 ops).
-OPS = (
-    "identity",
-    "autocontrast",
-    "equalize",
-    "solarize",
-    "posterize",
-    "contrast",
-    "brightness",
-    "color",
-    "sharpness",
-    "rotate",
-    "shear_x",
-    "shear_y",
-    "translate_x",
-    "translate_y",
-)
+# The op list is pipelines.augment's OPS: the same 14 ops in the same order.
 
 # PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2**15) >> 16, exact in float32.
 _LUMA = np.array([19595.0, 38470.0, 7471.0], dtype=np.float32)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .load import METRICS, Run, flatten, get_key
+from bmb.config import flatten
+
+from .load import METRICS, Run, get_key
 
 # Keys that do not change what a run computes: runs differing only in these are seeds of one group.
 _BOOKKEEPING = {
