@@ -30,8 +30,14 @@ def imagenet_lt_counts() -> torch.Tensor:
     if SAMPLE_NUM.is_file():  # lines "labeled total" in label order; total = the class's size in U
         return torch.tensor([int(line.split()[1]) for line in SAMPLE_NUM.read_text().splitlines()],
                             dtype=torch.float64)
+    # The real list's shape (../shared/data/SOURCES.md): 1280 ... 5 per class, 385 classes above
+    # 100, 479 from 20 to 100, 136 below 20; log-linear between those points.
     k = torch.arange(1000, dtype=torch.float64)
-    return torch.floor(1280 * (5 / 1280) ** (k / 999))  # same range and shape of tail
+    knots_k = torch.tensor([0.0, 385.0, 864.0, 999.0], dtype=torch.float64)
+    knots_n = torch.tensor([1280.0, 100.5, 19.5, 5.0], dtype=torch.float64).log()
+    seg = torch.bucketize(k, knots_k[1:-1], right=True)
+    t = (k - knots_k[seg]) / (knots_k[seg + 1] - knots_k[seg])
+    return torch.round((knots_n[seg] + t * (knots_n[seg + 1] - knots_n[seg])).exp())
 
 
 def step_counts(n: torch.Tensor, steps: int, g: torch.Generator, chunk: int = 2000):
@@ -47,19 +53,25 @@ def step_counts(n: torch.Tensor, steps: int, g: torch.Generator, chunk: int = 20
 def test_nhat_weights_and_get_shares_match_the_true_counts_at_1000_classes():
     n = imagenet_lt_counts()
     est = UnlabeledCountEstimator(len(n), unlabeled_size=int(n.sum()))
-    for counts in step_counts(n, 100_000, torch.Generator().manual_seed(0)):
+    # 100,000 steps on the real list; as many more as the stand-in's larger |U| needs for the same
+    # expected draws of its 5-image classes (what sets the noise of min N-hat).
+    steps = round(100_000 * max(n.sum().item() / 115_846, 1.0))
+    for counts in step_counts(n, steps, torch.Generator().manual_seed(0)):
         est.update(counts, B_U)
     nhat = est.value()
-    # N-hat estimates the confident share of U: CONFIDENT x the true counts, to a few percent
-    # where a class is large enough to be measured (noise of the rarest, 5-image classes ~10%).
+    # N-hat estimates the confident share of U: CONFIDENT x the true counts, within 4 standard
+    # errors of a Poisson count where a class is large enough to be measured (>= 100 images).
     big = n >= 100
-    assert ((nhat[big] / (CONFIDENT * n[big])) - 1).abs().max() < 0.05
+    events = CONFIDENT * B_U * steps * n[big].min() / n.sum()  # expected draws of the smallest
+    assert ((nhat[big] / (CONFIDENT * n[big])) - 1).abs().max() < 4 / events.sqrt()
 
-    # w^U (ImageNet-LT's alpha 0.75): median error <= 5%, none beyond 20%. The error is mostly
-    # the noise of the smallest estimate, which sets min N-hat for every weight.
+    # w^U (ImageNet-LT's alpha 0.75): on the real list, median error <= 5%, none beyond 20%. The
+    # error is mostly the noise of the smallest estimate, which sets min N-hat for every weight;
+    # the stand-in has twice as many 5-image classes (a lower min), hence 10% / 25% there.
     w, w_ref = adaptive_weights(nhat, 0.75).double(), adaptive_weights(n, 0.75).double()
     err = (w / w_ref - 1).abs()
-    assert err.median() < 0.05 and err.max() < 0.20, (err.median(), err.max())
+    median_tol, max_tol = (0.05, 0.20) if SAMPLE_NUM.is_file() else (0.10, 0.25)
+    assert err.median() < median_tol and err.max() < max_tol, (err.median(), err.max())
 
     # get (gamma 0.5, the 20% preset), with replacement, from a bank holding every class once:
     # the share of draws per group of classes matches the reference n^-gamma within 5%.
