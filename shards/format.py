@@ -13,20 +13,20 @@ prose; this module is its definition.
 * **Tar reader** (:func:`tar_members`, :func:`shard_samples`): one plain-ustar parser for every
   reader. It reads front to back (the streaming reader: no seeks, so a pipe will do) or, asked
   to skip members, seeks past their data and reports where it lies (the index builder).
-* **URLs** (:func:`is_url`, :func:`join_url`, :func:`open_url`): a dataset directory served
-  over the network, opened with ``webdataset.gopen`` and read front to back (the streaming
-  reader only, ``docs/datasets.md`` "Datasets at a URL").
+* **URLs** (:func:`is_url`, :func:`join_url`, :func:`open_url`, defined in :mod:`shards.urls`
+  and re-exported here): a dataset directory served over the network, opened with
+  ``webdataset.gopen`` and read front to back (the streaming reader only, ``docs/datasets.md``
+  "Datasets at a URL"). They are the one part of the format that knows about transfers and
+  nothing of the schema or the tar layout, hence their own module.
 * **Decoding** (:func:`decode_image`): PNG/JPEG to RGB uint8, checked against a fixed size or
   resized and center-cropped for variable-size datasets.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import re
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,6 +34,15 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from shards.order import file_order
+from shards.urls import (  # noqa: F401  (re-exported: the URL helpers were defined here)
+    URL_SCHEMES,
+    is_url,
+    join_url,
+    open_url,
+    read_stream,
+    read_url,
+    transfer_error,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -150,66 +159,6 @@ def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
     return m
 
 
-# ------------------------------------------------------------------------------------ URLs
-
-URL_SCHEMES = ("http://", "https://", "pipe:", "s3://", "gs://")
-"""Dataset locations read as streams through :func:`webdataset.gopen` (``order="stream"`` only)."""
-
-
-def is_url(location: Any) -> bool:
-    """Whether ``location`` (a ``data.dataset`` value) names a URL, not a local directory."""
-    return isinstance(location, str) and location.startswith(URL_SCHEMES)
-
-
-def join_url(base: str, name: str) -> str:
-    """The URL of file ``name`` (``manifest.json`` or a shard's ``file``) of the dataset at
-    ``base``: ``base/name``. A ``pipe:`` command names the file with ``{}``
-    (``pipe:aws s3 cp s3://bucket/ds/{} -``); without ``{}`` the name is appended to the
-    command's last word (``pipe:curl -sf https://host/ds`` ->
-    ``pipe:curl -sf https://host/ds/manifest.json``)."""
-    if base.startswith("pipe:") and "{}" in base:
-        return base.replace("{}", name)
-    return f"{base.rstrip('/')}/{name}"
-
-
-def open_url(url: str) -> BinaryIO:
-    """A binary read stream of ``url`` (:func:`webdataset.gopen`: ``http(s)://`` through
-    ``curl``, ``pipe:CMD`` through the shell; ``s3://``/``gs://`` by whatever handler the
-    installed webdataset has). Errors may surface on read or close rather than here.
-
-    Raises:
-        ValueError: the URL cannot be opened, naming it.
-    """
-    from webdataset.gopen import gopen
-
-    try:
-        return gopen(url, "rb")
-    except Exception as e:  # gopen raises ValueError/OSError/... depending on the handler
-        raise ValueError(f"{url}: cannot open ({e})") from e
-
-
-def transfer_error(url: str, e: Exception) -> str:
-    """A failed transfer in words: webdataset reports a reading command's (``curl``, a
-    ``pipe:`` command) non-zero exit status as an ``OSError`` quoting the whole command line."""
-    m = re.search(r"exit (\d+)", str(e))
-    if m is None:
-        return f"{url}: cannot read ({e})"
-    code = int(m.group(1))
-    why = " (curl: an HTTP error status, e.g. 404 Not Found)" if code == 22 else ""
-    return f"{url}: cannot read: the reading command exited with status {code}{why}"
-
-
-def read_url(url: str) -> bytes:
-    """All bytes of ``url``; a failed transfer (e.g. HTTP 404) is a ValueError naming it."""
-    try:
-        with open_url(url) as f:
-            return f.read()
-    except ValueError:
-        raise
-    except Exception as e:  # webdataset's pipe reader raises on a non-zero exit status
-        raise ValueError(transfer_error(url, e)) from e
-
-
 def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dict[str, Any]:
     """Read ``dataset_dir/manifest.json``.
 
@@ -233,14 +182,10 @@ def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dic
             "(re-run the build command to complete it)"
         )
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from e
-    if strict:
-        return validate_manifest(m, path)
-    if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
-        raise ManifestError(f"{path}: missing key 'splits' (or not an object)")
-    return m
+    return _parse_manifest(raw, path, strict)
 
 
 def _load_manifest_url(url: str, strict: bool) -> dict[str, Any]:
@@ -249,14 +194,20 @@ def _load_manifest_url(url: str, strict: bool) -> dict[str, Any]:
     except ValueError as e:  # opened but not read (e.g. HTTP 404): likely the wrong folder
         hint = " -- is the URL the dataset directory (the one holding manifest.json)?"
         raise ManifestNotFound(f"{e}{hint if 'cannot read' in str(e) else ''}") from e
+    return _parse_manifest(raw, url, strict)
+
+
+def _parse_manifest(raw: bytes, label: Path | str, strict: bool) -> dict[str, Any]:
+    """The manifest in ``raw`` (UTF-8 JSON), read from ``label`` (a path or URL, for messages):
+    validated in full (``strict``) or only for a ``splits`` object (:func:`load_manifest`)."""
     try:
         m = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{url}: not valid JSON ({e})") from e
+        raise ManifestError(f"{label}: not valid JSON ({e})") from e
     if strict:
-        return validate_manifest(m, url)
+        return validate_manifest(m, label)
     if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
-        raise ManifestError(f"{url}: missing key 'splits' (or not an object)")
+        raise ManifestError(f"{label}: missing key 'splits' (or not an object)")
     return m
 
 
@@ -447,35 +398,9 @@ def _samples(f: BinaryIO, path: Path | str, skip: Callable[[str], bool] | None) 
 
 
 def _url_samples(url: str) -> Iterator[Sample]:
-    """:func:`shard_samples` of a URL. A reading command's failure (``curl`` on HTTP 404, a
-    ``pipe:`` command's error) shows as its exit status when the stream is closed, so the
-    stream is read to its end (the archive's zero padding too: closed early, the command would
-    fail writing it) and closed before the shard counts as read."""
-    f = open_url(url)
-    try:
-        yield from _samples(f, url, None)
-        while f.read(1 << 16):
-            pass
-    except GeneratorExit:  # the consumer stopped early: the command's exit status is moot
-        with contextlib.suppress(OSError):
-            f.close()
-        raise
-    except ValueError as e:  # cut short or malformed: a failed transfer explains it better
-        try:
-            while f.read(1 << 16):  # (the rest of the shard, so that a good command exits 0)
-                pass
-            f.close()
-        except OSError as closed:
-            raise ValueError(transfer_error(url, closed)) from e
-        raise
-    except OSError as e:  # webdataset's Pipe.read raises once the command has failed
-        with contextlib.suppress(OSError):
-            f.close()
-        raise ValueError(transfer_error(url, e)) from e
-    try:
-        f.close()
-    except OSError as e:
-        raise ValueError(transfer_error(url, e)) from e
+    """:func:`shard_samples` of a URL, read to its end and closed before the shard counts as
+    read (:func:`shards.urls.read_stream`: a failed transfer is a ValueError naming it)."""
+    yield from read_stream(url, lambda f, u: _samples(f, u, None))
 
 
 def iter_tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
