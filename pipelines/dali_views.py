@@ -34,7 +34,6 @@ PIL truncates (one level), equalize is DALI's (OpenCV's table), sharpness also f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,8 +43,7 @@ from nvidia.dali.auto_aug import augmentations as aa
 from nvidia.dali.auto_aug.core import augmentation, select
 from nvidia.dali.data_node import DataNode
 
-from pipelines.augment.geometry import CROPS
-from pipelines.augment.views import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.augment.views import ViewSettings
 from pipelines.base import Batch, to_device
 
 MAGNITUDE_BINS = 60
@@ -97,37 +95,18 @@ class ViewBatch(Batch):
 
 
 @dataclass(kw_only=True)
-class DaliViews:
-    """What the loader's views are: :class:`~pipelines.augment.ViewMaker`'s settings."""
+class DaliViews(ViewSettings):
+    """What the loader's views are: :class:`~pipelines.augment.ViewMaker`'s settings, plus the
+    number of magnitude levels DALI's ops are tabulated at."""
 
-    image_size: int
-    crop: str = "translate"
-    num_strong: int = 2
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-    num_ops: int = 2
-    cutout: float = 0.5
-    translate: float = 0.125
     magnitude_bins: int = field(default=MAGNITUDE_BINS)
 
     def __post_init__(self) -> None:
-        if self.image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
-        if self.crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
-        if self.num_strong < 0 or self.num_ops < 0:
-            raise ValueError(
-                f"num_strong ({self.num_strong}) and num_ops ({self.num_ops}) must be >= 0"
-            )
-        if not 0.0 <= self.cutout <= 1.0:
-            raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise ValueError(f"mean {self.mean} and std {self.std} must be 3 values (std > 0)")
+        super().__post_init__()
         if self.magnitude_bins < 1 or self.magnitude_bins % 5:
             raise ValueError(
                 f"magnitude_bins must be a positive multiple of 5, got {self.magnitude_bins}"
             )
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
 
     # ------------------------------------------------------------------ the DALI graph
     def make(self, images: DataNode, in_hw: tuple[int, int], strong: bool) -> list[DataNode]:

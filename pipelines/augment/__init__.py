@@ -32,6 +32,7 @@ from pipelines.augment.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ViewMaker,
+    ViewSettings,
     normalize,
     strong_from_weak,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "MAGNITUDE_RANGES",
     "OPS",
     "ViewMaker",
+    "ViewSettings",
     "apply_rand_augment",
     "center_crop",
     "cutout_boxes",

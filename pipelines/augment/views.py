@@ -112,8 +112,9 @@ def _view_sources(n_l: int, n_u: int, num_strong: int) -> Tensor:
 
 
 @dataclass(kw_only=True)
-class ViewMaker:
-    """The views one training step needs, normalised, on the batch's device."""
+class ViewSettings:
+    """What a step's views are: the one home of these settings and their defaults, shared by
+    :class:`ViewMaker` and the DALI loader's views (:class:`pipelines.dali_views.DaliViews`)."""
 
     image_size: int
     """Side of every view (32/64 for the translate setting, 224 for rrc)."""
@@ -141,9 +142,17 @@ class ViewMaker:
             raise ValueError(
                 f"num_strong ({self.num_strong}) and num_ops ({self.num_ops}) must be >= 0"
             )
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean {self.mean} and std {self.std} must have 3 entries")
+        if not 0.0 <= self.cutout <= 1.0:
+            raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} must be 3 values (std > 0)")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+
+@dataclass(kw_only=True)
+class ViewMaker(ViewSettings):
+    """The views one training step needs, normalised, on the batch's device (settings:
+    :class:`ViewSettings`)."""
 
     def __call__(
         self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
