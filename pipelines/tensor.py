@@ -7,7 +7,6 @@ from tensors the caller already holds.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from pipelines.base import Batch, to_device
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
+from shards.format import load_manifest
 
 
 @dataclass
@@ -73,11 +73,7 @@ class ArraySplit:
 def _split_paths(root: Path, split: str) -> tuple[Path, Path]:
     manifest = root / "manifest.json"
     if manifest.is_file():
-        try:
-            info = json.loads(manifest.read_text())
-            splits = info["splits"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{manifest}: unreadable manifest ({e})") from e
+        splits = load_manifest(root, strict=False)["splits"]  # ManifestError (a ValueError) names it
         if split not in splits:
             raise ValueError(f"{manifest}: no split {split!r} (has {sorted(splits)})")
         arrays = splits[split].get("arrays")

@@ -10,12 +10,12 @@ quality 95 (FFCV cannot keep the original bytes).
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shards.format import decode_image, shard_samples
 
 FFCV_HINT = "FFCV output needs the ffcv package: pip install 'bmb[ffcv]' (see docs/datasets.md)"
 
@@ -44,12 +44,10 @@ class _TarImages:
         self.labels, self.arrays, self.order = labels, arrays, order
         self.where: list[tuple[int, int, int]] = []
         self.files = [str(f) for f in files]
-        if arrays is None:
+        if arrays is None:  # locate each image member with the one tar reader (shards.format)
             for fi, f in enumerate(self.files):
-                with tarfile.open(f, "r:") as t:
-                    for m in t:
-                        if m.isfile() and m.name.endswith("." + ext):
-                            self.where.append((fi, m.offset_data, m.size))
+                for _key, spans, _small in shard_samples(f, skip_images=True):
+                    self.where.append((fi, *spans[ext]))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,14 +57,10 @@ class _TarImages:
         if self.arrays is not None:
             img = np.asarray(self.arrays[i])
         else:
-            from PIL import Image
-
             fi, off, size = self.where[p]
             with open(self.files[fi], "rb") as f:
                 f.seek(off)
-                data = f.read(size)
-            with Image.open(io.BytesIO(data)) as im:
-                img = np.asarray(im.convert("RGB"))
+                img = decode_image(f.read(size))
         return img, int(self.labels[i]), int(i)
 
 
