@@ -19,7 +19,6 @@ export on any split of a dataset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bmb.checkpoint import sha256_of
 from bmb.config import Config, config_to_dict
 
 FORMAT = "bmb-export"
@@ -39,14 +39,6 @@ _SCORES = ("top1", "mean_recall", "many", "medium", "few", "per_class_recall")
 class ExportError(ValueError):
     """An export directory that cannot be used: a missing, unreadable or modified file, or
     weights that do not fit the model its ``model.json`` describes."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tmp(path: Path) -> Path:
@@ -86,10 +78,11 @@ def write_export(out_dir: str | Path, model: nn.Module, *, cfg: Config, eval_hea
     os.replace(tmp, out / WEIGHTS)
     last = history[-1] if history and history[-1].get("step") == step else None
     m, d = cfg.model, cfg.data
+    digest, size = sha256_of(out / WEIGHTS)
     meta = {
         "format": FORMAT, "version": VERSION, "name": cfg.name, "run_id": run_id, "algorithm": cfg.method.algorithm,
         "steps": step, "eval_head": eval_head,
-        "weights": {"file": WEIGHTS, "sha256": _sha256(out / WEIGHTS), "bytes": (out / WEIGHTS).stat().st_size},
+        "weights": {"file": WEIGHTS, "sha256": digest, "bytes": size},
         "model": {"encoder": m.encoder, "width": m.width, "depth": m.depth, "stem": m.stem,
                   "num_classes": len(class_names), "feat_dim": int(model.feat_dim)},
         "input": {"image_size": d.image_size, "crop": d.crop, "load_size": d.load_size, "mean": d.mean, "std": d.std},
@@ -179,7 +172,7 @@ def load_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     weights = root / str(w.get("file", WEIGHTS))
     if not weights.is_file():
         raise ExportError(f"{weights}: missing (model.json records sha256 {str(w.get('sha256'))[:16]}…)")
-    digest, size = _sha256(weights), weights.stat().st_size
+    digest, size = sha256_of(weights)
     if digest != w.get("sha256") or size != w.get("bytes"):
         raise ExportError(f"{weights}: does not match model.json (sha256 {digest[:16]}…, {size} bytes; recorded "
                           f"{str(w.get('sha256'))[:16]}…, {w.get('bytes')} bytes): modified or corrupt")
