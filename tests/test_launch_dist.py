@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from shards import cli as shards_cli
+from tests.demo_data import build_small_demo
 from tests.ports import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -31,11 +31,7 @@ TINY = ["model.width=8", "train.labeled_batch=16", "train.unlabeled_batch=16", "
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("d") / "demo"
-    assert shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20",
-                            "--gamma-u", "20", "--test-per-class", "20",
-                            "--formats", "wds,arrays", "--workers", "1", "--no-progress"]) == 0
-    return out
+    return build_small_demo(tmp_path_factory.mktemp("d") / "demo")
 
 
 def launch_cmd(launcher_args: list[str], data: Path, out: Path, name: str, *extra: str) -> list[str]:

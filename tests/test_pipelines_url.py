@@ -20,8 +20,8 @@ import torch
 
 from launch import train
 from pipelines import build_eval_source, build_train_stream
-from shards import cli as shards_cli
 from shards.format import ManifestError, join_url, load_manifest
+from tests.demo_data import build_small_demo
 from tests.test_train import CONFIG, TINY
 
 SHARD = 50  # labeled 131 -> 3 shards, unlabeled 405 -> 9, test 200 -> 4
@@ -37,11 +37,7 @@ def served(tmp_path_factory):
     """``(local dataset dir, its URL, the server's base URL)``; the server also has ``broken``
     (a shard missing) and ``cut`` (a shard cut short)."""
     top = tmp_path_factory.mktemp("served")
-    code = shards_cli.main(["demo", "--out", str(top / "demo"), "--n1", "40", "--m1", "120",
-                            "--gamma-l", "20", "--gamma-u", "20", "--test-per-class", "20",
-                            "--shard-size", str(SHARD), "--formats", "wds", "--workers", "1",
-                            "--no-progress"])  # fmt: skip
-    assert code == 0
+    build_small_demo(top / "demo", "wds", "--shard-size", str(SHARD))
     shutil.copytree(top / "demo", top / "broken")
     manifest = json.loads((top / "broken" / "manifest.json").read_text())
     (top / "broken" / manifest["splits"]["unlabeled"]["shards"][1]["file"]).unlink()

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from launch import train
-from shards import cli as shards_cli
+from tests.demo_data import build_small_demo
 
 TINY = [
     "model.encoder=small", "model.width=8",
@@ -30,12 +30,7 @@ CONFIG = os.path.join(REPO, "launch", "configs", "demo.yaml")
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "demo"
-    code = shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20",
-                            "--gamma-u", "20",
-                            "--test-per-class", "20", "--formats", "arrays", "--workers", "1", "--no-progress"])
-    assert code == 0
-    return out
+    return build_small_demo(tmp_path_factory.mktemp("data") / "demo", "arrays")
 
 
 @pytest.fixture

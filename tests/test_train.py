@@ -10,7 +10,7 @@ import torch
 from bmb.config import load_config
 from bmb.engine import EXIT_PREEMPTED, Trainer
 from launch import train
-from shards import cli as shards_cli
+from tests.demo_data import build_small_demo
 
 TINY = [
     "model.encoder=small", "model.width=8",
@@ -28,12 +28,7 @@ CONFIG = os.path.join(REPO, "launch", "configs", "demo.yaml")
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     """A small demo dataset built through the CLI, as a user would."""
-    out = tmp_path_factory.mktemp("data") / "demo"
-    code = shards_cli.main(["demo", "--out", str(out), "--n1", "40", "--m1", "120", "--gamma-l", "20",
-                            "--gamma-u", "20", "--test-per-class", "20",
-                            "--formats", "wds,arrays", "--workers", "1", "--no-progress"])
-    assert code == 0
-    return out
+    return build_small_demo(tmp_path_factory.mktemp("data") / "demo")
 
 
 @pytest.fixture
