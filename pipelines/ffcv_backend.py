@@ -33,7 +33,7 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToTensor, ToTorchImage
 
 from pipelines.base import Batch, ReaderSetup
-from pipelines.sampling import IndexStream, check_rank, epoch_permutation, eval_rank_indices
+from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import output_size, split_info
 from shards.format import load_manifest
 
@@ -111,7 +111,11 @@ class _Split:
     ) -> None:
         self.stream, self.order = stream, order
         s = stream
-        indices = np.arange(s.rank, s.n, s.world_size)[: s.per_rank]
+        # Exact order: any sample may fall in this rank's slice of a global batch. Quasi-random:
+        # FFCV's own order over a disjoint share of the split per rank (not world-size invariant).
+        indices = (
+            np.arange(s.n) if order == "exact" else np.arange(s.rank, s.n, s.world_size)[: s.n // s.world_size]
+        )
         ffcv_order = OrderOption.SEQUENTIAL if order == "exact" else OrderOption.QUASI_RANDOM
         self.loader = Loader(
             str(path),
@@ -137,8 +141,7 @@ class _Split:
     def _epoch(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, ...]]:
         s = self.stream
         if self.order == "exact":
-            perm = epoch_permutation(s.n, s.seed, s.stream, epoch)
-            share = self._rows[perm[s.rank :: s.world_size][: s.per_rank].numpy()[skip:]]
+            share = self._rows[s.epoch_share(epoch).numpy()[skip:]]
             self._fixed.order = share
             # Loader.__len__ (hence how many batches it yields) reads first_traversal_order.
             self.loader.first_traversal_order = share
@@ -163,7 +166,10 @@ class _Split:
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Fixed-size batches across epochs, starting at the stream's (epoch, position)."""
         s = self.stream
-        epoch, position = s.epoch, s.position
+        if self.order == "exact":
+            epoch, position = s.location()
+        else:  # FFCV's epochs over the static share r::R (n // R samples)
+            epoch, position = divmod(s.batches * s.batch_size, s.n // s.world_size)
         parts: list[tuple[torch.Tensor, ...]] = []
         have = 0
         while True:
@@ -238,17 +244,13 @@ class FfcvStream:
             for name, s in self._streams.items()
         }
         for name, sp in its.items():
-            st = self._streams[name]
-            sp.stream.epoch, sp.stream.position = st.epoch, st.position
+            sp.stream.batches = self._streams[name].batches
         lab, unl = its["labeled"].batches(), its["unlabeled"].batches()
         while True:
             x_l, y_l, _ = next(lab)
             x_u, y_u, i_u = next(unl)
-            for name in ("labeled", "unlabeled"):
-                s = self._streams[name]
-                s.epoch, s.position = divmod(
-                    s.epoch * s.per_rank + s.position + s.batch_size, s.per_rank
-                )
+            for s in self._streams.values():
+                s.batches += 1
             d = self.device
             yield Batch(x_l.to(d), y_l.to(d), x_u.to(d), i_u.to(d), y_u.to(d))
 

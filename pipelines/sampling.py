@@ -2,13 +2,16 @@
 
 Every training stream is an infinite sequence of epochs. Epoch ``e`` of a stream is a
 permutation of ``0..N-1`` drawn from a :class:`torch.Generator` seeded with
-``(seed, stream, epoch)``; rank ``r`` of ``R`` takes the slice ``perm[r::R]`` truncated to
-``N // R`` samples, so ranks are disjoint, cover ``R * (N // R)`` samples of every epoch and all
-have the same length. Batches run across epoch boundaries (a batch may end one epoch and start
-the next), so no sample is ever skipped and a labeled set smaller than a batch still works.
+``(seed, stream, epoch)``; the epochs laid end to end are the stream's one **global order**.
+Step ``t`` takes the global batch ``B = R b`` at positions ``[t B, (t + 1) B)`` of that order
+(a batch may end one epoch and start the next, so no sample is ever skipped and a labeled set
+smaller than a batch still works), and rank ``r`` of ``R`` takes its contiguous slice
+``[t B + r b, t B + (r + 1) b)``. So the ranks' batches, concatenated in rank order, are the
+batch one process would take at ``B``: what a step sees does not depend on the world size.
 
-The position of a stream is the pair ``(epoch, position within this rank's share)``; restoring
-it reproduces exactly the batches that an uninterrupted run would have produced.
+The position of a stream is the number of global batches consumed; restoring it (with the same
+global batch, at any world size) reproduces exactly the batches that an uninterrupted run would
+have produced.
 """
 
 from __future__ import annotations
@@ -36,12 +39,6 @@ def epoch_permutation(n: int, seed: int, stream: str, epoch: int) -> torch.Tenso
     return torch.randperm(n, generator=g)
 
 
-def rank_share(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's part of an epoch: ``perm[rank::world_size][: n // world_size]``."""
-    per_rank = perm.numel() // world_size
-    return perm[rank::world_size][:per_rank]
-
-
 def check_rank(rank: int, world_size: int) -> None:
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -54,7 +51,7 @@ class IndexStream:
 
     Args:
         n: number of samples in the split.
-        batch_size: indices per batch.
+        batch_size: indices per batch of this rank (the global batch is ``batch_size * world_size``).
         seed: base seed of the run.
         stream: name mixed into the seed (``"labeled"``/``"unlabeled"``) so streams differ.
         rank: this process's rank.
@@ -67,63 +64,84 @@ class IndexStream:
         check_rank(rank, world_size)
         if batch_size < 1:
             raise ValueError(f"{stream}: batch size must be >= 1, got {batch_size}")
-        if n < world_size:
-            raise ValueError(f"{stream}: split has {n} samples, fewer than world_size={world_size}")
+        if n < 1:
+            raise ValueError(f"{stream}: split is empty")
         self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
         self.rank, self.world_size = rank, world_size
-        self.per_rank = n // world_size
-        self.epoch, self.position = 0, 0
-        self._share: torch.Tensor | None = None
-        self._share_epoch = -1
+        self.global_batch = batch_size * world_size
+        self.batches = 0  # global batches consumed
+        self._perms: dict[int, torch.Tensor] = {}
 
-    def _epoch_share(self, epoch: int) -> torch.Tensor:
-        if self._share_epoch != epoch:
-            perm = epoch_permutation(self.n, self.seed, self.stream, epoch)
-            self._share = rank_share(perm, self.rank, self.world_size)
-            self._share_epoch = epoch
-        assert self._share is not None
-        return self._share
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = epoch_permutation(self.n, self.seed, self.stream, epoch)
+        return self._perms[epoch]
+
+    def _take(self, positions: torch.Tensor) -> torch.Tensor:
+        """The samples at global ``positions`` (ascending, int64) of the stream's order."""
+        epochs, within = positions // self.n, positions % self.n
+        first, last = int(epochs[0]), int(epochs[-1])
+        if first == last:
+            return self._perm(first)[within]
+        return torch.cat([self._perm(e)[within[epochs == e]] for e in range(first, last + 1)])
 
     def next_indices(self) -> torch.Tensor:
         """The next batch: int64 ``(batch_size,)`` indices into the split; advances the state."""
-        parts, need = [], self.batch_size
-        while need > 0:
-            share = self._epoch_share(self.epoch)
-            take = min(need, self.per_rank - self.position)
-            parts.append(share[self.position : self.position + take])
-            self.position += take
-            need -= take
-            if self.position == self.per_rank:
-                self.epoch, self.position = self.epoch + 1, 0
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        start = self.batches * self.global_batch + self.rank * self.batch_size
+        self.batches += 1
+        return self._take(torch.arange(start, start + self.batch_size))
+
+    def epoch_share(self, epoch: int) -> torch.Tensor:
+        """This rank's samples of epoch ``epoch``, in the order it takes them: the positions of
+        the epoch that fall in this rank's slice of their global batch."""
+        pos = torch.arange(epoch * self.n, (epoch + 1) * self.n)
+        lo = self.rank * self.batch_size
+        slot = pos % self.global_batch
+        return self._perm(epoch)[(slot >= lo) & (slot < lo + self.batch_size)]
+
+    def location(self) -> tuple[int, int]:
+        """``(epoch, position)`` of this rank's next sample: its epoch and how many samples of
+        that epoch's :meth:`epoch_share` this rank has taken already."""
+        b, lo = self.batch_size, self.rank * self.batch_size
+
+        def taken(x: int) -> int:  # this rank's positions in [0, x)
+            return (x // self.global_batch) * b + min(max(x % self.global_batch - lo, 0), b)
+
+        nxt = self.batches * self.global_batch + lo
+        epoch = nxt // self.n
+        return epoch, taken(nxt) - taken(epoch * self.n)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch,
-            "position": self.position,
+            "order": "global",
+            "batches": self.batches,
+            "global_batch": self.global_batch,
             "n": self.n,
-            "batch_size": self.batch_size,
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # A position only means something for the same split, seed and rank layout: refuse
-        # silently-wrong resumes (e.g. a different world size) instead of replaying other data.
-        for key in ("n", "seed", "world_size", "rank"):
-            if key in state and state[key] != getattr(self, key):
+        """Restore a position, at any world size with the same global batch: the position is in
+        global batches. A state that means something else is refused (ValueError naming it)."""
+        if state.get("order") != "global":
+            raise ValueError(
+                f"{self.stream}: cannot restore reader state written with per-rank sample order "
+                "(an older bmb); resume it with that version or start afresh"
+            )
+        for key in ("n", "seed", "global_batch"):
+            if state[key] != getattr(self, key):
                 raise ValueError(
                     f"{self.stream}: cannot restore reader state: {key}={state[key]} in the "
                     f"checkpoint but {getattr(self, key)} now"
                 )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < self.per_rank:
-            raise ValueError(
-                f"{self.stream}: bad reader state epoch={epoch} position={position} "
-                f"(per-rank epoch length {self.per_rank})"
-            )
-        self.epoch, self.position = epoch, position
+        batches = int(state["batches"])
+        if batches < 0:
+            raise ValueError(f"{self.stream}: bad reader state batches={batches}")
+        self.batches = batches
 
 
 def eval_rank_indices(n: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,14 @@
 """The ``webdataset`` backend: the tar shards, decoded in DataLoader workers.
 
 Sampling is the tensor backend's (:class:`~pipelines.sampling.IndexStream`: a global per-epoch
-permutation, disjoint equal rank shares, batches running across epochs), applied to the tar
+permutation, each rank a contiguous slice of every global batch, batches running across epochs), applied to the tar
 shards through a header index (:mod:`pipelines.shard_index`): each worker reads its batch's
 samples with one seek each and decodes them. Consequences:
 
 * the same seed gives the same batches as the tensor backend, on any number of workers;
 * every rank has the same (infinite) number of steps, and no rank can starve for shards;
-* resume is exact and O(1): the state is ``(epoch, position)`` of each stream;
+* resume is exact and O(1), at any world size with the same global batch: the state is the
+  number of global batches each stream has delivered;
 * shuffling is uniform over the whole split whatever order the shards hold their samples in
   (samples are found by their ``.idx``), so datasets built before the training splits were
   written shuffled (class order) mix just as well here.
@@ -99,10 +100,8 @@ class _TrainBatches(Dataset):
         raise TypeError("infinite")
 
     def indices_of(self, k: int) -> np.ndarray:
-        s = self.stream
-        start = k * s.batch_size
-        s.epoch, s.position = divmod(start, s.per_rank)
-        return s.next_indices().numpy()
+        self.stream.batches = k
+        return self.stream.next_indices().numpy()
 
     def __getitem__(self, k: int):
         return self.reader.read_batch(self.indices_of(k))
@@ -158,19 +157,11 @@ class WdsStream(StepAccounting):
             )
             self._parts[name] = (_SampleReader(index, decoder), stream)
         self._steps = 0  # batches handed out since construction / restore
-        self._base = {name: (s.epoch, s.position) for name, (_, s) in self._parts.items()}
+        self._base = {name: s.batches for name, (_, s) in self._parts.items()}
 
     def _batch_number(self, name: str) -> int:
-        """Global batch counter of a stream at its current (epoch, position)."""
-        s = self._parts[name][1]
-        epoch, position = self._base[name]
-        consumed = epoch * s.per_rank + position
-        if consumed % s.batch_size:
-            raise ValueError(
-                f"{name}: reader position {consumed} is not a multiple of the batch size "
-                f"{s.batch_size}"
-            )
-        return consumed // s.batch_size
+        """Global batch counter of a stream at its restored position."""
+        return self._base[name]
 
     def __iter__(self) -> Iterator[Batch]:
         loaders = {}
@@ -188,9 +179,7 @@ class WdsStream(StepAccounting):
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "webdataset", "skipped": self.skipped}
         for name, (_, stream) in self._parts.items():
-            total = self._batch_number(name) + self._steps
-            epoch, position = divmod(total * stream.batch_size, stream.per_rank)
-            out[name] = {**stream.state_dict(), "epoch": epoch, "position": position}
+            out[name] = {**stream.state_dict(), "batches": self._batch_number(name) + self._steps}
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -204,7 +193,7 @@ class WdsStream(StepAccounting):
             )
         for name, (_, stream) in self._parts.items():
             stream.load_state_dict(state[name])
-            self._base[name] = (stream.epoch, stream.position)
+            self._base[name] = stream.batches
         self._steps = 0
         self.skipped = int(state.get("skipped", 0))
 

@@ -82,36 +82,40 @@ def test_resume_yields_identical_next_batches(k):
         assert torch.equal(want.unlabeled_index, got.unlabeled_index)
 
 
-def test_resume_rejects_other_world_size():
-    lab, unl = make_split(8), make_split(8)
-    s = TensorStream(lab, unl, labeled_batch=2, unlabeled_batch=2, world_size=2, rank=0)
-    state = s.state_dict()
-    other = TensorStream(lab, unl, labeled_batch=2, unlabeled_batch=2)
-    with pytest.raises(ValueError, match="world_size"):
-        other.load_state_dict(state)
+def test_resume_at_another_world_size_continues_the_global_order():
+    """The position is in global batches: a 2-rank state restores into 1 rank (same global
+    batch) and the next batch is the two ranks' next batches, concatenated."""
+    lab, unl = make_split(8), make_split(9)
+    two = [TensorStream(lab, unl, labeled_batch=2, unlabeled_batch=3, world_size=2, rank=r) for r in (0, 1)]
+    for s in two:
+        take(s, 3)
+    one = TensorStream(lab, unl, labeled_batch=4, unlabeled_batch=6)
+    one.load_state_dict(two[0].state_dict())
+    want = [take(s, 1)[0] for s in two]
+    got = take(one, 1)[0]
+    assert torch.equal(got.unlabeled_index, torch.cat([w.unlabeled_index for w in want]))
+    assert torch.equal(got.labels, torch.cat([w.labels for w in want]))
+    other = TensorStream(lab, unl, labeled_batch=2, unlabeled_batch=3)  # another global batch
+    with pytest.raises(ValueError, match="global_batch"):
+        other.load_state_dict(two[0].state_dict())
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_disjoint_equal_and_cover(world_size):
+def test_ranks_take_contiguous_slices_of_the_global_batch(world_size):
     n, batch = 23, 2
-    per_rank = n // world_size
-    seen = []
-    for rank in range(world_size):
-        s = IndexStream(n, batch, seed=3, stream="unlabeled", rank=rank, world_size=world_size)
-        idx = torch.cat([s.next_indices() for _ in range(-(-per_rank // batch))])
-        seen.append(idx[:per_rank].tolist())
-        # The last batch runs into the next epoch.
-        assert (s.epoch, s.position) == (1, (-per_rank) % batch)
-    flat = [i for part in seen for i in part]
-    assert len(flat) == len(set(flat)) == world_size * per_rank  # disjoint, remainder dropped
-    # Together the ranks take the first world_size * per_rank entries of the global order.
-    perm = epoch_permutation(n, 3, "unlabeled", 0)
-    assert sorted(flat) == sorted(perm[: world_size * per_rank].tolist())
-
-
-def test_too_few_samples_for_world_size():
-    with pytest.raises(ValueError, match="fewer than world_size"):
-        IndexStream(1, 1, seed=0, stream="labeled", world_size=2, rank=1)
+    one = IndexStream(n, batch * world_size, seed=3, stream="unlabeled")
+    ranks = [IndexStream(n, batch, seed=3, stream="unlabeled", rank=r, world_size=world_size)
+             for r in range(world_size)]
+    for _ in range(30):  # past several epoch boundaries, none of which B divides
+        assert torch.equal(one.next_indices(), torch.cat([s.next_indices() for s in ranks]))
+    # Every epoch is covered once: a rank's share of each epoch, together, is the epoch.
+    perm = epoch_permutation(n, 3, "unlabeled", 1)
+    assert sorted(torch.cat([s.epoch_share(1) for s in ranks]).tolist()) == sorted(perm.tolist())
+    # location(): where a rank stands in its share of the current epoch.
+    s = IndexStream(n, batch, seed=3, stream="unlabeled", rank=1, world_size=world_size)
+    s.batches = 9
+    epoch, pos = s.location()
+    assert torch.equal(s.next_indices(), s.epoch_share(epoch)[pos:pos + batch])
 
 
 def test_eval_pass_covers_split_in_order():
