@@ -30,3 +30,22 @@ def _on(t: Tensor, device: torch.device) -> Tensor:
 def _rand(generator: torch.Generator, shape: tuple[int, ...]) -> Tensor:
     """U(0, 1) float32 of ``shape`` on the generator's device."""
     return torch.rand(shape, generator=generator, device=generator.device)
+
+
+Rows = tuple[int, Tensor]
+"""``(total, keep)``: draw a call's random parameters for ``total`` rows, as one call over a
+larger (global) batch would, and keep rows ``keep`` (int64 ``(n,)``): this call's part of it."""
+
+
+def _draw_count(n: int, rows: Rows | None) -> int:
+    """How many rows of parameters to draw for ``n`` rows (:data:`Rows`)."""
+    if rows is None:
+        return n
+    if len(rows[1]) != n:
+        raise ValueError(f"rows keeps {len(rows[1])} of {rows[0]} drawn rows, but the call has {n}")
+    return rows[0]
+
+
+def _kept(t: Tensor, rows: Rows | None) -> Tensor:
+    """The kept rows of drawn parameters ``t`` (:data:`Rows`)."""
+    return t if rows is None else t[_on(rows[1], t.device)]

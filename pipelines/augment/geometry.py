@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from pipelines.augment._common import _check_generator, _check_images, _on, _rand
+from pipelines.augment._common import Rows, _check_generator, _check_images, _draw_count, _kept, _on, _rand
 
 CROPS = ("translate", "rrc")
 
@@ -36,6 +36,7 @@ def _translate_crop(
     translate: float,
     flip: bool,
     source: Tensor | None,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Reflect pad-and-crop + flip of every view; view ``i`` crops image ``source[i]``.
 
@@ -57,10 +58,10 @@ def _translate_crop(
     # Reflect padding repeats no edge pixel, so it reaches at most size - 1 pixels out.
     if py > h - 1 or px > w - 1:
         raise ValueError(f"translate={translate} is too large for a {h}x{w} input")
-    gd = generator.device
-    dy = torch.randint(-py, py + 1, (n,), generator=generator, device=gd)
-    dx = torch.randint(-px, px + 1, (n,), generator=generator, device=gd)
-    mirror = (_rand(generator, (n,)) < 0.5).long()
+    gd, nd = generator.device, _draw_count(n, rows)
+    dy = _kept(torch.randint(-py, py + 1, (nd,), generator=generator, device=gd), rows)
+    dx = _kept(torch.randint(-px, px + 1, (nd,), generator=generator, device=gd), rows)
+    mirror = _kept((_rand(generator, (nd,)) < 0.5).long(), rows)
     dev = images.device
     dy, dx, mirror = _on(dy, dev), _on(dx, dev), _on(mirror if flip else mirror.zero_(), dev)
     # Reflecting a row at both ends without repeating the edge pixel makes it periodic, with
@@ -125,6 +126,7 @@ def _rrc(
     ratio: tuple[float, float],
     flip: bool,
     source: Tensor | None,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Random-resized-crop + flip, bilinear, of every view; view ``i`` crops image ``source[i]``.
 
@@ -151,7 +153,8 @@ def _rrc(
     m, c, h, w = images.shape
     n = m if source is None else len(source)
     dev = images.device
-    sx, tx, sy, ty = (_on(p, dev) for p in _rrc_maps(n, h, w, generator, scale, ratio, flip))
+    maps = _rrc_maps(_draw_count(n, rows), h, w, generator, scale, ratio, flip)
+    sx, tx, sy, ty = (_on(_kept(p, rows), dev) for p in maps)
     lin = (torch.arange(out_size, device=dev, dtype=torch.float32) * 2 + 1) / out_size - 1
     x_lo, x_hi, x_w = _bilinear_taps(sx[:, None] * lin + tx[:, None], w)  # (N, S) each
     y_lo, y_hi, y_w = _bilinear_taps(sy[:, None] * lin + ty[:, None], h)
@@ -252,6 +255,7 @@ def weak_view(
     flip: bool = True,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    rows: Rows | None = None,
 ) -> Tensor:
     """FixMatch weak views: random horizontal flip + random translation or resized crop.
 
@@ -279,6 +283,8 @@ def weak_view(
         flip: whether to flip half of the views horizontally.
         scale: area fraction range of the crop (rrc mode).
         ratio: aspect-ratio range of the crop (rrc mode).
+        rows: ``(total, keep)``: these views are rows ``keep`` of a call over ``total`` views
+            (the parameters are drawn for all ``total``, the pixel work done for these).
 
     Returns:
         uint8 ``(N, 3, S, S)`` on ``images.device``.
@@ -292,14 +298,14 @@ def weak_view(
         oh, ow = (h, w) if out_size is None else (out_size, out_size)
         if not (0 < oh <= h and 0 < ow <= w):
             raise ValueError(f"out_size={out_size} must be in [1, {min(h, w)}] for {h}x{w} input")
-        return _translate_crop(images, generator, (oh, ow), translate, flip, source)
+        return _translate_crop(images, generator, (oh, ow), translate, flip, source, rows)
     if crop == "rrc":
         size = min(h, w) if out_size is None else out_size
         if size <= 0:
             raise ValueError(f"out_size must be positive, got {out_size}")
         if not (0 < scale[0] <= scale[1] <= 1.0) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"bad rrc scale={scale} or ratio={ratio}")
-        return _rrc(images, generator, size, scale, ratio, flip, source)
+        return _rrc(images, generator, size, scale, ratio, flip, source, rows)
     raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipelines.augment._common import _check_images, _rand
+from pipelines.augment._common import Rows, _check_images, _draw_count, _kept, _rand
 from pipelines.augment.cutout import _check_cutout, cutout_boxes
 from pipelines.augment.geometry import CROPS, center_crop, weak_view
 from pipelines.augment.policy import apply_rand_augment, sample_rand_augment
@@ -72,6 +72,7 @@ def strong_from_weak(
     cutout: float = 0.5,
     owned: bool = False,
     fill: int = 127,
+    rows: Rows | None = None,
 ) -> Tensor:
     """FixMatch strong views of weak views ``x``: RandAugment, then Cutout.
 
@@ -88,6 +89,8 @@ def strong_from_weak(
         owned: whether ``x`` may serve as scratch memory (it then holds scratch data
             afterwards, or the result): saves fresh memory.
         fill: gray level of the Cutout squares.
+        rows: ``(total, keep)``: ``x`` is rows ``keep`` of a call over ``total`` views (the
+            parameters are drawn for all ``total``, the pixel work done for these).
 
     Returns:
         uint8 ``(N, 3, S, S)``: a new tensor unless ``owned``.
@@ -95,8 +98,9 @@ def strong_from_weak(
     _check_images(x)
     _check_cutout(cutout, fill)
     n, _, h, w = x.shape
-    ops, mags = sample_rand_augment(n, generator, num_ops=num_ops)
-    u = _rand(generator, (n, 3))  # Cutout's draws, after RandAugment's
+    nd = _draw_count(n, rows)
+    ops, mags = (_kept(t, rows) for t in sample_rand_augment(nd, generator, num_ops=num_ops))
+    u = _kept(_rand(generator, (nd, 3)), rows)  # Cutout's draws, after RandAugment's
     boxes = cutout_boxes(u, cutout, h, w) if cutout > 0 else None
     return apply_rand_augment(x, ops, mags, boxes=boxes, fill=fill, owned=owned)
 
@@ -109,6 +113,26 @@ def _view_sources(n_l: int, n_u: int, num_strong: int) -> Tensor:
     """int64 image of every view of :class:`ViewMaker` (cached): each labeled image once, then
     the unlabeled images ``1 + num_strong`` times."""
     return torch.cat([torch.arange(n_l), torch.arange(n_l, n_l + n_u).repeat(1 + num_strong)])
+
+
+def _part_rows(
+    n_l: int, n_u: int, num_strong: int, part: tuple[int, int], device: torch.device
+) -> dict[str, Rows | None]:
+    """Which rows of each draw of a global step slice ``part = (r, R)`` keeps (``None`` each
+    when ``R == 1``): the labeled and unlabeled slices, the combined crop call's views
+    ``[labeled | unlabeled | unlabeled x num_strong]`` and the strong views."""
+    r, world = part
+    if not 0 <= r < world:
+        raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part}")
+    if world == 1:
+        return dict.fromkeys(("labeled", "unlabeled", "views", "strong"))
+    big_l, big_u = n_l * world, n_u * world
+    lab = torch.arange(r * n_l, (r + 1) * n_l, device=device)
+    unl = torch.arange(r * n_u, (r + 1) * n_u, device=device)
+    strong = torch.cat([k * big_u + unl for k in range(num_strong)]) if num_strong else unl[:0]
+    views = torch.cat([lab, big_l + unl, big_l + big_u + strong])
+    return {"labeled": (big_l, lab), "unlabeled": (big_u, unl),
+            "views": (big_l + big_u * (1 + num_strong), views), "strong": (big_u * num_strong, strong)}
 
 
 @dataclass(kw_only=True)
@@ -155,7 +179,11 @@ class ViewMaker(ViewSettings):
     :class:`ViewSettings`)."""
 
     def __call__(
-        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+        self,
+        labeled: Tensor,
+        unlabeled: Tensor,
+        generator: torch.Generator,
+        part: tuple[int, int] = (0, 1),
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Weak views of both batches and ``num_strong`` strong views of the unlabeled one.
 
@@ -163,6 +191,11 @@ class ViewMaker(ViewSettings):
             labeled: uint8 ``(B_L, 3, H, W)``.
             unlabeled: uint8 ``(B_U, 3, H, W)``.
             generator: source of all randomness (any device).
+            part: ``(r, R)``: the batches are slice ``r`` of ``R`` equal contiguous slices of a
+                global batch (rank ``r`` of a distributed step). Every parameter is drawn for the
+                global batch (the same draws on every rank, from the same generator state) and
+                this slice's rows are kept, so a sample's views do not depend on ``R``: ``R``
+                processes together make the views one process makes of the whole batch.
 
         Returns:
             float32 ``(B_L, 3, S, S)`` weak labeled, ``(B_U, 3, S, S)`` weak unlabeled, and a
@@ -173,13 +206,17 @@ class ViewMaker(ViewSettings):
         # dispatch and view bookkeeping (~10% of the call at 64 px on the CPU). Normalised
         # outside it, so that the outputs are ordinary tensors (autograd may save them).
         with torch.inference_mode():
-            weak, strong = self._views(labeled, unlabeled, generator)
+            weak, strong = self._views(labeled, unlabeled, generator, part)
         weak = self.normalize(weak)
         strong_f = list(self.normalize(strong).split(n_u)) if self.num_strong else []
         return weak[:n_l], weak[n_l:], strong_f
 
     def uint8_views(
-        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+        self,
+        labeled: Tensor,
+        unlabeled: Tensor,
+        generator: torch.Generator,
+        part: tuple[int, int] = (0, 1),
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """:meth:`__call__` before normalisation: the same views as uint8.
 
@@ -187,7 +224,7 @@ class ViewMaker(ViewSettings):
         on arrival with :meth:`normalize`. Same generator state, same views as :meth:`__call__`.
         """
         n_l, n_u = labeled.shape[0], unlabeled.shape[0]
-        weak, strong = self._views(labeled, unlabeled, generator)
+        weak, strong = self._views(labeled, unlabeled, generator, part)
         return weak[:n_l], weak[n_l:], list(strong.split(n_u)) if self.num_strong else []
 
     def normalize(self, views: Tensor) -> Tensor:
@@ -195,13 +232,18 @@ class ViewMaker(ViewSettings):
         return normalize(views, self.mean, self.std)
 
     def _views(
-        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+        self,
+        labeled: Tensor,
+        unlabeled: Tensor,
+        generator: torch.Generator,
+        part: tuple[int, int] = (0, 1),
     ) -> tuple[Tensor, Tensor]:
         """uint8 weak views ``(B_L + B_U, ...)`` and strong views ``(num_strong * B_U, ...)``."""
         _check_images(labeled, "labeled")
         _check_images(unlabeled, "unlabeled")
         kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
         n_l, n_u = labeled.shape[0], unlabeled.shape[0]
+        rows = _part_rows(n_l, n_u, self.num_strong, part, generator.device)
         # Samples are independent, so every view's crop runs in one call over
         # [labeled, unlabeled, unlabeled x num_strong]; the strong rows then get RandAugment and
         # Cutout (strong_from_weak). Fewer, larger kernels: per-op overhead dominates small images.
@@ -210,16 +252,18 @@ class ViewMaker(ViewSettings):
             # each view), without concatenating the unlabeled batch 1 + num_strong times.
             images = unlabeled if n_l == 0 else torch.cat([labeled, unlabeled])
             source = _view_sources(n_l, n_u, self.num_strong)
-            views = weak_view(images, generator, source=source, **kw)
+            views = weak_view(images, generator, source=source, rows=rows["views"], **kw)
         else:
             batches = [labeled, unlabeled] + [unlabeled] * self.num_strong
-            views = torch.cat([weak_view(b, generator, **kw) for b in batches])
+            per = [rows["labeled"]] + [rows["unlabeled"]] * (1 + self.num_strong)
+            views = torch.cat([weak_view(b, generator, rows=r, **kw) for b, r in zip(batches, per)])
         weak, strong = views[: n_l + n_u], views[n_l + n_u :]
         if self.num_strong:
             # RandAugment and Cutout may work in the strong rows' own memory (owned): the weak
             # rows before them are never written.
             strong = strong_from_weak(
-                strong, generator, num_ops=self.num_ops, cutout=self.cutout, owned=True
+                strong, generator, num_ops=self.num_ops, cutout=self.cutout, owned=True,
+                rows=rows["strong"],
             )
         return weak, strong
 
