@@ -183,7 +183,7 @@ class BMB(Algorithm):
     Every hyperparameter comes from ``method`` (:class:`bmb.config.MethodConfig`: one default
     each, documented there): tau ``threshold``, ``alpha`` and ``adaptive_weights`` (the weights),
     beta ``put_power`` and gamma ``get_power`` (the bank), ``lambda_u``, ``lambda_mb``,
-    ``bank_size``, ``get_num`` (per step and rank) and ``get_replacement``, ``use_bank``,
+    ``bank_size``, ``get_num`` (per step, global: split over the ranks) and ``get_replacement``, ``use_bank``,
     ``bank_view`` (which view's features enter the bank), ``estimate`` (N̂: mean or ema),
     ``anneal_weights``, ``bank_check_every`` (compare a bank checksum across ranks every N updates)
     and ``cuda_graphs`` (replay the step's no-grad work -- targets, weights, N̂, the bank's draw
@@ -198,8 +198,9 @@ class BMB(Algorithm):
         m, c = method, ctx.num_classes
         if m.bank_view not in ("strong", "weak"):
             raise ValueError(f"BMB: bank_view must be 'strong' or 'weak', got {m.bank_view!r}")
-        if m.get_num < 1:
-            raise ValueError(f"BMB: get_num must be >= 1, got {m.get_num}")
+        world = (ctx.collectives or Collectives()).world_size
+        if m.get_num < 1 or (m.use_bank and m.get_num % world):
+            raise ValueError(f"BMB: get_num must be a multiple (>= 1) of the {world} processes, got {m.get_num}")
         counts = torch.as_tensor(ctx.labeled_counts)
         if counts.shape != (c,):
             raise ValueError(f"BMB: labeled_counts must have shape ({c},), got {tuple(counts.shape)}")
@@ -217,7 +218,7 @@ class BMB(Algorithm):
         self._pending: torch.Tensor | None = None  # this step's bank candidates, enqueued in after_step
         self.bank_check_every = m.bank_check_every
         self.bank_updates = 0
-        self.last_get: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels, valid): get histogram
+        self.last_get: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's global draw: get histogram
         self.graphs = StepGraphs(self.bank, enabled=m.cuda_graphs)
         self._w_labeled: torch.Tensor | None = None  # constant unless annealed: computed once
 
@@ -254,7 +255,7 @@ class BMB(Algorithm):
         logits = [out.labeled.aux_logits, out.unlabeled_strong.aux_logits]
         if self.use_bank:
             logits.append(aux_head(plan["bank_feats"]))
-            self.last_get = (plan["bank_labels"], plan["bank_valid"])
+            self.last_get = (plan["drawn_labels"], plan["drawn_valid"])
             self._pending = plan["pending"]
         ce = F.cross_entropy(torch.cat(logits).float(), plan["targets"], reduction="none")
         total = base_l + self.lambda_u * base_u + (ce * plan["coef"]).sum()
@@ -276,8 +277,8 @@ class BMB(Algorithm):
                 "aux_l": aux_l.detach(), "aux_u": zero, "mb": zero, "mask_base": mask_b.float().mean(),
                 "mask_aux": mask_a.float().mean(), "bank_size": self.bank.size.float()}
 
-    _PLAN_KEYS = ("targets", "coef", "term_weights", "mask_aux", "bank_size", "bank_feats", "bank_labels",
-                  "bank_valid", "pending", "bank_candidates")
+    _PLAN_KEYS = ("targets", "coef", "term_weights", "mask_aux", "bank_size", "bank_feats", "drawn_labels",
+                  "drawn_valid", "pending", "bank_candidates")
 
     def _planned(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         """:meth:`_plan` for this step, through :attr:`graphs` (a CUDA graph replay on the GPU)."""
@@ -294,7 +295,7 @@ class BMB(Algorithm):
             counts = self.graphs.run(("counts", key[2]), self._step_counts, inputs[:1])
             inputs.append(self.coll.all_reduce_sum(counts))
         self.estimator.steps += 1  # the device half of the update happens inside the plan
-        n_draw = ([self.bank.uniforms_per_draw(self.get_num * self.coll.world_size, self.get_replacement)]
+        n_draw = ([self.bank.uniforms_per_draw(self.get_num, self.get_replacement)]
                   if self.use_bank else [])
         plan = self.graphs.run(key, functools.partial(self._plan, k), inputs, uniforms=n_draw, preserve=preserve)
         return dict(zip(self._PLAN_KEYS, plan))
@@ -315,10 +316,10 @@ class BMB(Algorithm):
 
         Updates N̂, draws this rank's bank items, and returns (:attr:`_PLAN_KEYS`): per-row
         soft targets ``(R, C)`` and loss coefficients ``(R,)`` for the rows
-        ``labeled | strong views | bank items`` (``R = B_L + K B_U + get_num``), the ``(3, R)``
-        matrix that turns per-row cross-entropies into the three terms ``aux_l, aux_u, mb`` for
-        logging, statistics, the drawn items (features, labels, valid) and the packed bank
-        candidates (``features | label | valid``).
+        ``labeled | strong views | bank items`` (``R = B_L + K B_U + get_num / world``), the
+        ``(3, R)`` matrix that turns per-row cross-entropies into the three terms ``aux_l, aux_u,
+        mb`` for logging, statistics, this rank's drawn features, the whole step's draw (labels,
+        valid: the same on every rank) and the packed bank candidates (``features | label | valid``).
 
         Args: ``k``, the strong views per sample; the four tensors; then the annealing progress
             (float64 scalar) if annealing, the all-reduced step counts if distributed, and the
@@ -340,14 +341,17 @@ class BMB(Algorithm):
         stats = [mask_a.float().mean(), self.bank.size.float()]
         if self.use_bank:
             world = self.coll.world_size
-            feats, bank_labels, valid = self.bank_slice(rest.pop(0))
+            drawn = self._draw(rest.pop(0))
+            feats, bank_labels, valid = (t[self.coll.rank::world] for t in drawn)
             targets.append(torch.zeros(valid.shape[0], c, device=dev).scatter_(1, bank_labels[:, None], 1.0))
-            coefs.append(valid.float() / valid.sum().clamp_min(1))  # masked mean over the valid items
+            # The masked mean over the step's valid items, whichever rank holds them (DDP averages
+            # the ranks' gradients: hence x world), so it does not depend on the world size.
+            coefs.append(valid.float() * world / drawn[2].sum().clamp_min(1))
             lam.append(self.lambda_mb)
             # Candidates: features with the aux head's own confident hard label on the same view.
             _, hard, ok = confident_targets(src_logits, self.threshold)
             pending = torch.cat([src_feats.float(), hard[:, None].float(), ok[:, None].float()], 1)
-            stats += [feats, bank_labels, valid, pending, ok.float().sum() * world]
+            stats += [feats, drawn[1], drawn[2], pending, ok.float().sum() * world]
         term_weights = torch.block_diag(*(w[None] for w in coefs))  # (terms, R): row t = term t's coefficients
         if not self.use_bank:  # a zero row for `mb`
             term_weights = torch.cat([term_weights, term_weights.new_zeros(1, term_weights.shape[1])])
@@ -365,26 +369,27 @@ class BMB(Algorithm):
         if self.bank_check_every and self.bank_updates % self.bank_check_every == 0:
             self.check_bank_in_sync()
 
+    def _draw(self, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's global draw of ``get_num`` items (features, labels, valid), with the current
+        N̂ as the class prior; ``u``: its uniforms (default: from the bank's generator)."""
+        if u is None:
+            return self.bank.draw(self.get_num, self.estimator.value(), self.get_replacement)
+        return self.bank.draw_core(self.get_num, self.estimator.value(), u, self.get_replacement)
+
     def bank_slice(self, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's share of one global draw of ``get_num x world`` items from the bank, with
-        the current N̂ as the class prior; ``u``: the draw's uniforms (default: from the bank's
-        generator).
+        """This rank's share of the step's global draw of ``get_num`` items (:meth:`_draw`).
 
         Every rank draws the same global sample (identical bank and generator) and keeps every
-        ``world``-th row starting at its rank, so the ranks together train on ``get_num x world``
-        distinct items, and while the bank is short the valid rows (drawn first) spread evenly.
+        ``world``-th row starting at its rank, so the ranks together train on the ``get_num``
+        items one process would, and while the bank is short the valid rows (drawn first) spread
+        evenly.
 
         Returns:
-            features ``(get_num, D)``, labels ``(get_num,)`` and bool ``valid (get_num,)``
+            features ``(get_num / world, D)``, labels and bool ``valid`` ``(get_num / world,)``
             (:meth:`BalancedMemoryBank.draw`): fixed shapes, no host sync.
         """
         world, rank = self.coll.world_size, self.coll.rank
-        n = self.get_num * world
-        if u is None:
-            drawn = self.bank.draw(n, self.estimator.value(), self.get_replacement)
-        else:
-            drawn = self.bank.draw_core(n, self.estimator.value(), u, self.get_replacement)
-        return tuple(t[rank::world] for t in drawn)
+        return tuple(t[rank::world] for t in self._draw(u))
 
     def check_bank_in_sync(self) -> None:
         """Raise if the bank (checksum), its generator or N-hat differ between ranks."""
@@ -403,6 +408,7 @@ class BMB(Algorithm):
         self.bank.put_power, self.bank.get_power = float(method.put_power), float(method.get_power)
 
     def take_drawn(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole step's draw (every rank's rows: the same on every rank)."""
         drawn, self.last_get = self.last_get, None
         return drawn
 

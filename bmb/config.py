@@ -75,7 +75,8 @@ class MethodConfig:
     lambda_mb: float = _f(0.25, "weight of the memory-bank loss", ge=0.0)
     use_bank: bool = _f(True, "ablation: the balanced memory bank and its loss")
     bank_size: int = _f(128, "bank capacity", ge=1)
-    get_num: int = _f(64, "items drawn from the bank per step (per rank)", ge=1)
+    get_num: int = _f(64, "items drawn from the bank per step (global, like the batches: split over the ranks, "
+                          "so a multiple of the number of processes)", ge=1)
     get_replacement: bool = _f(True, "draw the bank's items with replacement, as the authors' code (the "
                                      "paper's gamma values were tuned that way); false: without")
     bank_check_every: int = _f(100, "distributed: compare a bank checksum across ranks every N updates (0: off)", ge=0)
@@ -175,8 +176,9 @@ class Config:
             raise ConfigError("data.dataset is not set: give a dataset directory built by `bmb-shards`, "
                               "e.g. `bmb-shards demo --out data/demo --formats wds,arrays`")
         m = self.method
-        if m.get_num > m.bank_size:
-            raise ConfigError(f"method.get_num ({m.get_num}) must be <= method.bank_size ({m.bank_size})")
+        if m.get_num > m.bank_size and not m.get_replacement:
+            raise ConfigError(f"method.get_num ({m.get_num}) must be <= method.bank_size ({m.bank_size}) with "
+                              "method.get_replacement=false (a draw without replacement)")
         t = self.train
         if t.many_above is not None and t.few_at_most is not None and t.few_at_most >= t.many_above:
             raise ConfigError(f"train.few_at_most ({t.few_at_most}) must be < train.many_above ({t.many_above})")

@@ -44,6 +44,13 @@ class Collectives:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
+    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Overwrite ``tensors`` in place with rank ``src``'s values."""
+        if not self.active:
+            return
+        for t in tensors:
+            dist.broadcast(t, src=src, group=self.group)
+
     def all_equal(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` is identical on all ranks (compares a gathered copy)."""
         if not self.active:

@@ -95,7 +95,9 @@ class Trainer:
             ``__iter__``/``state_dict``/``load_state_dict`` yielding batches with fields
             ``labeled, labels, unlabeled, unlabeled_index``).
         views: callable ``(labeled u8, unlabeled u8, generator) -> (lw, uw, [us...])`` normalised
-            floats, with ``.eval(u8) -> float`` for evaluation.
+            floats, with ``.eval(u8) -> float`` for evaluation; in a distributed run also called
+            with ``part=(rank, world)`` (:class:`pipelines.augment.ViewMaker`: this rank's slice
+            of the views of the global batch).
         eval_sources: split name -> evaluation source for this rank (yields ``(images, labels[, valid])``).
         labeled_counts: ``(C,)`` labeled class counts (many/medium/few and weights).
         class_names: for the printed table.
@@ -125,12 +127,18 @@ class Trainer:
             # We feed batches ourselves (no DataLoader for Accelerate to read the size from).
             per_rank = max(cfg.train.labeled_batch // accelerator.num_processes, 1)
             ds.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # The schedule is not handed to Accelerate: its AcceleratedScheduler steps a scheduler
+        # num_processes times per step (its convention for per-process batches), while our
+        # batches are global. We step it once per training step (train_step).
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.last_lr = scheduler.get_last_lr()[0]  # the lr of the latest step (logged)
         self.algorithm.to(self.device)
         self.ema = ModelEMA(self.raw_model, cfg.train.ema_decay)
-        # Augmentation randomness differs per rank (different samples); the bank's generator,
-        # inside the algorithm, is identical on every rank.
-        self.aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + self.coll.rank)
+        # Identical on every rank, as the bank's generator (inside the algorithm): each rank draws
+        # the global batch's view parameters and keeps its slice's (views(part=...)), so the
+        # views, like everything else of a step, do not depend on the world size.
+        self.aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17)
         self.step = 0
         self.run_id: str | None = None  # set by fit(): a new id, or the resumed checkpoint's
         self.history: list[dict[str, Any]] = []  # the metrics rows so far (checkpointed)
@@ -155,7 +163,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         made = getattr(batch, "views", None)  # data.views=loader: the loader made them (ViewBatch)
-        lw, uw, strong = made if made is not None else self.views(batch.labeled, batch.unlabeled, self.aug_gen)
+        part = {"part": (self.coll.rank, self.coll.world_size)} if self.coll.active else {}
+        lw, uw, strong = made if made is not None else self.views(batch.labeled, batch.unlabeled, self.aug_gen, **part)
         bl, bu, k = lw.shape[0], uw.shape[0], len(strong)
         # The model puts x in its memory format (channels_last on CUDA by default: one copy of the
         # batch) and runs its compiled encoder here if model.compile is on; neither syncs.
@@ -175,7 +184,10 @@ class Trainer:
             losses = self.algorithm(step_out, self.raw_model.aux_head)
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.backward(losses["loss"])
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        # Once per step on every rank, whatever the world size; also after an fp16 step that the
+        # loss scaler skipped, so that the schedule stays a function of the step (ends at total_steps).
         self.scheduler.step()
         self.algorithm.after_step()
         self.ema.update(self.raw_model)
@@ -189,7 +201,11 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
         """Evaluate every split; returns one metrics row (with the reader's and the algorithm's
-        statistics: skipped images, the bank's histogram, N-hat, the engine's get histogram)."""
+        statistics: skipped images, the bank's histogram, N-hat, the engine's get histogram).
+
+        Every rank evaluates rank 0's model (the one checkpointed and exported): batch-norm
+        statistics move with each rank's own batch, so the ranks' buffers are made rank 0's first."""
+        self.coll.broadcast_([*self.ema.module.buffers(), *self.raw_model.buffers()])
         row = self.evaluator.row(self.step, self.ema.module, self.raw_model, self.algorithm.eval_head)
         if hasattr(self.stream, "skipped"):  # corrupt training images skipped so far (this rank)
             row["corrupt_skipped"] = self.stream.skipped
@@ -237,10 +253,13 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.train.log_every == 0:
-                    avg = dict(zip(running_names, (running / running_steps).tolist()))
+                    # The mean over ranks: the step's statistics over the global batch.
+                    mean = self.coll.all_reduce_sum(running) / (running_steps * self.coll.world_size)
+                    avg = dict(zip(running_names, mean.tolist()))
+                    avg["lr"] = self.last_lr
                     running = None
                     if bar is not None:
-                        bar.set_postfix(loss=f"{avg['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2g}")
+                        bar.set_postfix(loss=f"{avg['loss']:.3f}", lr=f"{self.last_lr:.2g}")
                     if hasattr(self.stream, "skipped"):  # data.on_corrupt=skip: images skipped so far
                         avg["corrupt_skipped"] = self.stream.skipped
                     self.logs.train(self.step, avg)

@@ -13,6 +13,14 @@ identity files (``run.json``, ``history.jsonl``; :mod:`bmb.rundir`):
 What a checkpoint holds is :meth:`Checkpointer.main_state` (rank 0's file: weights, EMA,
 optimizer, schedule, algorithm state, evaluation history, rank 0's reader and RNG state) and
 :meth:`Checkpointer.rank_state` (one file per other rank).
+
+**Another world size.** Under DDP every rank holds the same weights, EMA, optimizer, schedule,
+bank, N̂ and augmentation generator, and the readers' position is one position in the global
+sample order (``pipelines.sampling``): a checkpoint written by ``R`` processes resumes with
+``R' != R`` exactly at the same global batch, every rank from rank 0's state. Refused (before
+anything is written, naming the cause) where the state is truly per rank: a DeepSpeed ZeRO
+optimizer (partitioned over the ranks that wrote it) and a reader whose position is per rank
+(webdataset ``order=stream``, ffcv ``quasi_random``, DALI).
 """
 
 from __future__ import annotations
@@ -135,8 +143,7 @@ class Checkpointer:
                                        f"{seal.get('run_id')}), not by run {run_id}")
         world = main["world_size"]
         if world != t.coll.world_size:
-            raise RunDirError(f"run dir {t.run_dir}: checkpoint {path.name} (step {step}) was written by {world} "
-                              f"processes, this run has {t.coll.world_size}; resume with the same number")
+            self._check_portable(path, main)
 
         def rank_file(r: int) -> dict:
             rp = ckpt.rank_path(folder, step, r)
@@ -153,12 +160,30 @@ class Checkpointer:
             if not ckpt.rank_path(folder, step, r).is_file() or ckpt.read_seal(ckpt.rank_path(folder, step, r)) is None:
                 raise ckpt.CheckpointError(f"{path.name}: rank file {ckpt.rank_path(folder, step, r).name} missing "
                                            "or unsealed")
-        mine = rank_file(t.coll.rank) if t.coll.rank > 0 else None
+        # Another world size: every rank continues from rank 0's state (see the module docstring).
+        mine = rank_file(t.coll.rank) if 0 < t.coll.rank and world == t.coll.world_size else None
         parts: list = []
         if t.deepspeed:
             parts = [main["rank0"]["optimizer"]] + [
                 mine["optimizer"] if r == t.coll.rank else rank_file(r)["optimizer"] for r in range(1, world)]
         return main, mine, parts
+
+    def _check_portable(self, path: Path, main: dict) -> None:
+        """Raise :class:`RunDirError` naming the cause unless the checkpoint ``main`` (written by
+        another number of processes) can resume at this world size."""
+        t = self.trainer
+        world, now = main["world_size"], t.coll.world_size
+        head = (f"run dir {t.run_dir}: checkpoint {path.name} (step {main['step']}) was written by {world} "
+                f"processes, this run has {now}")
+        if t.deepspeed:
+            raise RunDirError(f"{head}; its DeepSpeed ZeRO optimizer state is partitioned over those {world} "
+                              f"ranks (one part per rank file) and is not re-partitioned for {now}: resume with "
+                              f"{world} processes (DDP checkpoints resume at any world size)")
+        reader = main["rank0"]["stream"]
+        if not _global_position(reader):
+            raise RunDirError(f"{head}; its reader state (backend {reader.get('backend')!r}, order "
+                              f"{reader.get('order')!r}) is a position per rank, which another number of "
+                              f"processes cannot continue exactly: resume with {world} processes")
 
     def _load_newest(self, candidates: list[tuple[int, Path]], run_id: str) -> tuple | None:
         """Newest of this run's checkpoints that every rank can load; the others are skipped loudly."""
@@ -270,8 +295,11 @@ class Checkpointer:
         t.algorithm.load_extra_state(main["algorithm"])
         t.history = list(main["history"])
         t.get_hist = main["get_hist"].to(t.device).clone()
-        rs = main["rank0"] if t.coll.rank == 0 else mine
-        t.stream.load_state_dict(rs["stream"])
+        rs = mine if mine is not None else main["rank0"]
+        try:
+            t.stream.load_state_dict(rs["stream"])
+        except ValueError as e:  # e.g. another global batch, or an earlier per-rank reader state
+            raise RunDirError(f"run dir {t.run_dir}: checkpoint at step {main['step']}: {e}") from None
         t.aug_gen.set_state(rs["aug_gen"])
         torch.set_rng_state(rs["torch_rng"])
         if rs["cuda_rng"] is not None and t.device.type == "cuda":
@@ -325,3 +353,11 @@ class Checkpointer:
                       + "; ".join(c.describe() for c in guarded) + f" (train.allow_config_change=true; "
                       f"recorded in {t.run_dir / rundir.HISTORY_FILE})")
         dump_config(t.cfg, t.run_dir / "config.yaml")
+
+
+def _global_position(reader: dict[str, Any]) -> bool:
+    """Whether a reader's state is a position in the global sample order (both streams'
+    ``pipelines.sampling.IndexStream`` states, in an exact order), the same at any world size."""
+    streams = [reader.get(name) for name in ("labeled", "unlabeled")]
+    return (reader.get("order", "exact") in ("exact", "index")
+            and all(isinstance(st, dict) and st.get("order") == "global" for st in streams))

@@ -80,9 +80,13 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     except ValueError as e:
         raise ConfigError(str(e)) from e
     t = cfg.train
-    for key, value in (("train.labeled_batch", t.labeled_batch), ("train.unlabeled_batch", t.unlabeled_batch)):
+    per_step = [("train.labeled_batch", t.labeled_batch), ("train.unlabeled_batch", t.unlabeled_batch)]
+    if cfg.method.algorithm == "bmb" and cfg.method.use_bank:
+        per_step.append(("method.get_num", cfg.method.get_num))
+    for key, value in per_step:  # global per-step counts, split over the ranks
         if value % world:
-            raise ConfigError(f"{key}={value} is not divisible by the {world} processes")
+            raise ConfigError(f"{key}={value} is not divisible by the {world} processes (it is global: "
+                              "split over the ranks)")
     stream = pipelines.build_train_stream(
         backend, dataset, labeled_batch=t.labeled_batch // world, unlabeled_batch=t.unlabeled_batch // world,
         seed=t.seed, setup=setup)

@@ -128,10 +128,7 @@ class IndexStream:
         """Restore a position, at any world size with the same global batch: the position is in
         global batches. A state that means something else is refused (ValueError naming it)."""
         if state.get("order") != "global":
-            raise ValueError(
-                f"{self.stream}: cannot restore reader state written with per-rank sample order "
-                "(an older bmb); resume it with that version or start afresh"
-            )
+            state = self._from_per_rank(state)
         for key in ("n", "seed", "global_batch"):
             if state[key] != getattr(self, key):
                 raise ValueError(
@@ -142,6 +139,19 @@ class IndexStream:
         if batches < 0:
             raise ValueError(f"{self.stream}: bad reader state batches={batches}")
         self.batches = batches
+
+    def _from_per_rank(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A state of the earlier per-rank order (``epoch``, ``position`` in the rank's share):
+        one process's is a global position too; several processes' cannot be mapped."""
+        consumed = int(state["epoch"]) * int(state["n"]) + int(state["position"])
+        if state.get("world_size", 1) != 1 or consumed % int(state["batch_size"]):
+            raise ValueError(
+                f"{self.stream}: cannot restore a reader state of the earlier per-rank sample "
+                f"order written by {state.get('world_size')} processes (each rank had its own "
+                "share of every epoch); resume it with that version of bmb, or start afresh"
+            )
+        return {**state, "batches": consumed // int(state["batch_size"]),
+                "global_batch": int(state["batch_size"])}
 
 
 def eval_rank_indices(n: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     (["method.alpha=-1"], "method.alpha: must be >= 0.0"),
     (["method.algorithm=mixmatch"], "method.algorithm: must be one of bmb, fixmatch"),
     (["method.use_bank=maybe"], "method.use_bank: expected true/false"),
-    (["method.get_num=300"], r"method.get_num \(300\) must be <= method.bank_size"),
+    (["method.get_num=300", "method.get_replacement=false"], r"method.get_num \(300\) must be <= method.bank_size"),
     (["data.std=[1,0,1]"], "data.std"),
     (["train.eval_protocol=best_val"], "data.val_split"),
     (["epochs"], "key=value"),

@@ -50,7 +50,7 @@ def random_outputs(g: torch.Generator, b: int, k: int = 2) -> StepOutputs:
     return StepOutputs(torch.randint(0, C, (b,), generator=g), out(b), out(b), out(k * b), unlabeled_on=True)
 
 
-def dist_bmb(get_num: int = 4, **kw) -> BMB:
+def dist_bmb(get_num: int = 8, **kw) -> BMB:
     args = dict(threshold=0.6, put_power=2.0, get_power=1.0, bank_size=24, get_num=get_num,
                 generator=torch.Generator().manual_seed(0), collectives=Collectives())
     args.update(kw)
@@ -70,7 +70,7 @@ def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     state = alg.bank.generator.get_state()
     feats, labels, valid = alg.bank_slice()
     alg.bank.generator.set_state(state)
-    full_f, full_y, full_v = alg.bank.draw(alg.get_num * world, alg.estimator.value(), replacement=False)  # again
+    full_f, full_y, full_v = alg.bank.draw(alg.get_num, alg.estimator.value(), replacement=False)  # again
     torch.save({"bank": alg.bank.state_dict(), "nhat": alg.estimator.value(), "steps": alg.estimator.steps,
                 "slice": feats, "valid": valid, "full": full_f, "full_valid": full_v}, f"{out_dir}/rank{rank}.pt")
     _finish()
@@ -84,7 +84,7 @@ def test_banks_identical_nhat_summed_slices_disjoint(tmp_path):
     assert torch.equal(r0["bank"]["labels"], r1["bank"]["labels"])
     assert torch.equal(r0["bank"]["generator"], r1["bank"]["generator"])
     assert torch.equal(r0["nhat"], r1["nhat"]) and r0["steps"] == 40
-    # Each rank's `get` slice is its own half of one global draw: disjoint, together the draw.
+    # Each rank's `get` slice is its own half of one global draw of get_num = 8: disjoint, together the draw.
     assert r0["slice"].shape == r1["slice"].shape == (4, D)
     assert torch.equal(r0["full"], r1["full"]) and bool(r0["full_valid"].all() and r0["valid"].all())
     # Rank r keeps rows r, r + world, ...: together the slices are exactly the global draw.
@@ -172,7 +172,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     _init(rank, world, port)
     x, y, prefill = equivalence_inputs()
     model = nn.parallel.DistributedDataParallel(build_model())
-    alg = build_alg(GET // world)
+    alg = build_alg(GET)  # get_num is global, like the batches
     alg.bank.put_power = 0.0
     alg.bank.enqueue(*prefill)
     xr, yr, bl, bu = _pick_rows(x, y, rank, world)
