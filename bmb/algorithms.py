@@ -216,6 +216,7 @@ class BMB(Algorithm):
                                        generator=ctx.generator, device=ctx.device)
         self.estimator = UnlabeledCountEstimator(c, ctx.unlabeled_size, mode=m.estimate, device=ctx.device)
         self._pending: torch.Tensor | None = None  # this step's bank candidates, enqueued in after_step
+        self._pending_views = 1  # views (row blocks) in _pending
         self.bank_check_every = m.bank_check_every
         self.bank_updates = 0
         self.last_get: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's global draw: get histogram
@@ -257,6 +258,7 @@ class BMB(Algorithm):
             logits.append(aux_head(plan["bank_feats"]))
             self.last_get = (plan["drawn_labels"], plan["drawn_valid"])
             self._pending = plan["pending"]
+            self._pending_views = out.num_strong if self.bank_view == "strong" else 1
         ce = F.cross_entropy(torch.cat(logits).float(), plan["targets"], reduction="none")
         total = base_l + self.lambda_u * base_u + (ce * plan["coef"]).sum()
         with torch.no_grad():
@@ -359,10 +361,15 @@ class BMB(Algorithm):
         return (torch.cat(targets), coef, term_weights, *stats)
 
     def after_step(self) -> None:
-        """Gather every rank's candidates and enqueue them (identically on every rank)."""
+        """Gather every rank's candidates and enqueue them (identically on every rank), in the
+        order of one process's step: view-major over the global batch (each rank's rows are
+        view-major over its slice, the ranks' slices contiguous in rank order)."""
         if self._pending is None:
             return
-        packed = self.coll.all_gather_cat(self._pending).to(self.bank.device)
+        packed = self.coll.all_gather_cat(self._pending).to(self.bank.device)  # (world * K * b, D + 2)
+        if self.coll.active:
+            world, k = self.coll.world_size, self._pending_views
+            packed = packed.view(world, k, -1, packed.shape[1]).transpose(0, 1).reshape(packed.shape)
         self._pending = None
         self.graphs.enqueue_packed(packed)
         self.bank_updates += 1
