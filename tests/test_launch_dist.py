@@ -1,5 +1,6 @@
 """The real entry point under `accelerate launch` with 2 CPU processes: DeepSpeed ZeRO-2 trains
-and resumes; a DDP run stopped by SIGTERM and resumed ends bitwise equal to an uninterrupted run."""
+and resumes, and refuses to resume with another number of processes; a DDP run stopped by SIGTERM
+and resumed ends bitwise equal to an uninterrupted run, and its reported result is its export's."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def data(tmp_path_factory) -> Path:
     return build_small_demo(tmp_path_factory.mktemp("d") / "demo")
 
 
-def launch_cmd(launcher_args: list[str], data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [*ACCELERATE, *launcher_args, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+def launch_cmd(launcher_args: list[str], data: Path, out: Path, name: str, *extra: str, nproc: int = 2) -> list[str]:
+    return [*ACCELERATE, *launcher_args, "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
             "--main_process_port", str(free_port()), str(REPO / "launch" / "train.py"),
             "--config", str(REPO / "launch" / "configs" / "demo.yaml"), *TINY,
             f"data.dataset={data}", f"train.out_dir={out}", f"name={name}", *extra]
@@ -57,9 +58,10 @@ def test_deepspeed_zero2_trains_and_resumes(data, tmp_path):
     pytest.importorskip("deepspeed")
     cfg = ["--config_file", str(REPO / "launch" / "accelerate" / "deepspeed_zero2.yaml")]
     env = cpu_env()  # DeepSpeed picks its CPU accelerator itself; the script asks Accelerate for gloo
-    first = run(launch_cmd(cfg, data, tmp_path, "ds", "train.epochs=1"), env)
+    warm = "optim.warmup_steps=4"  # the lr moves: it must step once per step under DeepSpeed too
+    first = run(launch_cmd(cfg, data, tmp_path, "ds", "train.epochs=1", warm), env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = run(launch_cmd(cfg, data, tmp_path, "ds", "train.epochs=2"), env)
+    second = run(launch_cmd(cfg, data, tmp_path, "ds", "train.epochs=2", warm), env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "[resume] from" in second.stdout and "at step 10" in second.stdout
     final = json.loads((tmp_path / "ds" / "final.json").read_text())
@@ -69,8 +71,19 @@ def test_deepspeed_zero2_trains_and_resumes(data, tmp_path):
     # ZeRO-2: each rank saved its own optimizer partition
     assert "single_partition_of_fp32_groups" in ck["rank0"]["optimizer"]
     assert "single_partition_of_fp32_groups" in r1["optimizer"]
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
     assert len(losses) == 20 and all(l == l and l < 100 for l in losses)  # noqa: E741
+    assert [r["lr"] for r in rows[:6]] == pytest.approx([0.0005, 0.001, 0.0015, 0.002, 0.002, 0.002])
+    assert ck["scheduler"]["last_epoch"] == 20  # once per step, not once per process
+
+    # One process cannot take over the two ZeRO partitions: refused, naming the cause, before any write.
+    before = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
+    third = run(launch_cmd(cfg, data, tmp_path, "ds", "train.epochs=3", warm, nproc=1), env)
+    assert third.returncode != 0, third.stdout  # the worker exits 2; the launcher reports a failure
+    assert "run dir error" in third.stderr, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "written by 2 processes, this run has 1" in third.stderr and "ZeRO" in third.stderr, third.stderr[-3000:]
+    assert {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()} == before
 
 
 def _workers_of(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -83,6 +96,17 @@ def test_ddp_sigterm_resume_is_bitwise_exact(data, tmp_path):
     multi = ["--multi_gpu"]  # with ACCELERATE_USE_CPU this is MULTI_CPU over gloo
     full = run(launch_cmd(multi, data, tmp_path, "full", "train.epochs=3"), env)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    # The reported result is the exported model's: the 2-process run's last evaluation equals
+    # bmb-eval of its export in one process (batch norm buffers: rank 0's, evaluated and saved).
+    from launch.eval import main as bmb_eval
+
+    assert bmb_eval([str(tmp_path / "full" / "export"), "--dataset", str(data), "--device", "cpu",
+                     "--json", str(tmp_path / "eval.json")]) == 0
+    alone = json.loads((tmp_path / "eval.json").read_text())
+    last = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 30 and alone["samples"] == 200
+    for key in ("top1", "mean_recall", "many", "medium", "few", "per_class_recall"):
+        assert alone[key] == pytest.approx(last[key], abs=1e-12), key
 
     cut = subprocess.Popen(launch_cmd(multi, data, tmp_path, "cut", "train.epochs=3"), env=env, cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
