@@ -268,8 +268,10 @@ class Checkpointer:
         self._apply(main, mine, parts)
         if any(c.kind == "guarded" for c in changes):
             self._apply_config_changes()
+        moved = (f" (written by {main['world_size']} processes, continuing with {t.coll.world_size})"
+                 if main["world_size"] != t.coll.world_size else "")
         t.log(f"[resume] from {path if mode != 'auto' else ckpt.main_path(t.ckpt_dir, t.step)} "
-              f"at step {t.step}")
+              f"at step {t.step}{moved}")
         return {"fresh": False, "run_id": main["run_id"], "path": str(path), "step": t.step,
                 "changes": changes, "adopted": ident is None, "config": main["config"], "later": later}
 

@@ -5,7 +5,8 @@ The format itself (manifest, tar layout and reader, decoding) is :mod:`shards.fo
 A tar shard is seekable, so instead of streaming it we index its member headers once
 (``key -> image offset/size``, label, stable index) and then read any sample with one seek.
 That gives the webdataset backend the tensor backend's exact sampling semantics (global
-per-epoch permutation, equal rank shares, O(1) resume) over the same shard files.
+per-epoch permutation, each rank a slice of every global batch, O(1) resume) over the same
+shard files.
 
 Training splits are written in a seeded shuffled order (``splits.<s>.order`` in the manifest,
 see docs/datasets.md "Sample order"); the index is keyed by each sample's stable index, never by

@@ -124,7 +124,7 @@ class TensorStream:
     """Infinite, resumable :class:`~pipelines.base.TrainStream` over two in-memory splits.
 
     Labeled and unlabeled streams are independent :class:`~pipelines.sampling.IndexStream`\\ s
-    (own epochs and reshuffles); each rank takes a disjoint, equal-length part of every epoch.
+    (own epochs and reshuffles); each rank takes its contiguous slice of every global batch.
 
     Args:
         labeled: labeled split.

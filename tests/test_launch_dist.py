@@ -36,8 +36,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def launch_cmd(launcher_args: list[str], data: Path, out: Path, name: str, *extra: str, nproc: int = 2) -> list[str]:
-    return [*ACCELERATE, *launcher_args, "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
-            "--main_process_port", str(free_port()), str(REPO / "launch" / "train.py"),
+    return [*ACCELERATE, *launcher_args, "--num_processes", str(nproc), "--num_machines", "1",
+            "--mixed_precision", "no", "--main_process_port", str(free_port()), str(REPO / "launch" / "train.py"),
             "--config", str(REPO / "launch" / "configs" / "demo.yaml"), *TINY,
             f"data.dataset={data}", f"train.out_dir={out}", f"name={name}", *extra]
 
