@@ -17,6 +17,8 @@ import psutil
 import pytest
 import torch
 
+from bmb.config import load_config
+from bmb.optim import lr_lambda
 from tests.demo_data import build_small_demo
 from tests.ports import free_port
 
@@ -94,7 +96,8 @@ def _workers_of(launcher: subprocess.Popen) -> list[psutil.Process]:
 def test_ddp_sigterm_resume_is_bitwise_exact(data, tmp_path):
     env = cpu_env(ACCELERATE_USE_CPU="true")
     multi = ["--multi_gpu"]  # with ACCELERATE_USE_CPU this is MULTI_CPU over gloo
-    full = run(launch_cmd(multi, data, tmp_path, "full", "train.epochs=3"), env)
+    recipe = ["train.epochs=3", "optim.schedule=cosine", "optim.schedule_unit=epoch", "optim.warmup_steps=5"]
+    full = run(launch_cmd(multi, data, tmp_path, "full", *recipe), env)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     # The reported result is the exported model's: the 2-process run's last evaluation equals
     # bmb-eval of its export in one process (batch norm buffers: rank 0's, evaluated and saved).
@@ -107,8 +110,13 @@ def test_ddp_sigterm_resume_is_bitwise_exact(data, tmp_path):
     assert last["step"] == 30 and alone["samples"] == 200
     for key in ("top1", "mean_recall", "many", "medium", "few", "per_class_recall"):
         assert alone[key] == pytest.approx(last[key], abs=1e-12), key
+    # The per-epoch cosine with warm-up moved once per step on 2 processes, as on one.
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "full" / "train.jsonl").read_text().splitlines()]
+    f = lr_lambda(load_config(None, [*TINY, *recipe, f"data.dataset={data}"]))
+    assert lrs == pytest.approx([0.002 * f(step) for step in range(30)], rel=1e-12)
+    assert len(set(lrs[10:20])) == 1 and lrs[20] < lrs[19]  # held through an epoch, moved at its end
 
-    cut = subprocess.Popen(launch_cmd(multi, data, tmp_path, "cut", "train.epochs=3"), env=env, cwd=REPO,
+    cut = subprocess.Popen(launch_cmd(multi, data, tmp_path, "cut", *recipe), env=env, cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "cut" / "train.jsonl"
     deadline = time.time() + 300
@@ -126,7 +134,7 @@ def test_ddp_sigterm_resume_is_bitwise_exact(data, tmp_path):
     step = int(mains[-1].stem.split("-")[1])
     assert 0 < step < 30
 
-    resumed = run(launch_cmd(multi, data, tmp_path, "cut", "train.epochs=3"), env)
+    resumed = run(launch_cmd(multi, data, tmp_path, "cut", *recipe), env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stdout
 
