@@ -180,7 +180,7 @@ class Checkpointer:
                               f"ranks (one part per rank file) and is not re-partitioned for {now}: resume with "
                               f"{world} processes (DDP checkpoints resume at any world size)")
         reader = main["rank0"]["stream"]
-        if not _global_position(reader):
+        if not global_reader_position(reader):
             raise RunDirError(f"{head}; its reader state (backend {reader.get('backend')!r}, order "
                               f"{reader.get('order')!r}) is a position per rank, which another number of "
                               f"processes cannot continue exactly: resume with {world} processes")
@@ -357,7 +357,7 @@ class Checkpointer:
         dump_config(t.cfg, t.run_dir / "config.yaml")
 
 
-def _global_position(reader: dict[str, Any]) -> bool:
+def global_reader_position(reader: dict[str, Any]) -> bool:
     """Whether a reader's state is a position in the global sample order (both streams'
     ``pipelines.sampling.IndexStream`` states, in an exact order), the same at any world size."""
     streams = [reader.get(name) for name in ("labeled", "unlabeled")]

@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bmb.config import load_config
+from bmb.config import ConfigError, load_config
 from bmb.optim import lr_lambda
+from bmb.resume import global_reader_position
+from launch.train import build_data
 from pipelines.augment.views import ViewMaker
 from tests.demo_data import build_small_demo
 from tests.ports import free_port
@@ -42,6 +44,34 @@ CONFIG = ["--config", str(REPO / "launch" / "configs" / "demo.yaml"), "model.wid
           f"train.checkpoint_every={CUT}", "train.keep_checkpoints=3", "train.progress=false", "train.threads=1",
           "method.threshold=0.2", "method.bank_size=32", "method.get_num=8", "method.bank_check_every=5",
           "train.ema_decay=0.9", "train.trackers=[]"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build_small_demo(tmp_path_factory.mktemp("ws") / "demo")  # 131 labeled: no world size divides it
+
+
+def test_per_step_counts_must_divide_by_the_world_size(data):
+    """get_num is global like the batches: a count the ranks cannot split is refused, naming
+    the key, the value and the number of processes."""
+    cfg = load_config(None, [*CONFIG[2:], f"data.dataset={data}"])
+    build_data(cfg, 0, 2, torch.device("cpu"))  # 16 / 16 / 8 split over 2
+    with pytest.raises(ConfigError, match=r"method.get_num=8 is not divisible by the 3 processes"):
+        build_data(load_config(None, [*CONFIG[2:], f"data.dataset={data}", "train.labeled_batch=12",
+                                      "train.unlabeled_batch=12"]), 0, 3, torch.device("cpu"))
+
+
+def test_which_reader_states_resume_at_another_world_size():
+    """A position in the global order (tensor, webdataset index, ffcv exact) carries over; a
+    per-rank position (webdataset stream, ffcv quasi_random, DALI) does not."""
+    pos = {"order": "global", "batches": 3, "global_batch": 16, "n": 131, "seed": 0, "rank": 0, "world_size": 2}
+    assert global_reader_position({"backend": "tensor", "labeled": pos, "unlabeled": pos})
+    assert global_reader_position({"backend": "webdataset", "skipped": 0, "labeled": pos, "unlabeled": pos})
+    assert global_reader_position({"backend": "ffcv", "order": "exact", "labeled": pos, "unlabeled": pos})
+    assert not global_reader_position({"backend": "ffcv", "order": "quasi_random", "labeled": pos, "unlabeled": pos})
+    assert not global_reader_position({"backend": "webdataset", "order": "stream", "labeled": {"epoch": 1},
+                                 "unlabeled": {"epoch": 1}})
+    assert not global_reader_position({"backend": "dali", "labeled": None, "unlabeled": None})
 
 
 def test_views_do_not_depend_on_the_world_size():
@@ -107,8 +137,7 @@ def assert_same_run(a: Path, b: Path, steps: range) -> None:
     assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"] == STEPS
 
 
-def test_one_and_two_processes_train_alike_and_resume_across(tmp_path):
-    data = build_small_demo(tmp_path / "demo")  # 131 labeled: no world size divides an epoch
+def test_one_and_two_processes_train_alike_and_resume_across(data, tmp_path):
     out = tmp_path / "runs"
     train(1, data, out, "one")
     train(2, data, out, "two")
