@@ -19,7 +19,7 @@ Run directory (``train.out_dir/name``)::
     run.json           run id and the config the run was started with (bmb.rundir)
     history.jsonl      start / resume / config_change / finish events (bmb.rundir)
     metrics.jsonl      one JSON object per evaluation
-    train.jsonl        smoothed training scalars every ``log_every`` steps
+    train.jsonl        training scalars (means over the ranks) and the lr every ``log_every`` steps
     final.json         the result under the configured protocol
     checkpoints/       see bmb.checkpoint
     export/            the final EMA model: model.safetensors, model.json, model_card.md (bmb.export)
