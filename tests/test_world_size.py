@@ -74,6 +74,28 @@ def test_which_reader_states_resume_at_another_world_size():
     assert not global_reader_position({"backend": "dali", "labeled": None, "unlabeled": None})
 
 
+def test_webdataset_reader_resumes_at_another_world_size(data):
+    """Two ranks' webdataset (index order) position restores into one process at the same global
+    batch: its next batch is the ranks' next batches, concatenated (so is the tensor backend's,
+    tests/test_pipelines_tensor.py)."""
+    from pipelines import build_train_stream
+
+    def stream(rank: int, world: int):
+        return build_train_stream("webdataset", data, labeled_batch=16 // world, unlabeled_batch=16 // world, seed=0,
+                                  rank=rank, world_size=world, num_workers=0)
+
+    ranks = [stream(r, 2) for r in (0, 1)]
+    its = [iter(s) for s in ranks]
+    for _ in range(9):  # past the labeled split's first epoch (131 samples = 8.2 steps)
+        for it in its:
+            next(it)
+    one = stream(0, 1)
+    one.load_state_dict(ranks[0].state_dict())
+    got, want = next(iter(one)), [next(it) for it in its]
+    assert torch.equal(got.unlabeled_index, torch.cat([w.unlabeled_index for w in want]))
+    assert torch.equal(got.labeled, torch.cat([w.labeled for w in want]))
+
+
 def test_views_do_not_depend_on_the_world_size():
     """R ranks, each making its slice's views from the same generator state (part=(r, R)),
     make exactly the views one process makes of the whole batch, for both crops."""
