@@ -70,3 +70,35 @@ def test_dotless_scientific_numbers_are_floats(tmp_path):
     for bad in ("optim.lr=1e", "optim.lr=e-3", "train.epochs=1e3"):  # not numbers / not an integer key
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, ["data.dataset=x", bad])
+
+
+# issue 20 (low rows): a run name that is not one path component, seeds and integers out of range,
+# and a key given twice in a YAML file are refused, naming the key (and the file).
+@pytest.mark.parametrize("override, match", [
+    (["name="], "name: '' is not a run name"),
+    (["name=."], "name: '.' is not a run name"),
+    (["name=.."], "name: '..' is not a run name"),
+    (["name=a/b"], "name: 'a/b' is not a run name"),
+    (["name=../escape"], "name: '../escape' is not a run name"),
+    (["train.seed=100000000000000000000"], "train.seed: 100000000000000000000 is out of range"),
+    (["train.seed=1e20"], "train.seed: expected an integer"),
+    (["train.seed=2147483648"], "train.seed: must be <= 2147483647"),
+    (["train.seed=-1"], "train.seed: must be >= 0"),
+    (["train.max_steps=9223372036854775808"], "train.max_steps: 9223372036854775808 is out of range"),
+])
+def test_run_names_and_out_of_range_integers_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, DS + override)
+    assert load_config(None, DS + ["name=run.v2", "train.seed=2147483647"]).train.seed == 2147483647
+
+
+def test_duplicate_yaml_keys_are_an_error_naming_key_and_file(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  seed: 1\n  epochs: 3\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=f"{path}: key 'seed' is given twice in one mapping \\(again on line 4\\)"):
+        load_config(path, DS)
+    path.write_text("train: {seed: 1}\ntrain: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match="key 'train' is given twice"):
+        load_config(path, DS)
+    path.write_text("train:\n  <<: {seed: 1, epochs: 3}\n  seed: 2\n")  # a merge key's value may be overridden
+    assert load_config(path, DS).train.seed == 2

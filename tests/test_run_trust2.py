@@ -40,6 +40,13 @@ def run(demo_data, tmp_path):
     return _run
 
 
+def float_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in items for t in float_tensors(v)]
+
+
 def all_finite(path):
     """Every floating tensor in a checkpoint (or safetensors) file is finite."""
     if path.suffix == ".safetensors":
@@ -47,9 +54,7 @@ def all_finite(path):
 
         tensors = list(load_file(path).values())
     else:
-        from bmb.guards import named_tensors
-
-        tensors = [t for _, t in named_tensors(torch.load(path, weights_only=True))]
+        tensors = float_tensors(torch.load(path, weights_only=True))
     assert tensors, f"{path} holds no float tensors"
     return all(bool(t.isfinite().all()) for t in tensors)
 
