@@ -6,7 +6,12 @@ A run directory ``out_dir/name`` holds, besides the outputs listed in ``bmb/engi
 
     run.json        {"run_id", "created", "config"}: the run's id and the config it was started with
     history.jsonl   one JSON event per line: start, resume (with the cadence keys that changed),
-                    config_change (opted-in hyperparameter changes, old and new values), finish
+                    config_change (opted-in hyperparameter changes, old and new values),
+                    dataset_change (opted-in rebuilt dataset: both build ids), diverged, finish
+
+and beside it ``out_dir/.<name>.lock`` (:class:`RunLock`) while a training runs. Before anything is
+written, :func:`claim` takes the lock and refuses links planted in the directory and JSONL logs
+corrupt other than in their last line (:func:`check_run_dir`).
 
 Every checkpoint (and its seal, see ``bmb/checkpoint.py``) carries the run id. Resuming compares
 the requested config with the checkpoint's: :data:`RESUMABLE` keys may change; any other change is

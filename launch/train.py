@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from bmb.engine import Trainer
     from bmb.guards import EXIT_DIVERGED, DivergedError
     from bmb.models import BMBModel, resolve_memory_format
-    from bmb.rundir import RunDirError, claim
+    from bmb.rundir import RunDirError, append_history, claim
     from pipelines.augment import ViewMaker
 
     try:
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:  # every rank, before anything non-finite was checkpointed or exported
         if rank == 0:
             print(f"DivergedError: {e}", file=sys.stderr)
+            append_history(run_dir, "diverged", trainer.run_id, step=trainer.step, error=str(e))
         code = EXIT_DIVERGED
     except CheckpointWriteError as e:  # e.g. a full disk; nothing half-written under a checkpoint's name
         print(f"checkpoint error (rank {rank}): {e.strerror}", file=sys.stderr)

@@ -68,7 +68,8 @@ def test_2_diverged_run_stops_naming_the_step_and_writes_nothing_nonfinite(run, 
     found = {}
     for name, cadence in (("params", ["train.checkpoint_every=2"]),  # weights checked before each save
                           ("loss-every-step", ["train.log_every=1", "train.checkpoint_every=10"]),
-                          ("loss-every-10", ["train.log_every=10", "train.eval_every=10", "train.checkpoint_every=10"])):
+                          ("loss-every-10", ["train.log_every=10", "train.eval_every=10",
+                                             "train.checkpoint_every=10"])):
         code = run("optim.lr=1e6", *cadence, name=name)
         err = capsys.readouterr().err
         assert code == EXIT_DIVERGED, err
@@ -261,3 +262,28 @@ def test_low_planted_symlinks_are_refused(run, tmp_path, capsys, planted):
     err = capsys.readouterr().err
     assert f"run dir {d}: {link} is a symbolic link" in err
     assert snapshot(victim) == before and (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_2_the_loss_watch_reads_nothing_back_per_step(monkeypatch):
+    """The per-step fold is device work only: nothing is read back to the host (on a GPU, a read
+    would wait for the step); reading happens in ``check``, at the loop's boundaries."""
+    from bmb.dist import Collectives
+    from bmb.guards import DivergedError, LossWatch
+
+    watch = LossWatch()
+    names = ("loss", "base_l", "mb")
+    steps = {1: [1.0, 0.5, 0.5], 2: [2.0, 1.0, 1.0], 3: [float("nan"), 1.0, float("inf")], 4: [1.0, 1.0, 1.0]}
+
+    def no_read(*_):
+        raise AssertionError("a host read in LossWatch.observe")
+
+    with monkeypatch.context() as m:
+        for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+            m.setattr(torch.Tensor, attr, no_read)
+        for step, values in steps.items():
+            watch.observe(step, names, torch.tensor(values))
+    with pytest.raises(DivergedError, match=r"non-finite loss at step 3 \(loss=nan; terms: base_l=1; mb=inf\)"):
+        watch.check(Collectives())
+    fresh = LossWatch()
+    fresh.observe(1, names, torch.tensor(steps[1]))
+    fresh.check(Collectives())  # all finite: nothing raised
