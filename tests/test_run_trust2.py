@@ -82,6 +82,7 @@ def test_2_diverged_run_stops_naming_the_step_and_writes_nothing_nonfinite(run, 
         assert all(int(f.name[5:13]) < found[name][1] for f in files)
         assert not (d / "final.json").exists() and not (d / "export").exists()
         assert "NaN" not in (d / "metrics.jsonl").read_text()
+        assert history(d)[-1]["event"] == "diverged" and f"at step {found[name][1]}" in history(d)[-1]["error"]
     kind, step = found["params"]  # a loss still finite, the weights after its update not: before the save
     assert kind.startswith("parameter model.") and step % 2 == 0 and step > 2
     assert ckpts(tmp_path / "params") == [f"ckpt-{s:08d}.pt" for s in range(2, step, 2)]
@@ -121,8 +122,8 @@ def test_4_one_training_per_run_directory(demo_data, tmp_path, capsys):
     a = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *long], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):  # the first training holds the lock once it is about to start
-            if lock.is_file() and (d / "history.jsonl").is_file():
+        for _ in range(1200):  # the first training holds the lock, and is in its loop (signals handled)
+            if lock.is_file() and (d / "train.jsonl").is_file():
                 break
             assert a.poll() is None, a.communicate()
             time.sleep(0.1)
@@ -287,3 +288,32 @@ def test_2_the_loss_watch_reads_nothing_back_per_step(monkeypatch):
     fresh = LossWatch()
     fresh.observe(1, names, torch.tensor(steps[1]))
     fresh.check(Collectives())  # all finite: nothing raised
+
+
+def _watch_two_ranks(rank, world, port, out):
+    from bmb.dist import Collectives
+    from bmb.guards import DivergedError, LossWatch
+    from tests.test_dist import _finish, _init
+
+    _init(rank, world, port)
+    watch = LossWatch()
+    for step in range(1, 6):  # rank 1 alone sees a NaN, at step 3 (its own batch)
+        bad = rank == 1 and step >= 3
+        watch.observe(step, ("loss", "aux_l"), torch.tensor([float("nan") if bad else 1.0, 0.5]))
+    try:
+        watch.check(Collectives())
+        msg = "no error"
+    except DivergedError as e:
+        msg = str(e)
+    torch.save(msg, os.path.join(out, f"rank{rank}.pt"))
+    _finish()
+
+
+@pytest.mark.dist
+def test_2_every_rank_stops_together_naming_the_rank_that_diverged(tmp_path):
+    from tests.test_dist import spawn
+
+    spawn(_watch_two_ranks, 2, str(tmp_path))
+    msgs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert msgs[0] == msgs[1]  # rank 0, whose own loss was finite, stops too, with rank 1's numbers
+    assert msgs[0].startswith("non-finite loss at step 3 on rank 1 (loss=nan; terms: aux_l=0.5)")
