@@ -253,11 +253,17 @@ class RunDirLocked(RunDirError):
     """Another live training holds the run directory's lock."""
 
 
+def _slurm_incarnation() -> dict[str, str]:
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job_id": job, "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")} if job else {}
+
+
 class RunLock(PidLock):
     """``out_dir/.<name>.lock``, held by rank 0 of a training for its whole run: a second training
     of the same run directory stops before writing anything, naming the holder (pid, host). It
     lies beside the run directory, so that a refused start leaves the directory itself untouched.
-    A lock whose pid is not alive on this host (a killed run) is taken over, with a warning."""
+    A lock whose pid is not alive on this host (a killed run), or one of an earlier run of the same
+    SLURM job (requeued after a kill, maybe on another node), is taken over, with a warning."""
 
     tool = "bmb-train"
     error = RunDirLocked
@@ -266,6 +272,16 @@ class RunLock(PidLock):
         run_dir = Path(run_dir)
         super().__init__(run_dir.parent / f".{run_dir.name}.lock")
         self.run_dir = run_dir
+
+    def _record(self) -> dict[str, Any]:
+        return {**super()._record(), **_slurm_incarnation()}
+
+    def superseded(self, info: dict[str, Any]) -> bool:
+        """A lock of an earlier run of this same SLURM job (requeued, maybe on another node, after
+        its process was killed): SLURM never runs two at once, so that holder is dead."""
+        now = _slurm_incarnation()
+        return bool(now) and info.get("slurm_job_id") == now["slurm_job_id"] and (
+            info.get("slurm_restart_count") != now["slurm_restart_count"])
 
     def held_message(self, who: str, other_host: bool) -> str:
         hint = ("if that training is dead, delete the lock file" if other_host else

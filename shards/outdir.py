@@ -241,6 +241,11 @@ class PidLock:
     def stale_message(self, who: str) -> str:
         raise NotImplementedError
 
+    def superseded(self, info: dict[str, Any]) -> bool:
+        """Whether the holder is known to be dead whatever its host (e.g. an earlier run of
+        this very SLURM job); such a lock is taken over like a stale one."""
+        return False
+
     def _record(self) -> dict[str, Any]:
         return {
             "tool": self.tool,
@@ -285,9 +290,11 @@ class PidLock:
                 raise self.error(self.unreadable_message())
             pid, host = info.get("pid"), info.get("host")
             who = f"pid {pid} on host {host}, started {info.get('started')}"
-            if host != socket.gethostname():
+            if self.superseded(info):
+                pass
+            elif host != socket.gethostname():
                 raise self.error(self.held_message(who, True))
-            if isinstance(pid, int) and not isinstance(pid, bool) and _pid_alive(pid):
+            elif isinstance(pid, int) and not isinstance(pid, bool) and _pid_alive(pid):
                 raise self.error(self.held_message(who, False))
             # Stale: move it aside atomically (only one taker succeeds), check it is the one
             # judged stale, then retry the create.

@@ -317,3 +317,28 @@ def test_2_every_rank_stops_together_naming_the_rank_that_diverged(tmp_path):
     msgs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert msgs[0] == msgs[1]  # rank 0, whose own loss was finite, stops too, with rank 1's numbers
     assert msgs[0].startswith("non-finite loss at step 3 on rank 1 (loss=nan; terms: aux_l=0.5)")
+
+
+def test_4_a_requeued_slurm_job_takes_over_its_own_lock_only(tmp_path, monkeypatch, capsys):
+    """A SLURM job killed hard and requeued (same job id, next restart count) may start on another
+    node: its earlier run's lock is taken over; a lock of another job on another host is not."""
+    from bmb.rundir import RunDirLocked, RunLock
+
+    run_dir = tmp_path / "r"
+    lock = tmp_path / ".r.lock"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for job, count, taken in (("4242", "0", True), ("777", "0", False), ("4242", "1", False)):
+        lock.write_text(json.dumps({"tool": "bmb-train", "pid": 1, "host": "node-a", "started": "then",
+                                    "token": "x", "slurm_job_id": job, "slurm_restart_count": count}))
+        mine = RunLock(run_dir)
+        if taken:
+            mine.acquire()
+            assert "taking over the stale lock" in capsys.readouterr().err
+            assert json.loads(lock.read_text())["slurm_restart_count"] == "1"
+            mine.release()
+            assert not lock.exists()
+        else:
+            with pytest.raises(RunDirLocked, match="in use by another training \\(pid 1 on host node-a"):
+                mine.acquire()
+            assert json.loads(lock.read_text())["slurm_job_id"] == job  # left as it was
