@@ -76,21 +76,20 @@ class LossWatch:
         local = self._local()
         if not coll.any_true(local is not None):
             return
-        found = [(local, coll.rank)]
-        if coll.active:
+        found: list[Any] = [(local, coll.rank)]
+        if coll.active:  # every rank learns the earliest, with its terms (a host-side gather)
             import torch.distributed as dist
 
-            gathered: list[Any] = [None] * coll.world_size
-            dist.all_gather_object(gathered, found[0], group=coll._host())
-            found = [g for g in gathered if g[0] is not None]
+            found = [None] * coll.world_size
+            dist.all_gather_object(found, (local, coll.rank), group=coll._host())
         (step, names, values), rank = min((f for f in found if f[0] is not None), key=lambda f: (f[0][0], f[1]))
-        terms = dict(zip(names, values))
-        main = ", ".join(f"{k}={_fmt(v)}" for k, v in terms.items() if k == "loss")
-        rest = "; ".join(f"{k}={_fmt(v)}" for k, v in terms.items() if k != "loss")
+        terms = {k: _fmt(v) for k, v in zip(names, values)}
+        rest = "; ".join(f"{k}={v}" for k, v in terms.items() if k != "loss")
         where = f" on rank {rank}" if coll.world_size > 1 else ""
-        raise DivergedError(f"non-finite loss at step {step}{where} ({main or 'loss=?'}; terms: {rest}). "
-                            "Training stopped before writing any non-finite checkpoint or export; lower optim.lr "
-                            "(or look at the data) and resume from the last checkpoint, or start again")
+        raise DivergedError(f"non-finite loss at step {step}{where} (loss={terms.get('loss', '?')}; terms: {rest}). "
+                            "Training stopped before writing any non-finite checkpoint or export. Resume from the "
+                            "last checkpoint with a lower optim.lr (and train.allow_config_change=true), look at "
+                            "the data, or start again")
 
 
 def _fmt(v: float) -> str:
@@ -140,8 +139,8 @@ def check_trainer(t: Trainer, agree: bool = True) -> None:
     bad = first_nonfinite(trainer_tensors(t))
     if t.coll.any_true(bad is not None) if agree else bad is not None:
         raise DivergedError(f"non-finite parameter {bad or '(on another rank)'} at step {t.step}. Training stopped "
-                            "before writing it to a checkpoint or the export; resume from the last checkpoint "
-                            "with a lower optim.lr, or start again")
+                            "before writing it to a checkpoint or the export. Resume from the last checkpoint "
+                            "with a lower optim.lr (and train.allow_config_change=true), or start again")
 
 
 def refuse_nonfinite_checkpoint(name: str, state: dict[str, Any]) -> None:
