@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 _MAIN = re.compile(r"^ckpt-(\d{8})\.pt$")
+# The temp names atomic_save writes before its renames (tempfile.mkstemp: 8 characters of [a-z0-9_]).
+_TEMP = re.compile(r"^\.ckpt-\d{8}(\.rank\d+)?\.pt(\.json)?\.[a-z0-9_]{8}\.tmp$")
 SEAL_SUFFIX = ".json"
 FORMAT = 2  # 1: unsealed, pickled with weights_only=False (before run identities)
 _CHUNK = 1 << 22
@@ -45,15 +47,26 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be trusted or used (no seal, bad hash, not loadable ...)."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint (or its seal) could not be written (a full disk, a quota ...); the message names
+    the file. Nothing was left under its name: the previous checkpoints are intact."""
+
+
 class _HashingWriter:
-    """A write-only file object that hashes what passes through it (``torch.save`` writes to it)."""
+    """A write-only file object that hashes what passes through it (``torch.save`` writes to it).
+    ``error``: the OSError a write raised (``torch.save`` reports it only as "unexpected pos")."""
 
     def __init__(self, f: Any) -> None:
         self.f, self.h, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         self.h.update(data)
-        n = self.f.write(data)
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
         self.size += n
         return n
 
@@ -86,6 +99,7 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    w: _HashingWriter | None = None
     try:
         with os.fdopen(fd, "wb") as f:
             w = _HashingWriter(f)
@@ -95,8 +109,13 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
         seal = {**(meta or {}), "file": path.name, "sha256": w.h.hexdigest(), "bytes": w.size, "format": FORMAT}
         _write_json_atomic(seal, seal_path(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        err = w.error if w is not None and w.error is not None else e
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(err.errno, f"cannot write checkpoint {path}: {err.strerror or err} (disk "
+                                       "full?); nothing was left under that name, the earlier checkpoints are "
+                                       "intact") from None
         raise
     return seal
 
@@ -224,3 +243,16 @@ def set_aside(folder: str | Path, mains: list[Path], sub: str) -> list[Path]:
             os.replace(p, dest / p.name)
             moved.append(dest / p.name)
     return moved
+
+
+def clean_orphans(folder: str | Path) -> list[str]:
+    """Delete the temp files a killed :func:`atomic_save` left in ``folder`` (only names of exactly
+    its pattern, ``.ckpt-00001000.pt.<8 chars>.tmp`` and the seals' ``.ckpt-00001000.pt.json.<8
+    chars>.tmp``; plain files, not links). Call it only while no writer of this run is live."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = sorted(p.name for p in folder.iterdir() if _TEMP.match(p.name) and p.is_file() and not p.is_symlink())
+    for name in gone:
+        (folder / name).unlink(missing_ok=True)
+    return gone

@@ -146,13 +146,17 @@ class TrainConfig:
                             choices=("last20", "best_val"))
     many_above: int | None = _f(None, "many-shot: labeled count > this (default: top third of classes)", ge=0)
     few_at_most: int | None = _f(None, "few-shot: labeled count <= this (default: bottom third)", ge=0)
-    seed: int = _f(0, "seed of model init, augmentation, sampling and the bank", ge=0)
+    seed: int = _f(0, "seed of model init, augmentation, sampling and the bank (0 to 2^31-1: every consumer, "
+                      "torch and DALI, takes it with the offsets added per rank and stream)", ge=0, le=2**31 - 1)
     out_dir: str = _f("runs", "parent folder of run directories")
     checkpoint_every: int = _f(500, "steps between checkpoints", ge=1)
     keep_checkpoints: int = _f(2, "checkpoints kept", ge=1)
     resume: str = _f("auto", "auto (newest complete checkpoint in the run dir), none, or a checkpoint path")
     allow_config_change: bool = _f(False, "resume even though hyperparameters differ from the checkpoint's "
                                           "(the new values apply; the change is recorded in history.jsonl)")
+    allow_dataset_change: bool = _f(False, "resume even though the dataset at data.dataset was rebuilt (its "
+                                           "manifest's build_id differs from the checkpoint's; recorded in "
+                                           "history.jsonl)")
     log_every: int = _f(50, "steps between scalar logs", ge=1)
     progress: bool = _f(True, "show a progress bar")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", ge=1)
@@ -172,6 +176,9 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks (single fields are checked when built)."""
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(f"name: {self.name!r} is not a run name: the run directory is train.out_dir/name, so "
+                              "name must be one non-empty path component (no '/', not '.' or '..')")
         if not self.data.dataset:
             raise ConfigError("data.dataset is not set: give a dataset directory built by `bmb-shards`, "
                               "e.g. `bmb-shards demo --out data/demo --formats wds,arrays`")
@@ -214,6 +221,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: {value} is out of range (a 64-bit integer)")
     elif tp is float:
         if isinstance(value, str) and _DOTLESS_FLOAT.fullmatch(value.strip()):
             value = float(value)
@@ -263,6 +272,27 @@ def _merge(base: dict, diff: dict) -> dict:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file as a dict, with its ``_base_`` chain merged in."""
     path = Path(path).resolve()
@@ -271,7 +301,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: key {e.key!r} is given twice in one mapping (again on line {e.line}); YAML "
+                          "would silently keep the last: remove one") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bmb import rundir
+from bmb import guards, rundir
 from bmb.algorithms import Algorithm, StepOutputs
 from bmb.config import Config
 from bmb.dist import Collectives
@@ -106,12 +106,14 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator: Any, model: nn.Module, algorithm: Algorithm,
                  stream: Any, views: Any, eval_sources: dict[str, Any], labeled_counts: torch.Tensor,
-                 class_names: list[str], run_dir: str | Path, log: Callable[[str], None] = print) -> None:
+                 class_names: list[str], run_dir: str | Path, log: Callable[[str], None] = print,
+                 dataset_build_id: str | None = None) -> None:
         self.cfg, self.acc, self.algorithm = cfg, accelerator, algorithm
         self.stream, self.views, self.eval_sources = stream, views, eval_sources
         self.labeled_counts = torch.as_tensor(labeled_counts)
         self.class_names = class_names
         self.run_dir = Path(run_dir)
+        self.dataset_build_id = dataset_build_id  # the manifest's build_id: checkpointed, compared on resume
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.main = accelerator.is_main_process
         self.log = log if self.main else (lambda *_: None)
@@ -146,6 +148,7 @@ class Trainer:
         self.groups = shot_groups(self.labeled_counts, *self.thresholds)
         self.get_hist = torch.zeros(len(class_names), dtype=torch.long, device=self.device)
         self.checkpoints = Checkpointer(self)
+        self.watch = guards.LossWatch()  # the first non-finite loss (bmb.guards)
         self.logs = RunLogs(self.run_dir, accelerator)
         self.evaluator = Evaluator(cfg, eval_sources, lambda images: views.eval(images.to(self.device)), self.groups,
                                    len(class_names), self.coll.all_reduce_sum, self.device, accelerator.autocast)
@@ -221,7 +224,8 @@ class Trainer:
         """Train to ``total_steps`` (resuming if configured); returns the final result on rank 0.
 
         Raises ``SystemExit`` with :data:`EXIT_PREEMPTED` / :data:`EXIT_INTERRUPTED` after writing a
-        checkpoint when a signal arrives.
+        checkpoint when a signal arrives, and :class:`bmb.guards.DivergedError` (every rank) when
+        the loss or a weight goes non-finite, before it is checkpointed.
         """
         cfg = self.cfg
         total = cfg.total_steps
@@ -245,6 +249,7 @@ class Trainer:
                 losses = self.train_step(next(it))
                 with torch.no_grad():
                     stats = torch.stack([v.float() for v in losses.values()])
+                self.watch.observe(self.step, tuple(losses), stats)  # on the device: no sync
                 if running is None or tuple(losses) != running_names:  # e.g. warm-up ended
                     running, running_names, running_steps = stats, tuple(losses), 0
                 else:
@@ -253,6 +258,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.train.log_every == 0:
+                    self.watch.check(self.coll)  # DivergedError on every rank
                     # The mean over ranks: the step's statistics over the global batch.
                     mean = self.coll.all_reduce_sum(running) / (running_steps * self.coll.world_size)
                     avg = dict(zip(running_names, mean.tolist()))
@@ -264,12 +270,14 @@ class Trainer:
                         avg["corrupt_skipped"] = self.stream.skipped
                     self.logs.train(self.step, avg)
                 if self.step % cfg.train.eval_every == 0 or self.step == total:
+                    self.watch.check(self.coll)
                     row = self.evaluate()
                     row["seconds"] = seconds_before + time.time() - t0
                     self.history.append(row)
                     self.logs.metrics(row)
                 stop = self._agree_stop(sig.received)
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == total or stop:
+                    guards.check_trainer(self)  # nothing non-finite is checkpointed
                     self.checkpoints.save()
                 if stop:
                     if bar is not None:
@@ -292,6 +300,7 @@ class Trainer:
         the table."""
         result = final_result(self.cfg, self.history, self.step, self.labeled_counts, self.class_names,
                               self.thresholds, self.run_id, self.device)
+        guards.check_trainer(self, agree=False)  # nor exported
         (self.run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
         write_export(self.run_dir / "export", self.ema.module, cfg=self.cfg, eval_head=self.algorithm.eval_head,
                      class_names=self.class_names, labeled_counts=self.labeled_counts.tolist(),

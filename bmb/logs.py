@@ -23,12 +23,72 @@ redone, and logged again.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from bmb.config import TRACKERS, Config, ConfigError, config_to_dict, flatten
 
 PROJECT = "bmb"  # the trackers' project / experiment name
+
+
+class LogFileError(ValueError):
+    """A JSONL file of the run directory with a line that is not a JSON object (not a truncated
+    last line: that one is dropped); the message names the file and the line number."""
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], bytes]:
+    """The rows of a JSONL file, and its truncated tail (``b""`` when it ends with a newline).
+
+    A last line without its newline is what a kill (or a full disk) in the middle of an append
+    leaves: it is returned as the tail, not parsed as a row -- unless it is a complete JSON
+    object that only lost its newline. Any other line that is not a JSON object raises
+    :class:`LogFileError` naming ``path`` and the line number.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    body, _, tail = data.rpartition(b"\n") if not data.endswith(b"\n") else (data, b"", b"")
+    rows = []
+    for no, line in enumerate(body.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            row = e
+        if not isinstance(row, dict):
+            why = row if isinstance(row, ValueError) else f"a JSON {type(row).__name__}, not an object"
+            raise LogFileError(f"{path}:{no}: not a JSON object ({why}); the file is corrupt in the middle "
+                               "(not a truncated last line): repair or delete that line and re-run") from None
+        rows.append(row)
+    if tail.strip():
+        try:
+            row = json.loads(tail)
+        except ValueError:
+            return rows, tail
+        if isinstance(row, dict):
+            rows.append(row)
+            return rows, b""
+    return rows, tail
+
+
+def repair_tail(path: str | Path) -> None:
+    """Make ``path`` end with a complete line before appending to it: a truncated last line is
+    cut off (said on stderr); a complete row that only lost its newline gets it back."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    rows, tail = read_jsonl(path)
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        if not tail.strip():  # a whole row without its newline
+            f.write(b"\n")
+            return
+        f.truncate(path.stat().st_size - len(tail))
+    print(f"WARNING: {path}: dropped a truncated last line ({len(tail)} bytes: {tail[:60]!r}...), left by "
+          "a process killed while appending to it", file=sys.stderr)
 
 
 def _available(name: str) -> bool:
@@ -86,7 +146,8 @@ class RunLogs:
         (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         train_log = self.run_dir / "train.jsonl"
         if train_log.exists():
-            rows = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
+            repair_tail(train_log)
+            rows, _ = read_jsonl(train_log)
             train_log.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
         self.acc.init_trackers(PROJECT, tracker_config(cfg))
 

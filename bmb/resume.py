@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bmb import checkpoint as ckpt
-from bmb import rundir
+from bmb import guards, rundir
 from bmb.config import config_to_dict, dump_config
 from bmb.optim import lr_lambda
 from bmb.rundir import RunDirError
@@ -78,6 +78,8 @@ class Checkpointer:
             "scheduler": t.scheduler.state_dict(),
             "algorithm": t.algorithm.extra_state(), "history": t.history,
             "get_hist": t.get_hist.cpu().clone(), "rank0": self.rank_state(template),
+            # not in the template: checkpoints from before it are still resumed (not compared)
+            **({} if template else {"dataset_build_id": t.dataset_build_id}),
         }
 
     def save(self) -> None:
@@ -134,6 +136,7 @@ class Checkpointer:
         self._check_keys(path.name, main, self.main_state(template=True), skip)
         if not t.deepspeed:
             self._check_keys(path.name, main["optimizer"], {"state": {}, "param_groups": []}, ())
+        guards.refuse_nonfinite_checkpoint(path.name, main)  # a diverged state: fall back, loudly
         if step is None:
             step = main["step"]
         if main["step"] != step or seal.get("step") != step:
@@ -265,6 +268,7 @@ class Checkpointer:
         later = [p for s, p in own_now if s > main["step"]]
         changes = rundir.classify(main["config"], cfg)
         rundir.refuse_changes(run_dir, main["run_id"], main["step"], changes, cfg.train.allow_config_change)
+        dataset = rundir.dataset_change(run_dir, main, t.dataset_build_id, cfg.train.allow_dataset_change)
         self._apply(main, mine, parts)
         if any(c.kind == "guarded" for c in changes):
             self._apply_config_changes()
@@ -273,7 +277,8 @@ class Checkpointer:
         t.log(f"[resume] from {path if mode != 'auto' else ckpt.main_path(t.ckpt_dir, t.step)} "
               f"at step {t.step}{moved}")
         return {"fresh": False, "run_id": main["run_id"], "path": str(path), "step": t.step,
-                "changes": changes, "adopted": ident is None, "config": main["config"], "later": later}
+                "changes": changes, "adopted": ident is None, "config": main["config"], "later": later,
+                "dataset_change": dataset}
 
     def agree_run_id(self) -> str:
         """A new run id, the same on every rank (rank 0's)."""
@@ -332,6 +337,9 @@ class Checkpointer:
         """Rank 0, after :meth:`plan_start` accepted: the run's files say what this run is."""
         t = self.trainer
         t.run_dir.mkdir(parents=True, exist_ok=True)
+        gone = ckpt.clean_orphans(t.ckpt_dir)  # temp files of writers killed mid-save (the lock is ours)
+        if gone:
+            t.log(f"[checkpoint] removed {len(gone)} unfinished temp file(s) of killed writers: {', '.join(gone)}")
         if plan["fresh"]:
             rundir.write_identity(t.run_dir, t.run_id, config_to_dict(t.cfg))
             rundir.append_history(t.run_dir, "start", t.run_id, step=0)
@@ -354,6 +362,10 @@ class Checkpointer:
                 t.log(f"[config] run {t.run_id} continues at step {plan['step']} with "
                       + "; ".join(c.describe() for c in guarded) + f" (train.allow_config_change=true; "
                       f"recorded in {t.run_dir / rundir.HISTORY_FILE})")
+        if not plan["fresh"] and plan["dataset_change"]:
+            rundir.append_history(t.run_dir, "dataset_change", t.run_id, step=plan["step"], **plan["dataset_change"])
+            t.log(f"[data] run {t.run_id} continues at step {plan['step']} on a rebuilt dataset: build_id "
+                  f"{plan['dataset_change']['from']} -> {plan['dataset_change']['to']} (train.allow_dataset_change)")
         dump_config(t.cfg, t.run_dir / "config.yaml")
 
 

@@ -6,7 +6,12 @@ A run directory ``out_dir/name`` holds, besides the outputs listed in ``bmb/engi
 
     run.json        {"run_id", "created", "config"}: the run's id and the config it was started with
     history.jsonl   one JSON event per line: start, resume (with the cadence keys that changed),
-                    config_change (opted-in hyperparameter changes, old and new values), finish
+                    config_change (opted-in hyperparameter changes, old and new values),
+                    dataset_change (opted-in rebuilt dataset: both build ids), diverged, finish
+
+and beside it ``out_dir/.<name>.lock`` (:class:`RunLock`) while a training runs. Before anything is
+written, :func:`claim` takes the lock and refuses links planted in the directory and JSONL logs
+corrupt other than in their last line (:func:`check_run_dir`).
 
 Every checkpoint (and its seal, see ``bmb/checkpoint.py``) carries the run id. Resuming compares
 the requested config with the checkpoint's: :data:`RESUMABLE` keys may change; any other change is
@@ -27,11 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from bmb.config import Config, config_to_dict, flatten
+from bmb.logs import LogFileError, read_jsonl, repair_tail
+from shards.outdir import PidLock
 
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.jsonl"
 # Outputs of a run that a fresh start would overwrite or mix with.
 RESULT_FILES = ("final.json", "metrics.jsonl", "train.jsonl")
+# What a run writes in its directory: none of these may be a symbolic link (a write would go
+# wherever it points), nor anything under the folders.
+RUN_ENTRIES = (RUN_FILE, HISTORY_FILE, *RESULT_FILES, "config.yaml", "checkpoints", "export", "tb")
+LOG_FILES = (HISTORY_FILE, "metrics.jsonl", "train.jsonl")
 
 # Keys a resume may change freely: they decide when things happen and where, not what is learnt.
 RESUMABLE = {
@@ -39,6 +50,7 @@ RESUMABLE = {
     "train.out_dir": "where the run directory lives",
     "train.resume": "how to resume",
     "train.allow_config_change": "this opt-in itself",
+    "train.allow_dataset_change": "the dataset opt-in (the change itself is recorded in history.jsonl)",
     "train.threads": "CPU threads (speed only)",
     "train.progress": "the progress bar",
     "train.log_every": "scalar logging cadence",
@@ -155,7 +167,9 @@ def write_identity(run_dir: Path, run_id: str, config: dict[str, Any], **extra: 
 
 def append_history(run_dir: Path, event: str, run_id: str, **fields: Any) -> None:
     row = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run_id": run_id, **fields}
-    with open(Path(run_dir) / HISTORY_FILE, "a") as f:
+    path = Path(run_dir) / HISTORY_FILE
+    repair_tail(path)  # a line cut by a kill is not glued to this one
+    with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -163,7 +177,7 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / HISTORY_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)[0]
 
 
 def results_present(run_dir: Path) -> list[str]:
@@ -214,3 +228,113 @@ def refuse_leftovers(run_dir: Path, why: str, ident: dict | None, checkpoints: l
     if results:
         parts.append("results " + ", ".join(results))
     raise RunDirError(f"run dir {run_dir}: {why}; it holds " + "; ".join(parts) + ". Nothing was written. " + hint)
+
+
+def dataset_change(run_dir: Path, main: dict[str, Any], current: str | None, allowed: bool) -> dict | None:
+    """Compare the dataset ``build_id`` a checkpoint (``main``) was trained on with the one at
+    ``data.dataset`` now. Same, or either unknown (a checkpoint from before build ids were
+    recorded, a hand-made manifest): None. Different: :class:`RunDirError` naming both, unless
+    ``allowed`` (``train.allow_dataset_change``): then ``{"from", "to"}`` for ``history.jsonl``."""
+    saved = main.get("dataset_build_id")
+    if not isinstance(saved, str) or not isinstance(current, str) or saved == current:
+        return None
+    if not allowed:
+        raise RunDirError(
+            f"run dir {run_dir}: refusing to resume run {main['run_id']} (step {main['step']}): the dataset at "
+            f"data.dataset={main['config']['data']['dataset']} was rebuilt -- build_id {saved} (checkpoint) -> "
+            f"{current} (now). Nothing was written. Point data.dataset at the dataset the run was trained on, start "
+            "a new run (another name=...), or continue on the new data with train.allow_dataset_change=true "
+            f"(recorded in {HISTORY_FILE}).")
+    return {"from": saved, "to": current}
+
+
+# ---------------------------------------------------------------------------- the run's lock
+class RunDirLocked(RunDirError):
+    """Another live training holds the run directory's lock."""
+
+
+def _slurm_incarnation() -> dict[str, str]:
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job_id": job, "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")} if job else {}
+
+
+class RunLock(PidLock):
+    """``out_dir/.<name>.lock``, held by rank 0 of a training for its whole run: a second training
+    of the same run directory stops before writing anything, naming the holder (pid, host). It
+    lies beside the run directory, so that a refused start leaves the directory itself untouched.
+    A lock whose pid is not alive on this host (a killed run), or one of an earlier run of the same
+    SLURM job (requeued after a kill, maybe on another node), is taken over, with a warning."""
+
+    tool = "bmb-train"
+    error = RunDirLocked
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir = Path(run_dir)
+        super().__init__(run_dir.parent / f".{run_dir.name}.lock")
+        self.run_dir = run_dir
+
+    def _record(self) -> dict[str, Any]:
+        return {**super()._record(), **_slurm_incarnation()}
+
+    def superseded(self, info: dict[str, Any]) -> bool:
+        """A lock of an earlier run of this same SLURM job (requeued, maybe on another node, after
+        its process was killed): SLURM never runs two at once, so that holder is dead."""
+        now = _slurm_incarnation()
+        return bool(now) and info.get("slurm_job_id") == now["slurm_job_id"] and (
+            info.get("slurm_restart_count") != now["slurm_restart_count"])
+
+    def held_message(self, who: str, other_host: bool) -> str:
+        hint = ("if that training is dead, delete the lock file" if other_host else
+                "wait for it to finish, or train elsewhere (another name=... or train.out_dir=...)")
+        return (f"run dir {self.run_dir} is in use by another training ({who}; lock file {self.path}). "
+                f"Nothing was written; {hint}")
+
+    def unreadable_message(self) -> str:
+        return (f"run dir {self.run_dir}: its lock file {self.path} is unreadable; another training may be "
+                "starting. If none is running on this run directory, delete that file and re-run")
+
+    def stale_message(self, who: str) -> str:
+        return (f"WARNING: taking over the stale lock {self.path} of run dir {self.run_dir} ({who}): that "
+                "process is not running on this host (killed?); the run resumes from its last checkpoint")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Reading only (call it holding the lock, before anything is written): raise
+    :class:`RunDirError` if an entry the run writes is a symbolic link (``final.json``,
+    ``checkpoints/`` ..., or anything under those folders), or if a JSONL log is corrupt other
+    than in its last line (a truncated last line is dropped when the run starts)."""
+    run_dir = Path(run_dir)
+    links = [run_dir / n for n in RUN_ENTRIES if (run_dir / n).is_symlink()]
+    for folder in ("checkpoints", "export", "tb"):
+        if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():
+            links += [p for p in sorted((run_dir / folder).rglob("*")) if p.is_symlink()]
+    if links:
+        raise RunDirError(f"run dir {run_dir}: {', '.join(map(str, links[:6]))} "
+                          f"{'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; the trainer "
+                          "neither writes nor reads through links in its run directory (a write would land "
+                          "wherever it points). Nothing was written; remove the link(s), or use another name=...")
+    for name in LOG_FILES:
+        if (run_dir / name).is_file():
+            try:
+                read_jsonl(run_dir / name)
+            except LogFileError as e:
+                raise RunDirError(f"run dir {run_dir}: {e}") from None
+
+
+def claim(run_dir: Path, coll: Any, main: bool) -> RunLock | None:
+    """Before a training touches ``run_dir``: rank 0 (``main``) takes its :class:`RunLock` and runs
+    :func:`check_run_dir`; every rank raises :class:`RunDirError` if that failed (the lock is then
+    not held). Returns the held lock on rank 0 (release it when the run ends), None elsewhere."""
+    lock, err = None, None
+    if main:
+        Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+            check_run_dir(run_dir)
+        except RunDirError as e:
+            lock.release()
+            err = e
+    if coll.any_true(err is not None):
+        raise err if err is not None else RunDirError(f"run dir {run_dir}: refused by rank 0 (see its message)")
+    return lock

@@ -93,7 +93,7 @@ def build_data(cfg: Config, rank: int, world: int, device: torch.device):
     evals = {}
     for split in dict.fromkeys([d.eval_split] + ([d.val_split] if d.val_split else [])):
         evals[split] = pipelines.build_eval_source(backend, dataset, split, batch_size=d.eval_batch, setup=setup)
-    return stream, evals, labeled_counts, unlabeled_size, names
+    return stream, evals, labeled_counts, unlabeled_size, names, manifest.get("build_id")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
     from bmb.algorithms import AlgorithmContext, build_algorithm
+    from bmb.checkpoint import CheckpointWriteError
     from bmb.dist import Collectives
     from bmb.engine import Trainer
+    from bmb.guards import EXIT_DIVERGED, DivergedError
     from bmb.models import BMBModel, resolve_memory_format
-    from bmb.rundir import RunDirError
+    from bmb.rundir import RunDirError, append_history, claim
     from pipelines.augment import ViewMaker
 
     try:
-        stream, evals, labeled_counts, unlabeled_size, names = build_data(cfg, rank, world, accelerator.device)
+        stream, evals, labeled_counts, unlabeled_size, names, build_id = build_data(
+            cfg, rank, world, accelerator.device)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
@@ -167,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         collectives=Collectives(), device=accelerator.device))
     views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=cfg.method.num_strong,
                       mean=cfg.data.mean, std=cfg.data.std)
-    trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir)
-    code = 0
+    trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir,
+                      dataset_build_id=build_id)
+    code, lock = 0, None
     try:
+        lock = claim(run_dir, trainer.coll, trainer.main)  # the run dir's lock (rank 0) and its checks
         trainer.fit()
     except SystemExit as stop:  # a signal: every rank stopped at the same step, after the checkpoint
         code = stop.code
@@ -177,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"run dir error: {e}", file=sys.stderr)
         code = 2
+    except DivergedError as e:  # every rank, before anything non-finite was checkpointed or exported
+        if rank == 0:
+            print(f"DivergedError: {e}", file=sys.stderr)
+            append_history(run_dir, "diverged", trainer.run_id, step=trainer.step, error=str(e))
+        code = EXIT_DIVERGED
+    except CheckpointWriteError as e:  # e.g. a full disk; nothing half-written under a checkpoint's name
+        print(f"checkpoint error (rank {rank}): {e.strerror}", file=sys.stderr)
+        code = 1
+    finally:
+        if lock is not None:
+            lock.release()
     # The wrapped model goes before the process group: DDP's reducer keeps its last collective,
     # and a DDP + gloo process that left it to interpreter shutdown was seen to abort after its
     # work was done (tests/test_dist.py). end_training also closes the trackers (train.trackers).

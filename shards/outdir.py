@@ -220,17 +220,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class BuildLock:
-    """``out/.bmb-shards.lock`` held for one build (see the module docstring)."""
+class PidLock:
+    """A lock file held by one process (see the module docstring; ``bmb.rundir.RunLock`` is the
+    trainer's). Subclasses word the refusals: :meth:`held`, :meth:`unreadable`, :meth:`stale`."""
 
-    def __init__(self, out: Path):
-        self.path = Path(out) / LOCK
+    tool = TOOL
+    error: type[Exception] = OutDirLocked
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self.token = secrets.token_hex(8)
         self.held = False
 
+    def held_message(self, who: str, other_host: bool) -> str:
+        raise NotImplementedError
+
+    def unreadable_message(self) -> str:
+        raise NotImplementedError
+
+    def stale_message(self, who: str) -> str:
+        raise NotImplementedError
+
+    def superseded(self, info: dict[str, Any]) -> bool:
+        """Whether the holder is known to be dead whatever its host (e.g. an earlier run of
+        this very SLURM job); such a lock is taken over like a stale one."""
+        return False
+
     def _record(self) -> dict[str, Any]:
         return {
-            "tool": TOOL,
+            "tool": self.tool,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -238,7 +256,7 @@ class BuildLock:
         }
 
     def _try_create(self) -> bool:
-        tmp = self.path.with_name(f"{LOCK}-{os.getpid()}-{self.token}")
+        tmp = self.path.with_name(f"{self.path.name}-{os.getpid()}-{self.token}")
         text = json.dumps(self._record(), sort_keys=True) + "\n"
         tmp.write_text(text, encoding="ascii")
         try:
@@ -258,35 +276,29 @@ class BuildLock:
             tmp.unlink(missing_ok=True)
 
     def acquire(self) -> None:
-        """Take the lock, taking over a stale one; raise :class:`OutDirLocked` if it is held."""
+        """Take the lock, taking over a stale one; raise :attr:`error` if it is held."""
         for _ in range(5):
             if self._try_create():
                 self.held = True
                 return
+            if self.path.is_symlink():
+                raise self.error(f"{self.path} is a symbolic link, not a lock file; remove it and re-run")
             info = read_json(self.path)
-            if info is None:
+            if not isinstance(info, dict):
                 if not self.path.exists():
                     continue  # released meanwhile
-                raise OutDirLocked(
-                    f"{self.path} exists but is unreadable; another build may be starting. If no "
-                    "bmb-shards build is running on this --out, delete that file and re-run"
-                )
+                raise self.error(self.unreadable_message())
             pid, host = info.get("pid"), info.get("host")
             who = f"pid {pid} on host {host}, started {info.get('started')}"
-            if host != socket.gethostname():
-                raise OutDirLocked(
-                    f"--out {self.path.parent} is locked by a build on another host ({who}; lock "
-                    f"file {self.path}). Wait for it; if that build is dead, delete the lock file"
-                )
-            if isinstance(pid, int) and not isinstance(pid, bool) and _pid_alive(pid):
-                raise OutDirLocked(
-                    f"--out {self.path.parent} is being built by another bmb-shards process "
-                    f"({who}; lock file {self.path}). Wait for it to finish, or choose another "
-                    "--out"
-                )
+            if self.superseded(info):
+                pass
+            elif host != socket.gethostname():
+                raise self.error(self.held_message(who, True))
+            elif isinstance(pid, int) and not isinstance(pid, bool) and _pid_alive(pid):
+                raise self.error(self.held_message(who, False))
             # Stale: move it aside atomically (only one taker succeeds), check it is the one
             # judged stale, then retry the create.
-            aside = self.path.with_name(f"{LOCK}-stale-{os.getpid()}-{self.token}")
+            aside = self.path.with_name(f"{self.path.name}-stale-{os.getpid()}-{self.token}")
             try:
                 os.rename(self.path, aside)
             except FileNotFoundError:
@@ -299,13 +311,8 @@ class BuildLock:
                     aside.unlink(missing_ok=True)
                 continue
             aside.unlink(missing_ok=True)
-            print(
-                f"WARNING: taking over the stale build lock {self.path} of {who}: that process "
-                "is not running on this host (killed?); its finished files are checked and "
-                "kept, the rest rebuilt",
-                file=sys.stderr,
-            )
-        raise OutDirLocked(f"could not take the build lock {self.path}; another build is racing")
+            print(self.stale_message(who), file=sys.stderr)
+        raise self.error(f"could not take the lock {self.path}; another process is racing for it")
 
     def release(self) -> None:
         if not self.held:
@@ -314,3 +321,26 @@ class BuildLock:
         info = read_json(self.path)
         if isinstance(info, dict) and info.get("token") == self.token:
             self.path.unlink(missing_ok=True)
+
+
+class BuildLock(PidLock):
+    """``out/.bmb-shards.lock`` held for one build (see the module docstring)."""
+
+    def __init__(self, out: Path):
+        super().__init__(Path(out) / LOCK)
+
+    def held_message(self, who: str, other_host: bool) -> str:
+        if other_host:
+            return (f"--out {self.path.parent} is locked by a build on another host ({who}; lock "
+                    f"file {self.path}). Wait for it; if that build is dead, delete the lock file")
+        return (f"--out {self.path.parent} is being built by another bmb-shards process ({who}; lock file "
+                f"{self.path}). Wait for it to finish, or choose another --out")
+
+    def unreadable_message(self) -> str:
+        return (f"{self.path} exists but is unreadable; another build may be starting. If no "
+                "bmb-shards build is running on this --out, delete that file and re-run")
+
+    def stale_message(self, who: str) -> str:
+        return (f"WARNING: taking over the stale build lock {self.path} of {who}: that process "
+                "is not running on this host (killed?); its finished files are checked and "
+                "kept, the rest rebuilt")

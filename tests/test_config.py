@@ -33,10 +33,26 @@ def test_defaults_yaml_and_overrides(tmp_path):
     (["train.eval_protocol=best_val"], "data.val_split"),
     (["epochs"], "key=value"),
     (["data.dataset="], "data.dataset is not set"),
+    # issue 20: a run name that is not one path component; seeds and integers out of range
+    (["name="], "name: '' is not a run name"),
+    (["name=."], "name: '.' is not a run name"),
+    (["name=.."], "name: '..' is not a run name"),
+    (["name=a/b"], "name: 'a/b' is not a run name"),
+    (["name=../escape"], "name: '../escape' is not a run name"),
+    (["train.seed=100000000000000000000"], "train.seed: 100000000000000000000 is out of range"),
+    (["train.seed=1e20"], "train.seed: expected an integer"),
+    (["train.seed=2147483648"], "train.seed: must be <= 2147483647"),
+    (["train.seed=-1"], "train.seed: must be >= 0"),
+    (["train.max_steps=9223372036854775808"], "train.max_steps: 9223372036854775808 is out of range"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, DS + override)
+
+
+def test_edge_values_still_accepted():
+    cfg = load_config(None, DS + ["name=run.v2", "train.seed=2147483647", "train.max_steps=9223372036854775807"])
+    assert cfg.name == "run.v2" and cfg.train.seed == 2**31 - 1 and cfg.train.max_steps == 2**63 - 1
 
 
 def test_bad_file(tmp_path):
@@ -70,3 +86,16 @@ def test_dotless_scientific_numbers_are_floats(tmp_path):
     for bad in ("optim.lr=1e", "optim.lr=e-3", "train.epochs=1e3"):  # not numbers / not an integer key
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, ["data.dataset=x", bad])
+
+
+# issue 20: a key given twice in a YAML file is refused, naming the key and the file.
+def test_duplicate_yaml_keys_are_an_error_naming_key_and_file(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  seed: 1\n  epochs: 3\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=f"{path}: key 'seed' is given twice in one mapping \\(again on line 4\\)"):
+        load_config(path, DS)
+    path.write_text("train: {seed: 1}\ntrain: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match="key 'train' is given twice"):
+        load_config(path, DS)
+    path.write_text("train:\n  <<: {seed: 1, epochs: 3}\n  seed: 2\n")  # a merge key's value may be overridden
+    assert load_config(path, DS).train.seed == 2
