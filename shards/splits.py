@@ -7,8 +7,15 @@ written (their stable index within the split is their position in the returned a
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
+
+# How the unlabeled set relates to the labeled one (manifest ``split_rule.overlap``).
+INCLUDES = "unlabeled_includes_labeled"  # the authors' rule (BMB/DARP/ABC/CoSSL code, USB)
+DISJOINT = "disjoint"  # labeled and unlabeled images never shared (this project's old default)
+OVERLAPS = (INCLUDES, DISJOINT)
+DEFAULT_OVERLAP = INCLUDES
 
 
 def lt_counts(n_max: int, gamma: float, num_classes: int) -> list[int]:
@@ -40,6 +47,76 @@ def lt_counts(n_max: int, gamma: float, num_classes: int) -> list[int]:
     return counts
 
 
+def lt_split(
+    labels: np.ndarray,
+    num_classes: int,
+    n1: int,
+    m1: int,
+    gamma_l: float,
+    gamma_u: float,
+    seed: int,
+    overlap: str = DEFAULT_OVERLAP,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The long-tailed labeled/unlabeled subsets under ``overlap`` (:data:`OVERLAPS`)."""
+    if overlap == INCLUDES:
+        return authors_lt_split(labels, num_classes, n1, m1, gamma_l, gamma_u, seed)
+    if overlap == DISJOINT:
+        return cifar_lt_split(labels, num_classes, n1, m1, gamma_l, gamma_u, seed)
+    raise ValueError(f"split rule must be one of {OVERLAPS}, got {overlap!r}")
+
+
+def authors_lt_split(
+    labels: np.ndarray,
+    num_classes: int,
+    n1: int,
+    m1: int,
+    gamma_l: float,
+    gamma_u: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' long-tailed split: the unlabeled set contains the labeled images.
+
+    BMB's ``train_split_labeled_unlabeled`` (``BMB/dataset/utils.py``): for each class k in
+    label order take its indices in source order; only when ``seed != 0`` shuffle them in place
+    with the global NumPy stream, seeded once by ``np.random.seed(seed)`` before the split (one
+    ``RandomState(seed)`` stream shared by all classes, nothing drawn in between). Labeled = the
+    first ``n_k``, unlabeled = the first ``n_k + m_k`` (so every labeled image is also unlabeled).
+
+    Returns:
+        ``(labeled_idx, unlabeled_idx)``, int64, grouped by class in label order, each class in
+        the (possibly shuffled) per-class order -- the authors' index lists exactly.
+
+    Raises:
+        ValueError: a class has fewer than ``n_k + m_k`` images.
+    """
+    labels = np.asarray(labels)
+    n = lt_counts(n1, gamma_l, num_classes)
+    m = lt_counts(m1, gamma_u, num_classes)
+    rng = np.random.RandomState(seed)
+    lab: list[np.ndarray] = []
+    unl: list[np.ndarray] = []
+    for k in range(num_classes):
+        idx = np.flatnonzero(labels == k)
+        _check_class(k, len(idx), n[k], m[k])
+        if seed != 0:
+            rng.shuffle(idx)
+        lab.append(idx[: n[k]])
+        unl.append(idx[: n[k] + m[k]])
+    return _cat(lab), _cat(unl)
+
+
+def _check_class(k: int, have: int, n_k: int, m_k: int) -> None:
+    if have < n_k + m_k:
+        raise ValueError(
+            f"class {k} has {have} train images, fewer than the {n_k} labeled + "
+            f"{m_k} unlabeled the split asks for (lower --n1/--m1 or raise --gamma-*)"
+        )
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def cifar_lt_split(
     labels: np.ndarray,
     num_classes: int,
@@ -49,11 +126,12 @@ def cifar_lt_split(
     gamma_u: float,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint labeled/unlabeled long-tailed subsets (DARP/CoSSL protocol, paper 5.1).
+    """Disjoint labeled/unlabeled long-tailed subsets (``--split-rule disjoint``).
 
     For each class in label order, the indices of that class are shuffled with a
-    ``np.random.RandomState(seed)`` stream shared across classes (DARP's ``train_split`` after
-    ``np.random.seed(seed)``); the first ``n_k`` become labeled, the next ``m_k`` unlabeled.
+    ``np.random.RandomState(seed)`` stream shared across classes (also at seed 0); the first
+    ``n_k`` become labeled, the next ``m_k`` unlabeled. Unlike the authors' code
+    (:func:`authors_lt_split`) no image is both labeled and unlabeled.
 
     Args:
         labels: int ``(N,)`` train labels in ``0..num_classes-1``.
@@ -76,25 +154,23 @@ def cifar_lt_split(
     unl: list[np.ndarray] = []
     for k in range(num_classes):
         idx = np.flatnonzero(labels == k)
-        if len(idx) < n[k] + m[k]:
-            raise ValueError(
-                f"class {k} has {len(idx)} train images, fewer than the {n[k]} labeled + "
-                f"{m[k]} unlabeled the split asks for (lower --n1/--m1 or raise --gamma-*)"
-            )
+        _check_class(k, len(idx), n[k], m[k])
         rng.shuffle(idx)
         lab.append(idx[: n[k]])
         unl.append(idx[n[k] : n[k] + m[k]])
-    return (
-        np.concatenate(lab).astype(np.int64) if lab else np.zeros(0, np.int64),
-        np.concatenate(unl).astype(np.int64) if unl else np.zeros(0, np.int64),
-    )
+    return _cat(lab), _cat(unl)
+
+
+ROUNDINGS = ("floor", "ceil", "around")
 
 
 def prefix_counts(totals: list[int] | np.ndarray, fraction: float, rounding: str) -> list[int]:
-    """Per-class labeled sizes ``floor(p*n_k)`` (ImageNet127) or ``ceil(p*n_k)`` (ImageNet-LT).
+    """Per-class labeled sizes ``p*n_k`` rounded as one of the authors' files does.
 
-    The product is computed in float64 like the authors' Python (``int(n*p)`` /
-    ``math.ceil(n*p)``), so e.g. ``0.1*1300`` floors to 130 as in their files.
+    ``floor``: ``int(n*p)`` (their full-resolution ImageNet127 lists, ``generate_train_split.py``);
+    ``ceil``: ``math.ceil(n*p)`` (ImageNet-LT); ``around``: ``int(np.around(n*p))``, NumPy's
+    round-half-to-even (their Imagenet32/64 loader ``small_imagenet127.py``, as CoSSL's). The
+    product is computed in float64 like their Python, so e.g. ``0.1*1300`` floors to 130.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
@@ -102,7 +178,25 @@ def prefix_counts(totals: list[int] | np.ndarray, fraction: float, rounding: str
         return [int(int(t) * fraction) for t in totals]
     if rounding == "ceil":
         return [math.ceil(int(t) * fraction) for t in totals]
-    raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
+    if rounding == "around":
+        return [int(np.around(int(t) * fraction)) for t in totals]
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def sample_per_class(groups: list[list[int]], counts: list[int], seed: int) -> list[int]:
+    """``random.sample`` of ``counts[k]`` items of each ``groups[k]``, classes in order.
+
+    The authors' ImageNet127 rule (``generate_train_split.py``): one Python ``random`` stream
+    seeded once (they use 2023), ``random.sample(class_list, n_k)`` for each class in label
+    order; the sampled items keep the order ``random.sample`` returns them in.
+    """
+    rng = random.Random(seed)
+    out: list[int] = []
+    for k, (g, c) in enumerate(zip(groups, counts)):
+        if len(g) < c:
+            raise ValueError(f"class {k} has {len(g)} images, fewer than the {c} requested")
+        out.extend(rng.sample(list(g), c))
+    return out
 
 
 def first_per_class(labels: np.ndarray, counts: list[int]) -> np.ndarray:
