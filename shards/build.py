@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from shards import sources as src
-from shards.splits import DEFAULT_OVERLAP, INCLUDES, first_per_class, lt_split, prefix_counts
+from shards.splits import DEFAULT_OVERLAP, INCLUDES, first_per_class, lt_split, overlap_record, prefix_counts
 from shards.writer import CHUNK, DatasetBuilder, Job, SplitSpec, array_jobs
 
 JPG_CHUNK = 64
@@ -121,8 +121,7 @@ def lt_from_arrays(
     }
     if classes:
         split_rule["classes"] = [int(k) for k in keep]
-    if overlap == INCLUDES:
-        split_rule["overlap"] = INCLUDES
+    split_rule.update(overlap_record(overlap))
     name = name or (
         f"{source.record['kind']}-lt-n{n1}-m{m1}-gl{_fmt(gamma_l)}-gu{_fmt(gamma_u)}-s{seed}"
     )

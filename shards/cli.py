@@ -28,7 +28,7 @@ from shards.build import (
 from shards.build_jpeg import build_imagenet127_jpeg, build_imagenet_mismatch
 from shards.format import load_manifest
 from shards.manifest import FORMATS, summary
-from shards.splits import DEFAULT_OVERLAP, DISJOINT, OVERLAPS, class_counts
+from shards.splits import DEFAULT_OVERLAP, OVERLAPS, class_counts, overlap_record
 
 CIFAR_DEFAULTS = {"cifar10": (1500, 3000, 100.0), "cifar100": (150, 300, 10.0)}
 
@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--download",
         action="store_true",
-        help="fetch the missing public class-map files into --meta-dir (pinned URLs, checked)",
+        help="fetch the missing public class-map files into --meta-dir, and a missing "
+        "--labeled-list named ImageNet127_LT_train_semi_1_labeled.txt (the authors' 1%% list) "
+        "(pinned URLs, git blob id checked)",
     )
     p.add_argument(
         "--labeled-ratio",
@@ -355,11 +357,6 @@ def _cifar_source(a: argparse.Namespace) -> src.ArraySource:
     return src.load_cifar(path, a.dataset, expected_md5=md5)
 
 
-def _overlap_record(overlap: str) -> dict[str, str]:
-    """``split_rule.overlap`` as recorded: absent for disjoint (the bytes of earlier builds)."""
-    return {} if overlap == DISJOINT else {"overlap": overlap}
-
-
 def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
     opts = _opts(a) if hasattr(a, "out") else None
     if a.command == "cifar-lt":
@@ -400,6 +397,9 @@ def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
             if not (a.meta_dir / "wnid_to_127.tsv").is_file():
                 names += ["val.txt", "val_up_down_127.txt", "synsets.txt"]
             src.fetch_files(src.IMAGENET127_META, names, a.meta_dir)
+        lst = a.labeled_list
+        if a.download and lst is not None and not lst.is_file() and lst.name in src.IMAGENET127_LISTS:
+            src.fetch_files(src.IMAGENET127_LISTS, [lst.name], lst.parent)
         if a.from_jpeg is not None:
             return build_imagenet127_jpeg(
                 opts, a.from_jpeg, a.meta_dir, a.labeled_ratio, a.rounding or "floor",
@@ -446,7 +446,7 @@ def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
             a.out, name="demo", class_names=class_names(a.num_classes),
             splits=make_demo(**params, seed=a.seed, overlap=a.split_rule), formats=a.formats,
             source={"kind": "procedural-demo", "path": None, "checksum": None},
-            split_rule={"rule": "demo-lt", **params, **_overlap_record(a.split_rule)}, seed=a.seed,
+            split_rule={"rule": "demo-lt", **params, **overlap_record(a.split_rule)}, seed=a.seed,
             shard_size=a.shard_size or DEFAULT_SHARD_SIZE["png"], workers=a.workers,
             progress=not a.no_progress, overwrite=a.overwrite,
         )

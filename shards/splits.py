@@ -18,6 +18,12 @@ OVERLAPS = (INCLUDES, DISJOINT)
 DEFAULT_OVERLAP = INCLUDES
 
 
+def overlap_record(overlap: str) -> dict[str, str]:
+    """The ``split_rule`` entry of a CIFAR/subset/demo build: absent for ``disjoint``, so such a
+    build's bytes equal those of builds made before the key existed."""
+    return {} if overlap == DISJOINT else {"overlap": overlap}
+
+
 def lt_counts(n_max: int, gamma: float, num_classes: int) -> list[int]:
     """Per-class sizes of an exponentially long-tailed split (DARP/CoSSL ``make_imb_data``).
 

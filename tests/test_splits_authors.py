@@ -18,7 +18,7 @@ from shards.build_jpeg import plan_imagenet_mismatch
 from shards.cli import build_parser, main
 from shards.demo import make_demo
 from shards.format import ManifestError, iter_tar_samples, load_manifest, split_overlap, validate_manifest
-from shards.sources import load_wnid_to_127
+from shards.sources import IMAGENET127_LISTS, git_blob_sha1, load_wnid_to_127
 from shards.splits import DISJOINT, INCLUDES, lt_counts, prefix_counts
 from tests.fixtures_sources import write_cifar, write_jpeg_tree
 from tests.test_shards import read_split, tree_bytes
@@ -193,6 +193,8 @@ def test_real_class_map_agrees_with_the_authors_labeled_list() -> None:
     lines = (d / "ImageNet127_LT_train_semi_1_labeled.txt").read_text().split("\n")
     rows = [ln.rsplit(None, 1) for ln in lines if ln.strip()]
     assert len(rows) == 12799 and len(wmap) == 1000 and len(names) == 127
+    blob = IMAGENET127_LISTS["ImageNet127_LT_train_semi_1_labeled.txt"][1]  # what --download checks
+    assert git_blob_sha1((d / "ImageNet127_LT_train_semi_1_labeled.txt").read_bytes()) == blob
     assert all(wmap[p.split("/")[1]] == int(y) for p, y in rows)
     totals = [int(r.split()[1]) for r in (d / "ImageNet127_LT_train_semi_1_sample_num.txt").read_text().split("\n")
               if r.strip()]  # fmt: skip

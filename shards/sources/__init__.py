@@ -37,6 +37,7 @@ from shards.sources.imagenet import (  # noqa: F401  (re-exported)
     _TRAIN_RE,
     _VAL_RE,
     _WMIGFTL,
+    IMAGENET127_LISTS,
     IMAGENET127_META,
     DownsampledImageNet,
     derive_wnid_to_127,

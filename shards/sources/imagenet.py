@@ -46,6 +46,19 @@ IMAGENET127_META = {
     "synsets.txt": (_WMIGFTL + "synsets.txt", "88aa58f966b3c4b7264a52bb71dcb25e856f6c1f"),
 }
 
+# The authors' full-resolution ImageNet127 labeled list (1%; their 10% list's blob is not
+# served by the copies we know), for ``imagenet127 --from-jpeg --labeled-list ... --download``.
+_BMB = (
+    "https://raw.githubusercontent.com/wujianP/ImbalancedSSL/8eff1ff29bdb9530f1926d959c7286a39422c376/"
+    "BMB/dataset/imagenet127_LT/"
+)
+IMAGENET127_LISTS = {
+    "ImageNet127_LT_train_semi_1_labeled.txt": (
+        _BMB + "ImageNet127_LT_train_semi_1_labeled.txt",
+        "e22ddaef5dd2d56cc8c6e22b8699fbba66dd7898",
+    ),
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # Downsampled ImageNet (Chrabaszcz et al. 2017)
