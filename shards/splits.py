@@ -63,38 +63,28 @@ def lt_split(
     seed: int,
     overlap: str = DEFAULT_OVERLAP,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The long-tailed labeled/unlabeled subsets under ``overlap`` (:data:`OVERLAPS`)."""
-    if overlap == INCLUDES:
-        return authors_lt_split(labels, num_classes, n1, m1, gamma_l, gamma_u, seed)
-    if overlap == DISJOINT:
-        return cifar_lt_split(labels, num_classes, n1, m1, gamma_l, gamma_u, seed)
-    raise ValueError(f"split rule must be one of {OVERLAPS}, got {overlap!r}")
+    """The long-tailed labeled/unlabeled subsets (paper 5.1) under one of :data:`OVERLAPS`.
 
+    ``n_k``, ``m_k`` are :func:`lt_counts` of ``(n1, gamma_l)`` and ``(m1, gamma_u)``. For each
+    class k in label order, its indices in source order ``idx``:
 
-def authors_lt_split(
-    labels: np.ndarray,
-    num_classes: int,
-    n1: int,
-    m1: int,
-    gamma_l: float,
-    gamma_u: float,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The authors' long-tailed split: the unlabeled set contains the labeled images.
-
-    BMB's ``train_split_labeled_unlabeled`` (``BMB/dataset/utils.py``): for each class k in
-    label order take its indices in source order; only when ``seed != 0`` shuffle them in place
-    with the global NumPy stream, seeded once by ``np.random.seed(seed)`` before the split (one
-    ``RandomState(seed)`` stream shared by all classes, nothing drawn in between). Labeled = the
-    first ``n_k``, unlabeled = the first ``n_k + m_k`` (so every labeled image is also unlabeled).
+    * ``INCLUDES``, the authors' ``train_split_labeled_unlabeled`` (``BMB/dataset/utils.py``):
+      ``idx`` is shuffled in place only when ``seed != 0``, with the global NumPy stream seeded
+      once by ``np.random.seed(seed)`` just before the split -- one ``RandomState(seed)`` stream
+      over the classes; labeled = ``idx[:n_k]``, unlabeled = ``idx[:n_k + m_k]`` (so every
+      labeled image is also unlabeled).
+    * ``DISJOINT`` (this tool's rule before 2026-12-08): ``idx`` is shuffled by that stream at
+      every seed; labeled = ``idx[:n_k]``, unlabeled = ``idx[n_k:n_k + m_k]``.
 
     Returns:
         ``(labeled_idx, unlabeled_idx)``, int64, grouped by class in label order, each class in
-        the (possibly shuffled) per-class order -- the authors' index lists exactly.
+        its (shuffled) order: under ``INCLUDES`` the authors' index lists exactly.
 
     Raises:
-        ValueError: a class has fewer than ``n_k + m_k`` images.
+        ValueError: an unknown ``overlap``, or a class with fewer than ``n_k + m_k`` images.
     """
+    if overlap not in OVERLAPS:
+        raise ValueError(f"split rule must be one of {OVERLAPS}, got {overlap!r}")
     labels = np.asarray(labels)
     n = lt_counts(n1, gamma_l, num_classes)
     m = lt_counts(m1, gamma_u, num_classes)
@@ -103,68 +93,20 @@ def authors_lt_split(
     unl: list[np.ndarray] = []
     for k in range(num_classes):
         idx = np.flatnonzero(labels == k)
-        _check_class(k, len(idx), n[k], m[k])
-        if seed != 0:
+        if len(idx) < n[k] + m[k]:
+            raise ValueError(
+                f"class {k} has {len(idx)} train images, fewer than the {n[k]} labeled + "
+                f"{m[k]} unlabeled the split asks for (lower --n1/--m1 or raise --gamma-*)"
+            )
+        if overlap == DISJOINT or seed != 0:
             rng.shuffle(idx)
         lab.append(idx[: n[k]])
-        unl.append(idx[: n[k] + m[k]])
+        unl.append(idx[: n[k] + m[k]] if overlap == INCLUDES else idx[n[k] : n[k] + m[k]])
     return _cat(lab), _cat(unl)
-
-
-def _check_class(k: int, have: int, n_k: int, m_k: int) -> None:
-    if have < n_k + m_k:
-        raise ValueError(
-            f"class {k} has {have} train images, fewer than the {n_k} labeled + "
-            f"{m_k} unlabeled the split asks for (lower --n1/--m1 or raise --gamma-*)"
-        )
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-
-
-def cifar_lt_split(
-    labels: np.ndarray,
-    num_classes: int,
-    n1: int,
-    m1: int,
-    gamma_l: float,
-    gamma_u: float,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint labeled/unlabeled long-tailed subsets (``--split-rule disjoint``).
-
-    For each class in label order, the indices of that class are shuffled with a
-    ``np.random.RandomState(seed)`` stream shared across classes (also at seed 0); the first
-    ``n_k`` become labeled, the next ``m_k`` unlabeled. Unlike the authors' code
-    (:func:`authors_lt_split`) no image is both labeled and unlabeled.
-
-    Args:
-        labels: int ``(N,)`` train labels in ``0..num_classes-1``.
-        num_classes: C.
-        n1, m1: head-class sizes of the labeled / unlabeled split.
-        gamma_l, gamma_u: their imbalance ratios.
-        seed: shuffle seed.
-
-    Returns:
-        ``(labeled_idx, unlabeled_idx)``, int64 arrays, grouped by class in label order.
-
-    Raises:
-        ValueError: a class has fewer than ``n_k + m_k`` images.
-    """
-    labels = np.asarray(labels)
-    n = lt_counts(n1, gamma_l, num_classes)
-    m = lt_counts(m1, gamma_u, num_classes)
-    rng = np.random.RandomState(seed)
-    lab: list[np.ndarray] = []
-    unl: list[np.ndarray] = []
-    for k in range(num_classes):
-        idx = np.flatnonzero(labels == k)
-        _check_class(k, len(idx), n[k], m[k])
-        rng.shuffle(idx)
-        lab.append(idx[: n[k]])
-        unl.append(idx[n[k] : n[k] + m[k]])
-    return _cat(lab), _cat(unl)
 
 
 ROUNDINGS = ("floor", "ceil", "around")
