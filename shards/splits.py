@@ -12,7 +12,7 @@ import random
 import numpy as np
 
 # How the unlabeled set relates to the labeled one (manifest ``split_rule.overlap``).
-INCLUDES = "unlabeled_includes_labeled"  # the authors' rule (BMB/DARP/ABC/CoSSL code, USB)
+INCLUDES = "unlabeled_includes_labeled"  # the authors' rule (BMB; the FixMatch loaders of DARP/ABC/CoSSL)
 DISJOINT = "disjoint"  # labeled and unlabeled images never shared (this project's old default)
 OVERLAPS = (INCLUDES, DISJOINT)
 DEFAULT_OVERLAP = INCLUDES
