@@ -356,3 +356,30 @@ def test_mismatch_build_and_bad_inputs(tree: dict, tmp_path: Path, capsys) -> No
         (tree["root"] / "val" / "n00000000" / "x.JPEG").unlink()
         (tree["root"] / "val" / "n00000000").rmdir()
     assert not (tmp_path / "bad").exists()
+
+
+def test_mismatch_build_resumes_after_an_interrupt(tree: dict, tmp_path: Path, monkeypatch) -> None:
+    import shards.build_jpeg as BJ
+    from shards import writer as W
+
+    args = ["imagenet-mismatch", "--source", str(tree["root"]), "--n1", "8", "--m1", "10", "--gamma-l", "4",
+            "--gamma-u", "2", "--shard-size", "4", *Q]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    real = BJ.jpeg_jobs
+
+    def flaky(root, parts):
+        def jobs(b):
+            for i, job in enumerate(real(root, parts)(b)):
+                if i == 2:
+                    raise KeyboardInterrupt
+                yield job
+
+        return jobs
+
+    monkeypatch.setattr(BJ, "jpeg_jobs", flaky)
+    d = tmp_path / "d"
+    assert main([*args, "--out", str(d)]) == 130
+    assert not (d / "manifest.json").exists() and (d / W.PROGRESS).exists()
+    monkeypatch.setattr(BJ, "jpeg_jobs", real)
+    assert main([*args, "--out", str(d)]) == 0
+    assert tree_bytes(d) == tree_bytes(tmp_path / "ref")
