@@ -31,6 +31,7 @@ import torch
 from pipelines.base import HostBatch
 from pipelines.base import ReaderSetup as ReaderSetup
 from shards.format import (
+    DISJOINT,
     MANIFEST,
     Sample,
     decode_image,
@@ -38,6 +39,7 @@ from shards.format import (
     sample_fields,
     shard_samples,
     split_order,
+    split_overlap,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,12 @@ def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
         ):
             if key in rule:
                 args += [flag, num(rule[key])]
+    elif name == "imagenet-mismatch":
+        args = ["imagenet-mismatch", "--source", path]
+        for key, flag in (("n1", "--n1"), ("m1", "--m1"), ("gamma_l", "--gamma-l"),
+                          ("gamma_u", "--gamma-u"), ("max_side", "--max-side")):  # fmt: skip
+            if rule.get(key):
+                args += [flag, num(rule[key])]
     elif name in ("cifar-lt", "subset-lt"):
         if name == "cifar-lt":
             args = ["cifar-lt", "--source", path, "--dataset", str(kind)]
@@ -91,9 +99,14 @@ def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
         for key, flag in (("n1", "--n1"), ("m1", "--m1"), ("gamma_l", "--gamma-l"),
                           ("gamma_u", "--gamma-u")):  # fmt: skip
             args += [flag, num(rule[key])]
-    elif name == "imagenet127":
-        args = ["imagenet127", "--source", path, "--meta-dir", "<class-map-folder>",
-                "--labeled-ratio", num(rule["labeled_ratio"])]  # fmt: skip
+    elif name in ("imagenet127", "imagenet127-jpeg"):
+        where = "--source" if name == "imagenet127" else "--from-jpeg"
+        args = ["imagenet127", where, path, "--meta-dir", "<class-map-folder>",
+                "--labeled-ratio", num(rule["labeled_ratio"]), "--rounding", rule.get("rounding", "floor")]  # fmt: skip
+        if rule.get("labeled_list"):
+            args += ["--labeled-list", f"<{rule['labeled_list']}>"]
+        if rule.get("max_side"):
+            args += ["--max-side", str(rule["max_side"])]
     elif name == "imagenet-lt":
         args = ["imagenet-lt", "--imagenet-root", path, "--split-lists", "<split-list-folder>",
                 "--labeled-ratio", num(rule["labeled_ratio"])]  # fmt: skip
@@ -101,6 +114,8 @@ def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
             args += ["--max-side", str(rule["max_side"])]
     else:
         args = ["<command>", "<options-of-the-original-build>"]
+    if name in ("demo-lt", "cifar-lt", "subset-lt", "imagenet-mismatch") and split_overlap(manifest) == DISJOINT:
+        args += ["--split-rule", DISJOINT]  # not today's default
     args += ["--seed", str(manifest.get("seed", 0))]
     formats = ["wds"]
     for fmt in ("arrays", "ffcv"):

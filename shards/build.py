@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from shards import sources as src
-from shards.splits import cifar_lt_split, first_per_class, prefix_counts
+from shards.splits import DEFAULT_OVERLAP, INCLUDES, first_per_class, lt_split, overlap_record, prefix_counts
 from shards.writer import CHUNK, DatasetBuilder, Job, SplitSpec, array_jobs
 
 JPG_CHUNK = 64
@@ -90,10 +90,14 @@ def lt_from_arrays(
     seed: int,
     classes: str | None = None,
     name: str | None = None,
+    overlap: str = DEFAULT_OVERLAP,
 ) -> dict[str, Any]:
-    """Build a DARP/CoSSL long-tailed split of an in-memory source (classes relabelled 0..K-1).
+    """Build a long-tailed split of an in-memory source (classes relabelled 0..K-1).
 
-    The test split is the source's test set restricted to the chosen classes, unchanged.
+    ``overlap`` is the split rule (:func:`shards.splits.lt_split`): the authors' (unlabeled
+    includes labeled, recorded as ``split_rule.overlap``) or ``disjoint`` (recorded by the key's
+    absence, so a disjoint build's bytes are those of builds made before the key existed). The
+    test split is the source's test set restricted to the chosen classes, unchanged.
     """
     keep = parse_classes(classes, len(source.class_names))
     remap = np.full(len(source.class_names), -1, np.int64)
@@ -101,7 +105,7 @@ def lt_from_arrays(
     tr_sel = np.flatnonzero(remap[source.train_y] >= 0)
     te_sel = np.flatnonzero(remap[source.test_y] >= 0)
     ytr = remap[source.train_y[tr_sel]]
-    lab, unl = cifar_lt_split(ytr, len(keep), n1, m1, gamma_l, gamma_u, seed)
+    lab, unl = lt_split(ytr, len(keep), n1, m1, gamma_l, gamma_u, seed, overlap)
     lab, unl = tr_sel[lab], tr_sel[unl]
     parts = {
         "labeled": (lab, source.train_x, remap[source.train_y[lab]]),
@@ -117,6 +121,7 @@ def lt_from_arrays(
     }
     if classes:
         split_rule["classes"] = [int(k) for k in keep]
+    split_rule.update(overlap_record(overlap))
     name = name or (
         f"{source.record['kind']}-lt-n{n1}-m{m1}-gl{_fmt(gamma_l)}-gu{_fmt(gamma_u)}-s{seed}"
     )
@@ -173,14 +178,24 @@ def load_imagenet_subset(root: Path, meta_dir: Path | None, classes: str | None)
 # ImageNet127
 
 
-def plan_imagenet127(train_y127: np.ndarray, ratio: float) -> np.ndarray:
-    """Labeled indices: the first ``floor(p*n_k)`` images of each 127-class, source order."""
+def plan_imagenet127(train_y127: np.ndarray, ratio: float, rounding: str = "around") -> np.ndarray:
+    """Labeled indices: the first ``round(p*n_k)`` images of each 127-class, source order.
+
+    The authors' Imagenet32/64 loader (``small_imagenet127.py``): ``int(np.around(n_k*p))``
+    (``rounding="floor"``: ``int(n_k*p)``), the first of each class in source order (their
+    shuffle is commented out); the unlabeled set is the whole train set.
+    """
     totals = np.bincount(train_y127, minlength=127)
-    return first_per_class(train_y127, prefix_counts(totals, ratio, "floor"))
+    return first_per_class(train_y127, prefix_counts(totals, ratio, rounding))
 
 
 def build_imagenet127(
-    opts: BuildOptions, root: Path, meta_dir: Path, ratio: float, seed: int = 0
+    opts: BuildOptions,
+    root: Path,
+    meta_dir: Path,
+    ratio: float,
+    seed: int = 0,
+    rounding: str = "around",
 ) -> dict[str, Any]:
     """ImageNet127 from downsampled ImageNet: labeled prefix, unlabeled = all train, test = val.
 
@@ -190,7 +205,7 @@ def build_imagenet127(
     lut, names, meta_rec = src.load_imagenet127_map(meta_dir)
     ds = src.scan_downsampled_imagenet(root)
     ytr, yte = lut[ds.train_y], lut[ds.val_y]
-    lab = plan_imagenet127(ytr, ratio)
+    lab = plan_imagenet127(ytr, ratio, rounding)
     record = ds.record()
     record["class_map"] = meta_rec
     b = opts.builder(
@@ -204,7 +219,12 @@ def build_imagenet127(
         encoding="png",
         image_size=[ds.side, ds.side],
         source=record,
-        split_rule={"rule": "imagenet127", "labeled_ratio": ratio, "rounding": "floor"},
+        split_rule={
+            "rule": "imagenet127",
+            "labeled_ratio": ratio,
+            "rounding": rounding,
+            "overlap": INCLUDES,
+        },
         seed=seed,
     )
 
@@ -304,10 +324,7 @@ def build_imagenet_lt(
     b = opts.builder(
         name=f"imagenet-lt-p{_fmt(ratio)}" + (f"-max{max_side}" if max_side else ""),
         class_names=plan.class_names,
-        splits={
-            s: SplitSpec(y, hashlib.sha256("\n".join(p).encode()).hexdigest() + _digest(y))
-            for s, (p, y) in parts.items()
-        },
+        splits=jpeg_split_specs(parts),
         encoding="jpg",
         image_size=None,
         source={
@@ -325,6 +342,23 @@ def build_imagenet_lt(
         max_side=max_side,
     )
 
+    return b.run(jpeg_jobs(root, parts))
+
+
+JpegParts = dict[str, tuple[list[str], np.ndarray]]  # split -> (relative paths, labels)
+
+
+def jpeg_split_specs(parts: JpegParts) -> dict[str, SplitSpec]:
+    """Each split's labels and identity (its relative paths and labels) for the builder."""
+    return {
+        s: SplitSpec(y, hashlib.sha256("\n".join(p).encode()).hexdigest() + _digest(y))
+        for s, (p, y) in parts.items()
+    }
+
+
+def jpeg_jobs(root: Path, parts: JpegParts) -> Any:
+    """The job stream writing each split's image files (paths relative to ``root``)."""
+
     def jobs(b: DatasetBuilder) -> Iterator[Job]:
         for s, (paths, _y) in parts.items():
             order = b.order(s)
@@ -333,4 +367,4 @@ def build_imagenet_lt(
                 if b.pending(s, a, z):
                     yield Job(s, a, "jpg", [str(root / paths[i]) for i in order[a:z]])
 
-    return b.run(jobs)
+    return jobs

@@ -1,8 +1,9 @@
 """``bmb-shards`` / ``python -m shards``: build the paper's long-tailed SSL datasets as shards.
 
-Commands: ``cifar-lt``, ``imagenet127``, ``imagenet-lt``, ``subset-lt``, ``demo`` (build), ``verify`` and
-``info`` (inspect). Exit status: 0 ok, 1 ``verify`` found a problem, 2 bad input (also: another
-build holds ``--out``'s lock), 130 interrupted (re-run the same command to resume).
+Commands: ``cifar-lt``, ``imagenet127``, ``imagenet-lt``, ``imagenet-mismatch``, ``subset-lt``,
+``demo`` (build), ``verify`` and ``info`` (inspect). Exit status: 0 ok, 1 ``verify`` found a
+problem, 2 bad input (also: another build holds ``--out``'s lock), 130 interrupted (re-run the
+same command to resume).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from shards.build import (
     lt_from_arrays,
     plan_imagenet_lt,
 )
+from shards.build_jpeg import build_imagenet127_jpeg, build_imagenet_mismatch
 from shards.format import load_manifest
 from shards.manifest import FORMATS, summary
-from shards.splits import class_counts
+from shards.splits import DEFAULT_OVERLAP, OVERLAPS, class_counts, overlap_record
 
 CIFAR_DEFAULTS = {"cifar10": (1500, 3000, 100.0), "cifar100": (150, 300, 10.0)}
 
@@ -79,13 +81,34 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_lt(p: argparse.ArgumentParser, required: bool) -> None:
-    g = p.add_argument_group("long-tailed split (DARP/CoSSL rule, docs/datasets.md)")
-    g.add_argument("--n1", type=int, required=required, help="labeled images of the head class")
-    g.add_argument("--m1", type=int, required=required, help="unlabeled images of the head class")
+def _add_split_rule(g: Any) -> None:
+    g.add_argument(
+        "--split-rule",
+        choices=OVERLAPS,
+        default=DEFAULT_OVERLAP,
+        help="unlabeled_includes_labeled (default, the authors' code): labeled = the first n_k "
+        "images of class k, unlabeled = the first n_k + m_k, so it contains the labeled ones; "
+        "disjoint: labeled and unlabeled share no image (this tool's rule before 2026-12-08)",
+    )
+
+
+def _add_lt(p: argparse.ArgumentParser, required: bool, heads: tuple[int, int] | None = None) -> None:
+    """The long-tailed split's options; ``heads``: defaults of --n1/--m1 (then not required)."""
+    g = p.add_argument_group("long-tailed split (docs/datasets.md)")
+    for flag, what, default in (("--n1", "labeled", heads and heads[0]), ("--m1", "unlabeled", heads and heads[1])):
+        g.add_argument(flag, type=int, required=required and default is None, default=default,
+                       help=f"{what} images of the head class" + (f" (default {default})" if default else ""))
     g.add_argument("--gamma-l", type=float, required=required, help="labeled imbalance ratio")
     g.add_argument("--gamma-u", type=float, required=required, help="unlabeled imbalance ratio")
-    g.add_argument("--seed", type=int, default=0, help="per-class shuffle seed (default 0)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="per-class shuffle seed (default 0). The authors' rule keeps each class in source "
+        "order at seed 0 and shuffles (numpy RandomState(seed), one stream over the classes) "
+        "otherwise; disjoint shuffles at every seed",
+    )
+    _add_split_rule(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,14 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
 
     p = sub.add_parser(
-        "imagenet127", help="ImageNet127 (1000 classes grouped into 127) from Imagenet32/64"
+        "imagenet127",
+        help="ImageNet127 (1000 classes grouped into 127) from Imagenet32/64 or ImageNet JPEGs",
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--source",
         type=Path,
-        required=True,
         help="folder (searched recursively) with train_data_batch_1..10 and val_data, pickle "
-        "or .npz, labels 1..1000 in map_clsloc.txt order",
+        "or .npz, labels 1..1000 in map_clsloc.txt order (downsampled ImageNet, PNG shards)",
+    )
+    where.add_argument(
+        "--from-jpeg",
+        type=Path,
+        metavar="IMAGENET_ROOT",
+        help="full-resolution ImageNet folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
+        "(all 1000 classes): JPEG shards of the original bytes, as the authors' SGD scripts read",
     )
     p.add_argument(
         "--meta-dir",
@@ -167,13 +198,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--download",
         action="store_true",
-        help="fetch the missing public class-map files into --meta-dir (pinned URLs, checked)",
+        help="fetch the missing public class-map files into --meta-dir, and a missing "
+        "--labeled-list named ImageNet127_LT_train_semi_1_labeled.txt (the authors' 1%% list) "
+        "(pinned URLs, git blob id checked)",
     )
     p.add_argument(
         "--labeled-ratio",
         type=float,
         required=True,
-        help="fraction p: labeled = first floor(p*n_k) images per class (paper: 0.01, 0.1)",
+        help="fraction p of each class labeled (paper: 0.01, 0.1); unlabeled = every train image",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=["around", "floor"],
+        help="labeled count per class: around = int(np.around(p*n_k)) (default with --source: the "
+        "authors' Imagenet32/64 loader; 12,811 at 1%%), floor = int(p*n_k) (default with "
+        "--from-jpeg: the authors' full-resolution lists; 12,799 at 1%%)",
+    )
+    p.add_argument(
+        "--labeled-list",
+        type=Path,
+        help="--from-jpeg: take the labeled images from this list (train/<wnid>/<img> <label> "
+        "lines, e.g. the authors' ImageNet127_LT_train_semi_1_labeled.txt) instead of drawing "
+        "them (random.Random(2023).sample per class, as their generate_train_split.py)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        help="--from-jpeg: resize so the longer side is at most N px (re-encoded JPEG q95); "
+        "default: keep the original bytes",
     )
     p.add_argument("--seed", type=int, default=0, help="recorded only (the split is not random)")
     _add_output(p)
@@ -217,6 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
 
     p = sub.add_parser(
+        "imagenet-mismatch",
+        help="long-tailed labeled/unlabeled split of all ImageNet classes at full resolution "
+        "(the authors' ImageNet_LT_mismatch/generate_dataset.py)",
+    )
+    p.add_argument(
+        "--source",
+        type=Path,
+        required=True,
+        help="ImageNet folder holding train/<wnid>/*.JPEG (every class folder is a class, "
+        "sorted by name) and val/<wnid>/*.JPEG (the test split)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        help="resize so the longer side is at most N px (re-encoded JPEG q95); default: keep "
+        "the original bytes",
+    )
+    _add_lt(p, required=True, heads=(600, 300))  # the paper's N1, M1 for this setting
+    _add_output(p)
+
+    p = sub.add_parser(
         "demo", help="the embedded procedural demo data (long-tailed rings, no download)"
     )
     p.add_argument("--num-classes", type=int, default=10, help="classes (default 10)")
@@ -227,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=100, help="balanced test set (100/class)")
     p.add_argument("--size", type=int, default=32, help="image side in px (32)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (0)")
+    _add_split_rule(p)
     _add_output(p)
 
     p = sub.add_parser(
@@ -296,6 +371,7 @@ def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
             gamma_l=a.gamma_l if a.gamma_l is not None else g,
             gamma_u=a.gamma_u if a.gamma_u is not None else g,
             seed=a.seed,
+            overlap=a.split_rule,
         )
     if a.command == "subset-lt":
         if a.source_kind == "imagenet":
@@ -313,6 +389,7 @@ def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
             seed=a.seed,
             classes=a.classes,
             name=a.name,
+            overlap=a.split_rule,
         )
     if a.command == "imagenet127":
         if a.download:
@@ -320,7 +397,24 @@ def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
             if not (a.meta_dir / "wnid_to_127.tsv").is_file():
                 names += ["val.txt", "val_up_down_127.txt", "synsets.txt"]
             src.fetch_files(src.IMAGENET127_META, names, a.meta_dir)
-        return build_imagenet127(opts, a.source, a.meta_dir, a.labeled_ratio, a.seed)
+        lst = a.labeled_list
+        if a.download and lst is not None and not lst.is_file() and lst.name in src.IMAGENET127_LISTS:
+            src.fetch_files(src.IMAGENET127_LISTS, [lst.name], lst.parent)
+        if a.from_jpeg is not None:
+            return build_imagenet127_jpeg(
+                opts, a.from_jpeg, a.meta_dir, a.labeled_ratio, a.rounding or "floor",
+                a.labeled_list, a.max_side, a.seed,
+            )  # fmt: skip
+        for flag, value in (("--labeled-list", a.labeled_list), ("--max-side", a.max_side)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --from-jpeg (the --source images are PNG arrays)")
+        return build_imagenet127(
+            opts, a.source, a.meta_dir, a.labeled_ratio, a.seed, a.rounding or "around"
+        )
+    if a.command == "imagenet-mismatch":
+        return build_imagenet_mismatch(
+            opts, a.source, a.n1, a.m1, a.gamma_l, a.gamma_u, a.seed, a.split_rule, a.max_side
+        )
     if a.command == "imagenet-lt":
         if a.download:
             src.fetch_files(src.IMAGENET_LT_LISTS, list(src.IMAGENET_LT_LISTS), a.split_lists)
@@ -350,9 +444,9 @@ def _run_build(a: argparse.Namespace) -> dict[str, Any] | None:
                   "gamma_u": a.gamma_u, "test_per_class": a.test_per_class, "size": a.size}
         return write_dataset(
             a.out, name="demo", class_names=class_names(a.num_classes),
-            splits=make_demo(**params, seed=a.seed), formats=a.formats,
+            splits=make_demo(**params, seed=a.seed, overlap=a.split_rule), formats=a.formats,
             source={"kind": "procedural-demo", "path": None, "checksum": None},
-            split_rule={"rule": "demo-lt", **params}, seed=a.seed,
+            split_rule={"rule": "demo-lt", **params, **overlap_record(a.split_rule)}, seed=a.seed,
             shard_size=a.shard_size or DEFAULT_SHARD_SIZE["png"], workers=a.workers,
             progress=not a.no_progress, overwrite=a.overwrite,
         )

@@ -11,7 +11,9 @@ weak and strong augmentations (flips and translations keep rings rings).
 
 Splits follow the CIFAR-LT rule (docs/datasets.md): ``n_k = floor(n1 * mu_l^k)`` labeled and
 ``m_k = floor(m1 * mu_u^k)`` unlabeled images for class ``k``, last class exactly
-``floor(n1 / gamma_l)``; the test set is balanced.
+``floor(n1 / gamma_l)``; the test set is balanced. Under the authors' split rule (the default)
+the unlabeled set of class ``k`` is its ``n_k`` labeled images followed by its ``m_k`` others;
+``overlap="disjoint"`` keeps only the ``m_k`` others. Both draw the same images.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from shards.splits import DEFAULT_OVERLAP, INCLUDES, OVERLAPS
 
 JITTER = 0.09  # log-std of the per-sample ring frequency: how much neighbouring classes overlap
 CLASS_NAMES = ("ring-a", "ring-b", "ring-c", "ring-d", "ring-e", "ring-f", "ring-g", "ring-h", "ring-i", "ring-j")
@@ -61,9 +65,12 @@ def render(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.n
 
 
 def make_demo(num_classes: int = 10, n1: int = 200, m1: int = 800, gamma_l: float = 100.0,
-              gamma_u: float = 100.0, test_per_class: int = 100, seed: int = 0, size: int = 32
-              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+              gamma_u: float = 100.0, test_per_class: int = 100, seed: int = 0, size: int = 32,
+              overlap: str = DEFAULT_OVERLAP) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The demo splits ``labeled``, ``unlabeled`` (long-tailed) and ``test`` (balanced).
+
+    ``overlap``: :data:`shards.splits.INCLUDES` (unlabeled = per class the labeled images, then
+    ``m_k`` more) or ``shards.splits.DISJOINT`` (only the ``m_k`` more).
 
     Returns:
         split name -> ``(images uint8 (N, size, size, 3), labels int64 (N,))``.
@@ -76,6 +83,8 @@ def make_demo(num_classes: int = 10, n1: int = 200, m1: int = 800, gamma_l: floa
     for name, value in (("gamma_l", gamma_l), ("gamma_u", gamma_u)):
         if value < 1:
             raise ValueError(f"demo: {name} must be >= 1, got {value}")
+    if overlap not in OVERLAPS:
+        raise ValueError(f"demo: split rule must be one of {OVERLAPS}, got {overlap!r}")
     rng = np.random.default_rng(seed)
     out = {}
     for split, counts in (("labeled", long_tail_counts(n1, gamma_l, num_classes)),
@@ -83,4 +92,13 @@ def make_demo(num_classes: int = 10, n1: int = 200, m1: int = 800, gamma_l: floa
                           ("test", [test_per_class] * num_classes)):
         labels = np.repeat(np.arange(num_classes, dtype=np.int64), counts)
         out[split] = (render(labels, rng, size), labels)
+    if overlap == INCLUDES:
+        out["unlabeled"] = _prepend_per_class(out["labeled"], out["unlabeled"], num_classes)
     return out
+
+
+def _prepend_per_class(first: tuple[np.ndarray, np.ndarray], then: tuple[np.ndarray, np.ndarray],
+                       num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class in label order: ``first``'s samples of the class, then ``then``'s."""
+    rows = [(x[y == k], y[y == k]) for k in range(num_classes) for x, y in (first, then)]
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from shards.order import file_order
+from shards.splits import DISJOINT, INCLUDES, OVERLAPS
 from shards.urls import (  # noqa: F401  (re-exported: the URL helpers were defined here)
     URL_SCHEMES,
     is_url,
@@ -148,6 +149,9 @@ def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
     for k in ("source", "split_rule"):
         if k not in m or not (m[k] is None or isinstance(m[k], dict)):
             raise ManifestError(f"{file}: key {k!r} must be an object or null")
+    overlap = (m["split_rule"] or {}).get("overlap", DISJOINT)
+    if overlap not in OVERLAPS:
+        raise ManifestError(f"{file}: 'split_rule.overlap' must be one of {OVERLAPS}, got {overlap!r}")
     splits = _need(m, "splits", dict, "", file)
     for s in REQUIRED_SPLITS:
         if s not in splits:
@@ -157,6 +161,18 @@ def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
             raise ManifestError(f"{file}: unknown split {s!r} (expected one of {SPLITS})")
         _validate_split(sp, s, nc, file)
     return m
+
+
+def split_overlap(m: dict[str, Any]) -> str:
+    """How a dataset's unlabeled split relates to its labeled one (``split_rule.overlap``).
+
+    Without the key: ImageNet127 and ImageNet-LT builds always took every train image as
+    unlabeled (:data:`~shards.splits.INCLUDES`); every other build was ``disjoint``.
+    """
+    rule = m.get("split_rule") or {}
+    if "overlap" in rule:
+        return rule["overlap"]
+    return INCLUDES if rule.get("rule") in ("imagenet127", "imagenet-lt") else DISJOINT
 
 
 def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dict[str, Any]:

@@ -7,8 +7,21 @@ written (their stable index within the split is their position in the returned a
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
+
+# How the unlabeled set relates to the labeled one (manifest ``split_rule.overlap``).
+INCLUDES = "unlabeled_includes_labeled"  # the authors' rule (BMB; the FixMatch loaders of DARP/ABC/CoSSL)
+DISJOINT = "disjoint"  # labeled and unlabeled images never shared (this project's old default)
+OVERLAPS = (INCLUDES, DISJOINT)
+DEFAULT_OVERLAP = INCLUDES
+
+
+def overlap_record(overlap: str) -> dict[str, str]:
+    """The ``split_rule`` entry of a CIFAR/subset/demo build: absent for ``disjoint``, so such a
+    build's bytes equal those of builds made before the key existed."""
+    return {} if overlap == DISJOINT else {"overlap": overlap}
 
 
 def lt_counts(n_max: int, gamma: float, num_classes: int) -> list[int]:
@@ -40,7 +53,7 @@ def lt_counts(n_max: int, gamma: float, num_classes: int) -> list[int]:
     return counts
 
 
-def cifar_lt_split(
+def lt_split(
     labels: np.ndarray,
     num_classes: int,
     n1: int,
@@ -48,26 +61,30 @@ def cifar_lt_split(
     gamma_l: float,
     gamma_u: float,
     seed: int,
+    overlap: str = DEFAULT_OVERLAP,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint labeled/unlabeled long-tailed subsets (DARP/CoSSL protocol, paper 5.1).
+    """The long-tailed labeled/unlabeled subsets (paper 5.1) under one of :data:`OVERLAPS`.
 
-    For each class in label order, the indices of that class are shuffled with a
-    ``np.random.RandomState(seed)`` stream shared across classes (DARP's ``train_split`` after
-    ``np.random.seed(seed)``); the first ``n_k`` become labeled, the next ``m_k`` unlabeled.
+    ``n_k``, ``m_k`` are :func:`lt_counts` of ``(n1, gamma_l)`` and ``(m1, gamma_u)``. For each
+    class k in label order, its indices in source order ``idx``:
 
-    Args:
-        labels: int ``(N,)`` train labels in ``0..num_classes-1``.
-        num_classes: C.
-        n1, m1: head-class sizes of the labeled / unlabeled split.
-        gamma_l, gamma_u: their imbalance ratios.
-        seed: shuffle seed.
+    * ``INCLUDES``, the authors' ``train_split_labeled_unlabeled`` (``BMB/dataset/utils.py``):
+      ``idx`` is shuffled in place only when ``seed != 0``, with the global NumPy stream seeded
+      once by ``np.random.seed(seed)`` just before the split -- one ``RandomState(seed)`` stream
+      over the classes; labeled = ``idx[:n_k]``, unlabeled = ``idx[:n_k + m_k]`` (so every
+      labeled image is also unlabeled).
+    * ``DISJOINT`` (this tool's rule before 2026-12-08): ``idx`` is shuffled by that stream at
+      every seed; labeled = ``idx[:n_k]``, unlabeled = ``idx[n_k:n_k + m_k]``.
 
     Returns:
-        ``(labeled_idx, unlabeled_idx)``, int64 arrays, grouped by class in label order.
+        ``(labeled_idx, unlabeled_idx)``, int64, grouped by class in label order, each class in
+        its (shuffled) order: under ``INCLUDES`` the authors' index lists exactly.
 
     Raises:
-        ValueError: a class has fewer than ``n_k + m_k`` images.
+        ValueError: an unknown ``overlap``, or a class with fewer than ``n_k + m_k`` images.
     """
+    if overlap not in OVERLAPS:
+        raise ValueError(f"split rule must be one of {OVERLAPS}, got {overlap!r}")
     labels = np.asarray(labels)
     n = lt_counts(n1, gamma_l, num_classes)
     m = lt_counts(m1, gamma_u, num_classes)
@@ -81,20 +98,27 @@ def cifar_lt_split(
                 f"class {k} has {len(idx)} train images, fewer than the {n[k]} labeled + "
                 f"{m[k]} unlabeled the split asks for (lower --n1/--m1 or raise --gamma-*)"
             )
-        rng.shuffle(idx)
+        if overlap == DISJOINT or seed != 0:
+            rng.shuffle(idx)
         lab.append(idx[: n[k]])
-        unl.append(idx[n[k] : n[k] + m[k]])
-    return (
-        np.concatenate(lab).astype(np.int64) if lab else np.zeros(0, np.int64),
-        np.concatenate(unl).astype(np.int64) if unl else np.zeros(0, np.int64),
-    )
+        unl.append(idx[: n[k] + m[k]] if overlap == INCLUDES else idx[n[k] : n[k] + m[k]])
+    return _cat(lab), _cat(unl)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+ROUNDINGS = ("floor", "ceil", "around")
 
 
 def prefix_counts(totals: list[int] | np.ndarray, fraction: float, rounding: str) -> list[int]:
-    """Per-class labeled sizes ``floor(p*n_k)`` (ImageNet127) or ``ceil(p*n_k)`` (ImageNet-LT).
+    """Per-class labeled sizes ``p*n_k`` rounded as one of the authors' files does.
 
-    The product is computed in float64 like the authors' Python (``int(n*p)`` /
-    ``math.ceil(n*p)``), so e.g. ``0.1*1300`` floors to 130 as in their files.
+    ``floor``: ``int(n*p)`` (their full-resolution ImageNet127 lists, ``generate_train_split.py``);
+    ``ceil``: ``math.ceil(n*p)`` (ImageNet-LT); ``around``: ``int(np.around(n*p))``, NumPy's
+    round-half-to-even (their Imagenet32/64 loader ``small_imagenet127.py``, as CoSSL's). The
+    product is computed in float64 like their Python, so e.g. ``0.1*1300`` floors to 130.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
@@ -102,7 +126,25 @@ def prefix_counts(totals: list[int] | np.ndarray, fraction: float, rounding: str
         return [int(int(t) * fraction) for t in totals]
     if rounding == "ceil":
         return [math.ceil(int(t) * fraction) for t in totals]
-    raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
+    if rounding == "around":
+        return [int(np.around(int(t) * fraction)) for t in totals]
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def sample_per_class(groups: list[list[int]], counts: list[int], seed: int) -> list[int]:
+    """``random.sample`` of ``counts[k]`` items of each ``groups[k]``, classes in order.
+
+    The authors' ImageNet127 rule (``generate_train_split.py``): one Python ``random`` stream
+    seeded once (they use 2023), ``random.sample(class_list, n_k)`` for each class in label
+    order; the sampled items keep the order ``random.sample`` returns them in.
+    """
+    rng = random.Random(seed)
+    out: list[int] = []
+    for k, (g, c) in enumerate(zip(groups, counts)):
+        if len(g) < c:
+            raise ValueError(f"class {k} has {len(g)} images, fewer than the {c} requested")
+        out.extend(rng.sample(list(g), c))
+    return out
 
 
 def first_per_class(labels: np.ndarray, counts: list[int]) -> np.ndarray:

@@ -37,7 +37,8 @@ def served(tmp_path_factory):
     """``(local dataset dir, its URL, the server's base URL)``; the server also has ``broken``
     (a shard missing) and ``cut`` (a shard cut short)."""
     top = tmp_path_factory.mktemp("served")
-    build_small_demo(top / "demo", "wds", "--shard-size", str(SHARD))
+    # disjoint: the epoch arithmetic below counts 405 unlabeled samples
+    build_small_demo(top / "demo", "wds", "--shard-size", str(SHARD), "--split-rule", "disjoint")
     shutil.copytree(top / "demo", top / "broken")
     manifest = json.loads((top / "broken" / "manifest.json").read_text())
     (top / "broken" / manifest["splits"]["unlabeled"]["shards"][1]["file"]).unlink()

@@ -18,7 +18,7 @@ from shards import writer as W
 from shards.cli import main
 from shards.format import decode_image, iter_tar_samples, load_manifest
 from shards.order import file_order
-from shards.splits import cifar_lt_split, first_per_class, lt_counts, prefix_counts
+from shards.splits import DISJOINT, first_per_class, lt_counts, lt_split, prefix_counts
 from shards.verify import verify_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,16 +71,16 @@ def test_lt_counts_match_paper_numbers() -> None:
 def test_cifar_lt_split_disjoint_counts_and_seeded() -> None:
     labels = np.repeat(np.arange(10), 60)
     np.random.default_rng(1).shuffle(labels)
-    lab, unl = cifar_lt_split(labels, 10, 20, 30, 10, 5, seed=3)
+    lab, unl = lt_split(labels, 10, 20, 30, 10, 5, seed=3, overlap=DISJOINT)
     assert np.bincount(labels[lab], minlength=10).tolist() == lt_counts(20, 10, 10)
     assert np.bincount(labels[unl], minlength=10).tolist() == lt_counts(30, 5, 10)
     assert not set(lab.tolist()) & set(unl.tolist())
-    lab2, unl2 = cifar_lt_split(labels, 10, 20, 30, 10, 5, seed=3)
+    lab2, unl2 = lt_split(labels, 10, 20, 30, 10, 5, seed=3, overlap=DISJOINT)
     assert (lab == lab2).all() and (unl == unl2).all()
-    lab3, _ = cifar_lt_split(labels, 10, 20, 30, 10, 5, seed=4)
+    lab3, _ = lt_split(labels, 10, 20, 30, 10, 5, seed=4, overlap=DISJOINT)
     assert not np.array_equal(lab, lab3)
     with pytest.raises(ValueError, match="class 0 has 60"):
-        cifar_lt_split(labels, 10, 50, 30, 10, 5, seed=0)
+        lt_split(labels, 10, 50, 30, 10, 5, seed=0, overlap=DISJOINT)
 
 
 def test_prefix_rules_floor_and_ceil() -> None:

@@ -62,8 +62,10 @@ def cifar10(tmp_path_factory) -> dict:
 
 
 def test_cifar_lt_from_archive_roundtrip_and_counts(cifar10, tmp_path: Path) -> None:
+    """The disjoint rule on request (the default, the authors' rule: tests/test_splits_authors.py)."""
     out = tmp_path / "d"
-    assert main(cifar_cli(cifar10["archive"], out, "--formats", "wds,arrays", "--seed", "2")) == 0
+    extra = ("--formats", "wds,arrays", "--seed", "2", "--split-rule", "disjoint")
+    assert main(cifar_cli(cifar10["archive"], out, *extra)) == 0
     m = load_manifest(out)
     assert m["class_names"] == cifar10["class_names"] and m["image_size"] == [32, 32]
     assert m["splits"]["labeled"]["class_counts"] == lt_counts(15, 10, 10)
@@ -204,11 +206,13 @@ def test_cifar10_lt_paper_setting_counts(tmp_path: Path) -> None:
     )
     m = load_manifest(out)
     assert m["splits"]["labeled"]["class_counts"] == [1500, 899, 539, 323, 193, 116, 69, 41, 25, 15]
-    assert m["splits"]["unlabeled"]["class_counts"] == lt_counts(3000, 100, 10)
-    assert (
-        m["splits"]["labeled"]["count"] == 3720
-        and m["splits"]["unlabeled"]["class_counts"][-1] == 30
-    )
+    # the default (authors') rule: class k's unlabeled set is its n_k labeled + m_k more images
+    m_k = lt_counts(3000, 100, 10)
+    assert m_k == [3000, 1798, 1078, 646, 387, 232, 139, 83, 50, 30] and sum(m_k) == 7443
+    assert m["splits"]["unlabeled"]["class_counts"] == [
+        a + b for a, b in zip(m["splits"]["labeled"]["class_counts"], m_k)
+    ]
+    assert m["splits"]["labeled"]["count"] == 3720 and m["splits"]["unlabeled"]["count"] == 11163
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,9 +235,12 @@ def test_imagenet127_plan_matches_authors_counts(ratio: float, col_file: str) ->
     rows = [tuple(map(int, ln.split())) for ln in f.read_text().splitlines()]
     totals = [r[1] for r in rows]
     y = np.random.default_rng(0).permutation(np.repeat(np.arange(127), totals))
-    lab = plan_imagenet127(y, ratio)
+    # their full-resolution lists (these files) floor; their Imagenet32/64 loader (our default
+    # for the downsampled source) rounds with np.around
+    lab = plan_imagenet127(y, ratio, "floor")
     assert np.bincount(y[lab], minlength=127).tolist() == [r[0] for r in rows]
     assert len(lab) == {0.01: 12799, 0.1: 128101}[ratio]
+    assert len(plan_imagenet127(y, ratio)) == {0.01: 12811, 0.1: 128118}[ratio]
     # the first floor(p*n_k) of each class in source order
     k = int(y[0])
     assert lab[0] == 0 and (np.flatnonzero(y == k)[: rows[k][0]] == lab[y[lab] == k]).all()
@@ -278,7 +285,8 @@ def test_imagenet127_roundtrip_and_counts(meta127: Path, tmp_path: Path, fmt: st
     y127 = lut[truth["train"][1]]
     totals = np.bincount(y127, minlength=127)
     assert m["num_classes"] == 127 and m["class_names"] == names and names[0] == "loaf of bread"
-    assert m["splits"]["labeled"]["class_counts"] == prefix_counts(totals, 0.1, "floor")
+    assert m["splits"]["labeled"]["class_counts"] == prefix_counts(totals, 0.1, "around")
+    assert m["split_rule"]["rounding"] == "around"
     assert m["splits"]["unlabeled"]["class_counts"] == totals.tolist()
     x, yy, _ = read_split(out, m, "unlabeled")
     assert np.array_equal(x, truth["train"][0]) and np.array_equal(yy, y127)
@@ -344,7 +352,7 @@ def test_subset_lt_on_downsampled_imagenet(tmp_path: Path) -> None:
     m = load_manifest(out)
     assert m["num_classes"] == 3 and m["split_rule"]["classes"] == [10, 11, 12]
     assert m["splits"]["labeled"]["class_counts"] == lt_counts(8, 4, 3) == [8, 4, 2]
-    assert m["splits"]["unlabeled"]["class_counts"] == [10, 10, 10]
+    assert m["splits"]["unlabeled"]["class_counts"] == [18, 14, 12]  # n_k + m_k (authors' rule)
     x, yy, _ = read_split(out, m, "test")
     assert np.array_equal(yy, [0, 1, 2]) and np.array_equal(x, truth["val"][0][10:13])
 

@@ -10,7 +10,8 @@ One module per source family, re-exported here (``from shards import sources as 
 * :mod:`shards.sources.common`: pinned downloads and the restricted unpickler;
 * :mod:`shards.sources.cifar`: CIFAR-10/100 pickles;
 * :mod:`shards.sources.imagenet`: downsampled ImageNet 32/64 and the ImageNet-127 class map;
-* :mod:`shards.sources.imagenet_lt`: the ImageNet-LT split lists.
+* :mod:`shards.sources.imagenet_lt`: the ImageNet-LT split lists;
+* :mod:`shards.sources.jpeg_tree`: full-resolution ImageNet folder trees (``train/<wnid>/``).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from shards.sources.imagenet import (  # noqa: F401  (re-exported)
     _TRAIN_RE,
     _VAL_RE,
     _WMIGFTL,
+    IMAGENET127_LISTS,
     IMAGENET127_META,
     DownsampledImageNet,
     derive_wnid_to_127,
     load_imagenet127_map,
+    load_wnid_to_127,
     read_map_clsloc,
     scan_downsampled_imagenet,
 )
@@ -49,4 +52,8 @@ from shards.sources.imagenet_lt import (  # noqa: F401  (re-exported)
     ListSplit,
     read_split_list,
     wnid_names,
+)
+from shards.sources.jpeg_tree import (  # noqa: F401  (re-exported)
+    ClassTree,
+    scan_class_tree,
 )

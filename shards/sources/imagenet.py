@@ -46,6 +46,19 @@ IMAGENET127_META = {
     "synsets.txt": (_WMIGFTL + "synsets.txt", "88aa58f966b3c4b7264a52bb71dcb25e856f6c1f"),
 }
 
+# The authors' full-resolution ImageNet127 labeled list (1%; their 10% list's blob is not
+# served by the copies we know), for ``imagenet127 --from-jpeg --labeled-list ... --download``.
+_BMB = (
+    "https://raw.githubusercontent.com/wujianP/ImbalancedSSL/8eff1ff29bdb9530f1926d959c7286a39422c376/"
+    "BMB/dataset/imagenet127_LT/"
+)
+IMAGENET127_LISTS = {
+    "ImageNet127_LT_train_semi_1_labeled.txt": (
+        _BMB + "ImageNet127_LT_train_semi_1_labeled.txt",
+        "e22ddaef5dd2d56cc8c6e22b8699fbba66dd7898",
+    ),
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # Downsampled ImageNet (Chrabaszcz et al. 2017)
@@ -254,3 +267,29 @@ def load_imagenet127_map(meta_dir: Path) -> tuple[np.ndarray, list[str], dict[st
     for p in used:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     return lut, names, {"files": [p.name for p in used], "sha256": h.hexdigest()}
+
+
+def load_wnid_to_127(meta_dir: Path) -> tuple[dict[str, int], list[str], dict[str, Any]]:
+    """The 1000 -> 127 map keyed by wnid (for JPEG trees ``train/<wnid>/``), names, record.
+
+    The same map and checks as :func:`load_imagenet127_map`; the wnid of each map_clsloc index
+    comes from ``wnid_to_127.tsv``'s ``wnid`` column, else from ``map_clsloc.txt``.
+    """
+    meta_dir = Path(meta_dir)
+    lut, names, record = load_imagenet127_map(meta_dir)
+    tsv = meta_dir / "wnid_to_127.tsv"
+    if tsv.is_file():
+        lines = tsv.read_text().splitlines()
+        head = lines[0].split("\t")
+        if "wnid" not in head:
+            raise ValueError(f"{tsv}: header must have a 'wnid' column, got {head}")
+        wi, ii = head.index("wnid"), head.index("idx1000_in_map_clsloc")
+        order = [""] * 1000
+        for ln in lines[1:]:
+            f = ln.split("\t")
+            order[int(f[ii]) - 1] = f[wi]
+    else:
+        order = read_map_clsloc(meta_dir / "map_clsloc.txt")
+    if len(set(order)) != 1000 or "" in order:
+        raise ValueError(f"{meta_dir}: the class map must name 1000 distinct wnids")
+    return {w: int(lut[i]) for i, w in enumerate(order)}, names, record
