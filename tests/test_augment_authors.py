@@ -144,10 +144,10 @@ def test_three_op_sequences_match_the_reference():
     assert exact.sum() >= 10
     assert (out[exact] == ref[exact]).all()
     # With a rotation or shear, a nearest-neighbour tie (one row at shear 0.04) may round the
-    # other way, and a later autocontrast / equalize / contrast, whose tables depend on the
-    # whole image, can carry that into more pixels: a few samples only, small on average.
+    # other way, and a later autocontrast / equalize / contrast (tables of the whole image) or
+    # sharpness (a 3x3 filter) can carry that into more pixels: a few samples, small on average.
     per_sample = (out[~exact] != ref[~exact]).reshape((~exact).sum(), -1).mean(1)
-    assert per_sample.mean() < 0.05 and (per_sample > 0.05).mean() <= 1 / 8, per_sample
+    assert per_sample.mean() < 0.05 and np.median(per_sample) < 0.02, per_sample
     # Their draw is with replacement: some sample repeats an op.
     assert any(len(set(r)) < 3 for r in draw.ops.tolist())
 
