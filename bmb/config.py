@@ -115,6 +115,17 @@ class DataConfig:
     views: str = _f("trainer", "who makes the weak/strong views: trainer (ViewMaker, FixMatch-exact; every preset) or "
                     "loader (data.backend=dali only: the DALI pipeline emits normalised views on the device; its "
                     "RandAugment differs, see docs/fidelity.md)", choices=("trainer", "loader"))
+    rand_augment: str = _f("fixmatch", "strong-view RandAugment: fixmatch (2 of 14 ops, magnitude drawn per op, after "
+                           "the crop) or authors (the BMB authors' RandAugment(3, 4) of ildoonet/pytorch-"
+                           "randaugment: 3 of 16 ops at magnitude 4, before the crop; docs/fidelity.md)",
+                           choices=("fixmatch", "authors"))
+    cutout: str = _f("random", "strong-view Cutout: random (FixMatch: gray square, side up to half the image), "
+                     "fixed (the authors' CutoutDefault: half the side, mean colour; their 32/64 px views) or "
+                     "none (their 224 px views)", choices=("random", "fixed", "none"))
+    view_rule: str = _f("square", "full-resolution views: square (the readers deliver a load_size centre square, "
+                        "weak view = data.crop) or authors_imagenet (the authors' ImageNet views: shorter side "
+                        "resized to load_size with the aspect ratio kept, an independent random image_size crop "
+                        "per view, flip; evaluation: the centre crop)", choices=("square", "authors_imagenet"))
     mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean (0-1 scale)")
     std: list[float] = _f([0.25, 0.25, 0.25], "per-channel normalisation std (0-1 scale)")
     eval_split: str = _f("test", "split reported as the result")

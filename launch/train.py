@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         # every rank, so that every rank makes the same enqueue/dequeue/get decisions.
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 7),
         collectives=Collectives(), device=accelerator.device))
-    views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=cfg.method.num_strong,
-                      mean=cfg.data.mean, std=cfg.data.std)
+    views = ViewMaker(**ViewMaker.config_kwargs(cfg))
     trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir)
     code = 0
     try:

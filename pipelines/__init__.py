@@ -192,10 +192,7 @@ def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSet
         if d.views == "loader":  # the pipeline makes the views (ViewMaker's settings)
             from pipelines.dali_views import DaliViews
 
-            options["views"] = DaliViews(
-                image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
-                mean=d.mean, std=d.std,
-            )
+            options["views"] = DaliViews(**DaliViews.config_kwargs(cfg))
     try:
         options.update(corrupt_options(name, d.on_corrupt))
     except ValueError as e:

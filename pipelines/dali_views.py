@@ -103,6 +103,12 @@ class DaliViews(ViewSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.policy != "fixmatch" or self.cutout_mode == "fixed":
+            raise ValueError(
+                f"the DALI loader's views (data.views=loader) make FixMatch's RandAugment and Cutout "
+                f"only, not policy={self.policy!r} / cutout_mode={self.cutout_mode!r}: use "
+                "data.views=trainer for data.rand_augment=authors or data.cutout=fixed"
+            )
         if self.magnitude_bins < 1 or self.magnitude_bins % 5:
             raise ValueError(
                 f"magnitude_bins must be a positive multiple of 5, got {self.magnitude_bins}"
@@ -119,7 +125,7 @@ class DaliViews(ViewSettings):
                 v = self._crop(images, in_hw)
                 v = fn.flip(v, horizontal=fn.random.coin_flip(probability=0.5, dtype=types.INT32))
                 v = rand_augment(v, self.num_ops, self.image_size, self.magnitude_bins)
-                if self.cutout > 0:
+                if self.cutout > 0 and self.cutout_mode == "random":
                     v = cutout(v, self.cutout, self.image_size)
                 out.append(self._normalize(v))
         return out

@@ -174,3 +174,38 @@ def test_fixed_cutout_is_cutout_default(h, w, length):
         assert np.array_equal(mask, ours)
     full = (boxes[:, 0, 1] - boxes[:, 0, 0] == length) & (boxes[:, 1, 1] - boxes[:, 1, 0] == length)
     assert full.any()  # away from the border: the whole length x length square
+
+
+def test_viewmaker_authors_policy_is_randaugment_then_crop_then_fixed_cutout():
+    from pipelines.augment import ViewMaker, weak_view
+
+    lab, unl = _images(3, 32, 32, seed=1), _images(4, 32, 32, seed=2)
+    vm = ViewMaker(image_size=32, policy="authors", num_ops=3, cutout_mode="fixed", mean=(0.5, 0.4, 0.3))
+    wl, wu, strong = vm.uint8_views(lab, unl, torch.Generator().manual_seed(5))
+    # The same draws, in the documented order, composed by hand.
+    g = torch.Generator().manual_seed(5)
+    weak = weak_view(torch.cat([lab, unl]), g, out_size=32)
+    src = unl.repeat(2, 1, 1, 1)
+    src = AU.apply_authors_rand_augment(src, AU.sample_authors_rand_augment(8, g, num_ops=3))
+    crops = weak_view(src, g, out_size=32)
+    boxes = AU.fixed_cutout_boxes(torch.rand(8, 2, generator=g), 16, 32, 32)
+    assert torch.equal(torch.cat([wl, wu]), weak)
+    got = torch.cat(strong)
+    fill = torch.tensor([128, 102, 76], dtype=torch.uint8).view(3, 1, 1)
+    for i, ((r0, r1), (c0, c1)) in enumerate(boxes.long().tolist()):
+        inside = got[i, :, r0:r1, c0:c1]
+        assert (inside == fill).all()  # mean colour, the zero of the normalised tensor
+        outside = got[i].clone()
+        outside[:, r0:r1, c0:c1] = crops[i, :, r0:r1, c0:c1]
+        assert torch.equal(outside, crops[i])
+    assert ((boxes[:, :, 1] - boxes[:, :, 0]) == 16).all(1).any()
+
+
+def test_dali_loader_views_refuse_the_authors_policy():
+    pytest.importorskip("nvidia.dali")
+    from pipelines.dali_views import DaliViews
+
+    with pytest.raises(ValueError, match="data.views=trainer"):
+        DaliViews(image_size=32, policy="authors")
+    with pytest.raises(ValueError, match="data.views=trainer"):
+        DaliViews(image_size=32, cutout_mode="fixed")

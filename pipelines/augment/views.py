@@ -12,12 +12,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pipelines.augment._common import _check_images, _rand
-from pipelines.augment.cutout import _check_cutout, cutout_boxes
+from pipelines.augment.authors import (
+    apply_authors_rand_augment,
+    fixed_cutout_boxes,
+    sample_authors_rand_augment,
+)
+from pipelines.augment.cutout import _check_cutout, _cutout_, cutout_boxes
 from pipelines.augment.geometry import CROPS, center_crop, weak_view
 from pipelines.augment.policy import apply_rand_augment, sample_rand_augment
 
@@ -111,6 +117,10 @@ def _view_sources(n_l: int, n_u: int, num_strong: int) -> Tensor:
     return torch.cat([torch.arange(n_l), torch.arange(n_l, n_l + n_u).repeat(1 + num_strong)])
 
 
+POLICIES = ("fixmatch", "authors")
+CUTOUT_MODES = ("random", "fixed", "none")
+
+
 @dataclass(kw_only=True)
 class ViewSettings:
     """What a step's views are: the one home of these settings and their defaults, shared by
@@ -132,6 +142,13 @@ class ViewSettings:
     """Maximum Cutout side as a fraction of the image side."""
     translate: float = 0.125
     """Maximum weak translation as a fraction of the image side (translate mode)."""
+    policy: str = "fixmatch"
+    """RandAugment: ``"fixmatch"`` (``num_ops`` of 14 ops, magnitude drawn per op, after the
+    crop) or ``"authors"`` (the BMB authors' RandAugment(``num_ops``, 4),
+    :mod:`~pipelines.augment.authors`, before the crop as theirs; the presets give 3 ops)."""
+    cutout_mode: str = "random"
+    """``"random"`` (FixMatch: side up to ``cutout`` x the side, gray), ``"fixed"`` (the authors'
+    ``CutoutDefault(S // 2)`` after crop and flip, filled with the mean colour) or ``"none"``."""
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -144,9 +161,27 @@ class ViewSettings:
             )
         if not 0.0 <= self.cutout <= 1.0:
             raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.cutout_mode not in CUTOUT_MODES:
+            raise ValueError(f"cutout_mode must be one of {CUTOUT_MODES}, got {self.cutout_mode!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} must be 3 values (std > 0)")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    @staticmethod
+    def config_kwargs(cfg: Any) -> dict[str, Any]:
+        """The settings of a run config (``cfg.data``: image_size, crop, mean, std,
+        rand_augment, cutout; ``cfg.method.num_strong``): the one mapping from config keys to
+        views, used by the trainer's :class:`ViewMaker` and the DALI loader's views alike.
+        ``data.rand_augment=authors`` is their RandAugment(3, 4)."""
+        d = cfg.data
+        authors = d.rand_augment == "authors"
+        return dict(
+            image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
+            mean=d.mean, std=d.std, policy=d.rand_augment, num_ops=3 if authors else 2,
+            cutout_mode=d.cutout,
+        )
 
 
 @dataclass(kw_only=True)
@@ -200,6 +235,8 @@ class ViewMaker(ViewSettings):
         """uint8 weak views ``(B_L + B_U, ...)`` and strong views ``(num_strong * B_U, ...)``."""
         _check_images(labeled, "labeled")
         _check_images(unlabeled, "unlabeled")
+        if self.policy == "authors":
+            return self._authors_views(labeled, unlabeled, generator)
         kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
         n_l, n_u = labeled.shape[0], unlabeled.shape[0]
         # Samples are independent, so every view's crop runs in one call over
@@ -219,9 +256,40 @@ class ViewMaker(ViewSettings):
             # RandAugment and Cutout may work in the strong rows' own memory (owned): the weak
             # rows before them are never written.
             strong = strong_from_weak(
-                strong, generator, num_ops=self.num_ops, cutout=self.cutout, owned=True
+                strong, generator, num_ops=self.num_ops, owned=True,
+                cutout=self.cutout if self.cutout_mode == "random" else 0.0,
             )
+            strong = self._fixed_cutout(strong, generator)
         return weak, strong
+
+    def _authors_views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_views` with the authors' policy: their RandAugment on the whole images, then
+        the crop and flip, then the fixed Cutout (their order). Draws: the weak crops, the
+        RandAugment ops, the strong crops, the Cutout places."""
+        kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
+        n_l = labeled.shape[0]
+        images = unlabeled if n_l == 0 else torch.cat([labeled, unlabeled])
+        weak = weak_view(images, generator, **kw)
+        if not self.num_strong:
+            return weak, weak[:0]
+        src = unlabeled.repeat(self.num_strong, 1, 1, 1)
+        draw = sample_authors_rand_augment(src.shape[0], generator, num_ops=self.num_ops)
+        src = apply_authors_rand_augment(src, draw, owned=True)
+        strong = weak_view(src, generator, **kw)
+        return weak, self._fixed_cutout(strong, generator)
+
+    def _fixed_cutout(self, strong: Tensor, generator: torch.Generator) -> Tensor:
+        """The authors' ``CutoutDefault(S // 2)`` (only with ``cutout_mode="fixed"``): their
+        zero after normalisation is the mean colour, here rounded to uint8."""
+        if self.cutout_mode != "fixed":
+            return strong
+        n, _, h, w = strong.shape
+        boxes = fixed_cutout_boxes(_rand(generator, (n, 2)), self.image_size // 2, h, w)
+        fill = torch.tensor([round(255 * m) for m in self.mean], dtype=torch.uint8, device=strong.device)
+        _cutout_(strong, boxes, fill.view(1, 3, 1, 1))
+        return strong
 
     def eval(self, images: Tensor) -> Tensor:
         """Evaluation input: centre crop to ``image_size`` when larger, normalised.
