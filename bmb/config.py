@@ -49,6 +49,9 @@ class ModelConfig:
     depth: int = _f(28, "wrn depth (6n+4)", ge=10)
     stem: str = _f("small", "resnet50 stem: small (3x3 s1, 32/64 px) or imagenet (7x7 s2 + max-pool, 224 px)",
                    choices=("small", "imagenet"))
+    init: str = _f("ours", "initialisation: ours (PyTorch's default heads; resnet50's last BN of each block at "
+                            "gamma 0) or authors (their model/*withABC.py: xavier_normal_ heads, zero bias, every BN "
+                            "gamma 1)", choices=("ours", "authors"))
     sync_bn: bool = _f(False, "multi-GPU: batch-norm statistics over all ranks' batches (SyncBatchNorm; CUDA only)")
     memory_format: str = _f("auto", "layout of the weights and of the step's input batch: channels_last (NHWC: "
                                     "the layout cuDNN's tensor-core convolutions use natively, so no transposes "

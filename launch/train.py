@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {e}", file=sys.stderr)
         return 2
     m = cfg.model
-    model = BMBModel.build(m.encoder, len(names), width=m.width, depth=m.depth, stem=m.stem)
+    model = BMBModel.build(m.encoder, len(names), init=m.init, width=m.width, depth=m.depth, stem=m.stem)
     if m.sync_bn and world > 1 and accelerator.device.type == "cuda":
         # Without it each rank normalises with its own B/world samples' statistics.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
