@@ -85,7 +85,11 @@ class MethodConfig:
     cuda_graphs: bool = _f(True, "CUDA: replay BMB's per-step no-grad work (N-hat, targets, weights, the "
                                  "bank's draw and enqueue) as CUDA graphs (same results, fewer kernel "
                                  "launches; off: eager)")
-    bank_view: str = _f("strong", "which view's features enter the bank", choices=("strong", "weak"))
+    bank_view: str = _f("strong", "which view's features enter the bank: strong (the authors' --tcp_strong) or weak "
+                                  "(their SGD scripts, which never pass it)", choices=("strong", "weak"))
+    refresh_after_warmup: bool = _f(True, "true: the bank starts empty when warm-up ends (nothing enqueued during "
+                                          "warm-up: the authors' --tcp_refresh_after_warm); false: the bank is filled "
+                                          "during warm-up (its loss off) and kept, as their scripts without that flag")
     estimate: str = _f("mean", "N-hat estimator: running mean since warm-up, or ema", choices=("mean", "ema"))
     num_strong: int = _f(2, "strong views per unlabeled sample", ge=1)
     warmup_epochs: int = _f(20, "epochs with the unlabeled terms off", ge=0)
