@@ -202,6 +202,15 @@ class Config:
             raise ConfigError(f"train.few_at_most ({t.few_at_most}) must be < train.many_above ({t.many_above})")
         if t.eval_protocol == "best_val" and not self.data.val_split:
             raise ConfigError("train.eval_protocol=best_val needs data.val_split")
+        d = self.data
+        if d.view_rule == "authors_imagenet" and d.crop == "rrc":
+            raise ConfigError("data.crop=rrc contradicts data.view_rule=authors_imagenet (its weak view is a "
+                              "random crop of the shorter-side-resized image): leave data.crop unset")
+        if d.views == "loader" and (d.rand_augment != "fixmatch" or d.cutout == "fixed"
+                                    or d.view_rule != "square"):
+            raise ConfigError("data.views=loader (the DALI pipeline's views) makes FixMatch's RandAugment and "
+                              "Cutout on square crops only: use data.views=trainer with data.rand_augment="
+                              f"{d.rand_augment}, data.cutout={d.cutout}, data.view_rule={d.view_rule}")
         for key in ("mean", "std"):
             v = getattr(self.data, key)
             if len(v) != 3:

@@ -168,7 +168,7 @@ def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSet
 
     ``data.workers`` are the ``webdataset`` DataLoader workers, the ``ffcv`` decode threads and
     the ``dali`` CPU threads (at least 1); ``tensor`` holds the splits on the device when it is
-    CUDA; ``load_size`` applies to ``rrc`` crops of the decoding backends.
+    CUDA; ``load_size`` applies to the variable-size datasets of the decoding backends.
 
     Raises:
         ValueError: ``data.on_corrupt`` is not supported by the backend (message starts with
@@ -197,7 +197,7 @@ def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSet
         options.update(corrupt_options(name, d.on_corrupt))
     except ValueError as e:
         raise ValueError(f"data.on_corrupt: {e}") from e
-    if name != "tensor" and d.crop == "rrc":
+    if name != "tensor":  # variable-size datasets only (a fixed image size wins)
         options["load_size"] = d.load_size
     return ReaderSetup(**options)
 
