@@ -118,6 +118,7 @@ def _view_sources(n_l: int, n_u: int, num_strong: int) -> Tensor:
 
 
 POLICIES = ("fixmatch", "authors")
+VIEW_RULES = ("square", "authors_imagenet")
 CUTOUT_MODES = ("random", "fixed", "none")
 
 
@@ -149,6 +150,11 @@ class ViewSettings:
     cutout_mode: str = "random"
     """``"random"`` (FixMatch: side up to ``cutout`` x the side, gray), ``"fixed"`` (the authors'
     ``CutoutDefault(S // 2)`` after crop and flip, filled with the mean colour) or ``"none"``."""
+    view_rule: str = "square"
+    """``"square"``: the batches hold whole images, every view cropped here (``crop``);
+    ``"authors_imagenet"``: the reader already cut every view's crop
+    (:mod:`pipelines.imagenet_views`): labeled ``(B, 3, S, S)``, unlabeled ``(B, 3, S, S (1 +
+    num_strong))`` strips, weak crop first; here only the flips, RandAugment and Cutout."""
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -163,6 +169,8 @@ class ViewSettings:
             raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.view_rule not in VIEW_RULES:
+            raise ValueError(f"view_rule must be one of {VIEW_RULES}, got {self.view_rule!r}")
         if self.cutout_mode not in CUTOUT_MODES:
             raise ValueError(f"cutout_mode must be one of {CUTOUT_MODES}, got {self.cutout_mode!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
@@ -180,7 +188,7 @@ class ViewSettings:
         return dict(
             image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
             mean=d.mean, std=d.std, policy=d.rand_augment, num_ops=3 if authors else 2,
-            cutout_mode=d.cutout,
+            cutout_mode=d.cutout, view_rule=d.view_rule,
         )
 
 
@@ -235,6 +243,8 @@ class ViewMaker(ViewSettings):
         """uint8 weak views ``(B_L + B_U, ...)`` and strong views ``(num_strong * B_U, ...)``."""
         _check_images(labeled, "labeled")
         _check_images(unlabeled, "unlabeled")
+        if self.view_rule == "authors_imagenet":
+            return self._reader_cut_views(labeled, unlabeled, generator)
         if self.policy == "authors":
             return self._authors_views(labeled, unlabeled, generator)
         kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
@@ -279,6 +289,34 @@ class ViewMaker(ViewSettings):
         src = apply_authors_rand_augment(src, draw, owned=True)
         strong = weak_view(src, generator, **kw)
         return weak, self._fixed_cutout(strong, generator)
+
+    def _reader_cut_views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_views` of reader-cut crops (``view_rule="authors_imagenet"``): the weak views
+        flipped; the strong ones RandAugment (after the reader's crop), Cutout, flip. Draws: the
+        weak flips, the RandAugment ops, the Cutout places, the strong flips."""
+        s, k = self.image_size, self.num_strong
+        if labeled.shape[-2:] != (s, s) or unlabeled.shape[-2:] != (s, s * (1 + k)):
+            raise ValueError(
+                f"view_rule=authors_imagenet expects reader-cut crops: labeled (B, 3, {s}, {s}) and "
+                f"unlabeled (B, 3, {s}, {s * (1 + k)}), got {tuple(labeled.shape)} and {tuple(unlabeled.shape)}"
+            )
+        flip = {"crop": "translate", "out_size": s, "translate": 0.0}
+        weak = weak_view(torch.cat([labeled, unlabeled[..., :s]]), generator, **flip)
+        if not k:
+            return weak, weak[:0]
+        strong = torch.cat([unlabeled[..., s * (j + 1) : s * (j + 2)] for j in range(k)])
+        if self.policy == "authors":
+            draw = sample_authors_rand_augment(strong.shape[0], generator, num_ops=self.num_ops)
+            strong = apply_authors_rand_augment(strong, draw, owned=True)
+        else:
+            strong = strong_from_weak(
+                strong, generator, num_ops=self.num_ops, owned=True,
+                cutout=self.cutout if self.cutout_mode == "random" else 0.0,
+            )
+        strong = self._fixed_cutout(strong, generator)
+        return weak, weak_view(strong, generator, **flip)
 
     def _fixed_cutout(self, strong: Tensor, generator: torch.Generator) -> Tensor:
         """The authors' ``CutoutDefault(S // 2)`` (only with ``cutout_mode="fixed"``): their
