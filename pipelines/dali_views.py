@@ -35,6 +35,7 @@ PIL truncates (one level), equalize is DALI's (OpenCV's table), sharpness also f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -347,3 +348,35 @@ def float_to_torch(views) -> torch.Tensor:
 
 def moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else to_device(t, device)
+
+
+# ----------------------------------------------------------------- reader-cut views (authors)
+def cut_views(images: DataNode, cut: Any) -> DataNode:
+    """The authors' ImageNet view geometry in the pipeline (``data.view_rule=authors_imagenet``,
+    :mod:`pipelines.imagenet_views`): resize the shorter side to ``cut.resize`` (the longer to
+    ``long * resize // short``, torchvision's truncation), then ``cut.crops`` independent crops
+    of side ``cut.crop``, each corner uniform over every integer position, side by side (HWC, the
+    strip along W); ``cut.crops == 0``: the centre crop (corner ``round((size - crop) / 2)``,
+    half to even as torchvision's). The same geometry as the webdataset reader; the resize is
+    DALI's linear (antialiased) interpolation, the random stream DALI's."""
+    import nvidia.dali.math as dmath
+
+    r, c = cut.resize, cut.crop
+    hw = images.shape(dtype=types.INT32)
+    h, w = hw[0], hw[1]
+    short = dmath.min(h, w)
+    size = fn.cast(fn.stack((h * r) // short, (w * r) // short), dtype=types.FLOAT)
+    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    hw = images.shape(dtype=types.INT32)
+    spans = [hw[0] - c, hw[1] - c]  # largest corner per axis
+    if cut.crops == 0:
+        halves = [s // 2 for s in spans]
+        corner = [m + (m % 2) * (s % 2) for m, s in zip(halves, spans)]  # round half to even
+        return fn.slice(images, start=fn.stack(*corner), shape=[c, c], axes=[0, 1])
+    crops = []
+    for _ in range(cut.crops):
+        u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
+        corner = [dmath.floor(u[i] * fn.cast(spans[i] + 1, dtype=types.FLOAT)) for i in (0, 1)]
+        start = fn.cast(fn.stack(*corner), dtype=types.INT32)
+        crops.append(fn.slice(images, start=start, shape=[c, c], axes=[0, 1]))
+    return crops[0] if len(crops) == 1 else fn.cat(*crops, axis=1)

@@ -97,9 +97,13 @@ def _write_png_dataset(root: Path) -> dict[str, list[np.ndarray]]:
                     info = tarfile.TarInfo(f"{i:08d}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
+        labels = [i % 2 for i in range(len(SIZES))]
         splits[split] = {"count": len(SIZES), "arrays": None, "ffcv": None,
+                         "class_counts": [labels.count(0), labels.count(1)], "order": {"kind": "shuffled", "seed": 0},
                          "shards": [{"file": f"{split}/{split}-000000.tar", "count": len(SIZES), "sha256": ""}]}
-    manifest = {"format_version": 1, "num_classes": 2, "image_size": None, "encoding": "png", "splits": splits}
+    manifest = {"format_version": 1, "tool_version": "test", "name": "views", "seed": 0, "num_classes": 2,
+                "class_names": ["a", "b"], "image_size": None, "encoding": "png", "splits": splits,
+                "source": None, "split_rule": None}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return pictures
 
@@ -160,3 +164,35 @@ def test_view_rule_needs_a_reader_that_cuts():
         ViewMaker(image_size=CROP, view_rule="authors_imagenet").uint8_views(
             torch.zeros(2, 3, CROP, CROP, dtype=torch.uint8), torch.zeros(2, 3, CROP, CROP, dtype=torch.uint8),
             torch.Generator())
+
+
+def test_dali_reader_cuts_the_same_geometry(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    pictures = _write_png_dataset(tmp_path)
+    iv = ImageNetViews(resize=RESIZE, crop=CROP, seed=3)
+    opts = dict(num_threads=1, decode_device="cpu", imagenet_views=iv, num_strong=2)
+    b = next(iter(build_train_stream("dali", tmp_path, labeled_batch=2, unlabeled_batch=5, **opts)))
+    assert b.labeled.shape == (2, 3, CROP, CROP) and b.unlabeled.shape == (5, 3, CROP, 3 * CROP)
+
+    def nearest_window(window: np.ndarray, image: np.ndarray) -> tuple[tuple[int, int], float, float]:
+        """Best and second-best mean |difference| over all windows: DALI's resampling is not PIL's,
+        so the window is the one that is close while every other is far."""
+        scores = sorted((np.abs(image[t : t + CROP, s : s + CROP].astype(int) - window).mean(), (t, s))
+                        for t in range(image.shape[0] - CROP + 1) for s in range(image.shape[1] - CROP + 1))
+        return scores[0][1], scores[0][0], scores[1][0]
+
+    placed = []
+    for i, u in zip(b.unlabeled_index.tolist(), b.unlabeled):
+        ref = _reference_resize(pictures["unlabeled"][i])
+        strip = u.permute(1, 2, 0).numpy().astype(int)
+        for j in range(3):
+            where, best, second = nearest_window(strip[:, j * CROP : (j + 1) * CROP], ref)
+            assert best < 3 < second, (i, j, best, second)  # a window of the aspect-kept resize
+            placed.append(where)
+    assert len(set(placed)) > 5
+    x, _ = next(iter(build_eval_source("dali", tmp_path, "test", batch_size=5, num_threads=1,
+                                       decode_device="cpu", imagenet_views=iv)))
+    for i, img in enumerate(x):
+        ref = _reference_resize(pictures["test"][i])
+        where, best, _ = nearest_window(img.permute(1, 2, 0).numpy().astype(int), ref)
+        assert best < 3 and where == (round((ref.shape[0] - CROP) / 2), round((ref.shape[1] - CROP) / 2))
