@@ -343,14 +343,19 @@ FIDELITY_MD = ROOT / "docs" / "fidelity.md"
 
 
 def _fidelity_rows() -> tuple[list[str], dict[str, list[str]]]:
-    """The ledger's preset table: its config-key columns and, per preset file, their cells."""
-    keys, rows = [], {}
+    """The ledger's preset tables (a header row starting ``| preset | follows |``, each listing every
+    preset): their config-key columns, and per preset file its cells in that order, tables joined."""
+    keys: list[str] = []
+    cells_of: dict[str, dict[str, str]] = {}
+    table: list[str] = []
     for line in FIDELITY_MD.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[:2] == ["preset", "follows"]:
-            keys = [c.strip("`") for c in cells[2:]]
-        elif keys and len(cells) == len(keys) + 2 and cells[0].startswith("`") and cells[0].endswith(".yaml`"):
-            rows[cells[0].strip("`")] = cells[2:]
+            table = [c.strip("`") for c in cells[2:]]
+            keys += table
+        elif table and len(cells) == len(table) + 2 and cells[0].startswith("`") and cells[0].endswith(".yaml`"):
+            cells_of.setdefault(cells[0].strip("`"), {}).update(zip(table, cells[2:]))
+    rows = {name: [got.get(k, "<missing>") for k in keys] for name, got in cells_of.items()}
     return keys, rows
 
 
@@ -375,6 +380,9 @@ def test_fidelity_ledger_names_every_setting_and_matches_the_resolved_presets():
 def test_fidelity_check_is_not_vacuous():
     keys, rows = _fidelity_rows()
     assert {"optim.name", "optim.weight_decay", "train.iters_per_epoch", "train.ema_decay"} <= set(keys)
+    assert {"data.view_rule", "data.rand_augment", "method.bank_view", "method.refresh_after_warmup",
+            "model.init", "train.eval_protocol"} <= set(keys)
+    assert dict(zip(keys, rows["imagenet_lt_50_sgd.yaml"]))["method.refresh_after_warmup"] == "false"
     cfg = _load(CONFIGS / "imagenet_lt_20_sgd.yaml")
     row = dict(zip(keys, rows["imagenet_lt_20_sgd.yaml"]))
     assert row["train.iters_per_epoch"] == "46" == _cell(cfg.train.iters_per_epoch)
