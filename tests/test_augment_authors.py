@@ -11,16 +11,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from pipelines.augment import authors as AU
+from tests.test_augment import _few_threads  # noqa: F401  (autouse: one thread)
 
 GEOMETRIC = ("rotate", "shear_x", "shear_y")
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

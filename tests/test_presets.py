@@ -401,6 +401,8 @@ _SGD_COMMON = {
     "--unlabeled_batch_size": "64", "--val_batch_size": "128", "--lr": "0.2", "--lr_scheduler_type": "cos",
     "--optim_type": "sgd", "--weight_decay": "5e-4", "--pd_distribution_estimate_nepoch": "999",
 }
+_SGD_I127 = {**_SGD_COMMON, "--tcp_sample_power": "1.0", "--tcp_loss_weight": "0.5", "--sample_power": "1.5",
+             "--dataset": "imagenet127", "--num_workers": "8", "--val-iteration": "250", "--loss_u_weight": "2.0"}
 SCRIPTS = {
     "imagenet_lt_20_sgd": {**_SGD_COMMON, "--tcp_refresh_after_warm": None, "--tcp_pool_size": "2048",
                            "--tcp_get_num": "256", "--tcp_sample_power": "1", "--tcp_loss_weight": "0.75",
@@ -410,14 +412,10 @@ SCRIPTS = {
                            "--tcp_sample_power": "0.75", "--tcp_loss_weight": "0.5", "--sample_power": "1",
                            "--dataset": "imagenet", "--labeled_ratio": "50", "--num_workers": "8",
                            "--val-iteration": "114"},
-    "imagenet127_10p_64_sgd": {**_SGD_COMMON, "--tcp_pool_size": "1024", "--tcp_get_num": "256",
-                               "--tcp_sample_power": "1.0", "--tcp_loss_weight": "0.5", "--sample_power": "1.5",
-                               "--dataset": "imagenet127", "--labeled_ratio": "10", "--num_workers": "8",
-                               "--val-iteration": "250", "--loss_u_weight": "2.0"},
-    "imagenet127_1p_64_sgd": {**_SGD_COMMON, "--tcp_pool_size": "2048", "--tcp_get_num": "512",
-                              "--tcp_sample_power": "1.0", "--tcp_loss_weight": "0.5", "--sample_power": "1.5",
-                              "--dataset": "imagenet127", "--labeled_ratio": "1", "--num_workers": "8",
-                              "--val-iteration": "250", "--loss_u_weight": "2.0"},
+    "imagenet127_10p_64_sgd": {**_SGD_I127, "--tcp_pool_size": "1024", "--tcp_get_num": "256",
+                               "--labeled_ratio": "10"},
+    "imagenet127_1p_64_sgd": {**_SGD_I127, "--tcp_pool_size": "2048", "--tcp_get_num": "512",
+                              "--labeled_ratio": "1"},
 }
 # Flags with no config key of ours; each is a row of docs/fidelity.md (or changes nothing we compute).
 LEDGERED_FLAGS = {
