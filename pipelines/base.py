@@ -45,7 +45,8 @@ class ReaderSetup:
             threads per stream.
         prefetch_factor: ``webdataset``: batches queued per worker.
         pin_memory: ``webdataset``: pin host batches (``None``: when ``device`` is CUDA).
-        load_size: output square size for variable-size (full-res JPEG) datasets.
+        load_size: output square size for variable-size (full-res JPEG) datasets (with
+            ``imagenet_views``: the shorter side after resizing).
         on_corrupt: ``webdataset``: ``"raise"`` or ``"skip"`` (replaced, counted in the
             reader's ``skipped``, logged), see :class:`~pipelines.shard_index.Decoder`.
         order: training order: ``webdataset`` ``"index"`` (default) or ``"stream"``; ``ffcv``

@@ -10,6 +10,7 @@ from bmb.models import BMBModel, build_encoder
 @pytest.mark.parametrize("name, kw, size, dim", [
     ("wrn", {}, 32, 128), ("wrn", {"width": 1}, 32, 64), ("small", {}, 32, 128),
     ("resnet50", {"stem": "small"}, 32, 2048), ("resnet50", {"stem": "imagenet"}, 64, 2048),
+    ("resnet50", {"stem": "imagenet"}, 112, 2048),  # the authors' ImageNet127 SGD scripts: --model resnet, 112 px
 ])
 def test_outputs(name, kw, size, dim):
     m = BMBModel.build(name, 7, **kw).eval()
