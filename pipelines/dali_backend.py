@@ -153,11 +153,12 @@ def _pipe(
             pad_last_batch=pad,
             name="reader",
         )
+        shape = fn.peek_image_shape(img) if cut is not None else None  # CPU, from the encoded bytes
         img = fn.decoders.image(img, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if cut is not None:  # data.view_rule=authors_imagenet: every view's crop cut here
             from pipelines.dali_views import cut_views
 
-            img = cut_views(img, cut)
+            img = cut_views(img, shape, cut)
         elif not fixed:
             img = fn.resize(img, resize_shorter=out_hw[0])
             img = fn.crop(img, crop=out_hw)

@@ -351,24 +351,30 @@ def moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- reader-cut views (authors)
-def cut_views(images: DataNode, cut: Any) -> DataNode:
+def cut_views(images: DataNode, shape: DataNode, cut: Any) -> DataNode:
     """The authors' ImageNet view geometry in the pipeline (``data.view_rule=authors_imagenet``,
     :mod:`pipelines.imagenet_views`): resize the shorter side to ``cut.resize`` (the longer to
     ``long * resize // short``, torchvision's truncation), then ``cut.crops`` independent crops
     of side ``cut.crop``, each corner uniform over every integer position, side by side (HWC, the
     strip along W); ``cut.crops == 0``: the centre crop (corner ``round((size - crop) / 2)``,
     half to even as torchvision's). The same geometry as the webdataset reader; the resize is
-    DALI's linear (antialiased) interpolation, the random stream DALI's."""
+    DALI's linear (antialiased) interpolation, the random stream DALI's.
+
+    Args:
+        images: the decoded images (CPU or GPU).
+        shape: their ``(H, W, C)`` as a CPU node (``fn.peek_image_shape`` of the encoded
+            images): every size and corner is computed on the CPU, as argument inputs must be.
+    """
     import nvidia.dali.math as dmath
 
     r, c = cut.resize, cut.crop
-    hw = images.shape(dtype=types.INT32)
+    hw = fn.cast(shape, dtype=types.INT32)
     h, w = hw[0], hw[1]
     short = dmath.min(h, w)
-    size = fn.cast(fn.stack((h * r) // short, (w * r) // short), dtype=types.FLOAT)
-    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
-    hw = images.shape(dtype=types.INT32)
-    spans = [hw[0] - c, hw[1] - c]  # largest corner per axis
+    nh, nw = (h * r) // short, (w * r) // short
+    images = fn.resize(images, size=fn.cast(fn.stack(nh, nw), dtype=types.FLOAT),
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    spans = [nh - c, nw - c]  # largest corner per axis
     if cut.crops == 0:
         halves = [s // 2 for s in spans]
         corner = [m + (m % 2) * (s % 2) for m, s in zip(halves, spans)]  # round half to even
