@@ -210,6 +210,7 @@ class BMB(Algorithm):
         self.get_num, self.get_replacement = m.get_num, m.get_replacement
         self.use_bank, self.adaptive = m.use_bank, m.adaptive_weights
         self.bank_view, self.anneal = m.bank_view, m.anneal_weights
+        self.fill_in_warmup = m.use_bank and not m.refresh_after_warmup  # the authors' default
         self.coll = ctx.collectives or Collectives()
         self.register_buffer("labeled_counts", counts.to(torch.float32), persistent=False)
         self.bank = BalancedMemoryBank(m.bank_size, ctx.feat_dim, c, put_power=m.put_power, get_power=m.get_power,
@@ -270,10 +271,17 @@ class BMB(Algorithm):
 
     def _warmup_losses(self, out: StepOutputs, base_l: torch.Tensor, base_u: torch.Tensor,
                        mask_b: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Warm-up: the labeled terms only (no N̂ update, no bank)."""
+        """Warm-up: the labeled terms only (no N̂ update, no bank draw); the bank's candidates are
+        enqueued only with ``method.refresh_after_warmup=false``."""
         w_l = self._labeled_weights(out.labels.device, out.progress)
         aux_l = (w_l[out.labels] * F.cross_entropy(out.labeled.aux_logits.float(), out.labels, reduction="none")).mean()
         _, _, mask_a = confident_targets(out.unlabeled_weak.aux_logits, self.threshold)
+        if self.fill_in_warmup:  # enqueue this step's candidates (after_step), as after warm-up
+            src = out.unlabeled_strong if self.bank_view == "strong" else out.unlabeled_weak
+            with torch.no_grad():
+                _, hard, ok = confident_targets(src.aux_logits.detach(), self.threshold)
+                self._pending = torch.cat([src.features.detach().float(), hard[:, None].float(),
+                                           ok[:, None].float()], 1)
         zero = torch.zeros_like(aux_l)
         return {"loss": base_l + aux_l, "base_l": base_l.detach(), "base_u": base_u.detach(),
                 "aux_l": aux_l.detach(), "aux_u": zero, "mb": zero, "mask_base": mask_b.float().mean(),

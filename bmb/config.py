@@ -49,6 +49,9 @@ class ModelConfig:
     depth: int = _f(28, "wrn depth (6n+4)", ge=10)
     stem: str = _f("small", "resnet50 stem: small (3x3 s1, 32/64 px) or imagenet (7x7 s2 + max-pool, 224 px)",
                    choices=("small", "imagenet"))
+    init: str = _f("ours", "initialisation: ours (PyTorch's default heads; resnet50's last BN of each block at "
+                            "gamma 0) or authors (their model/*withABC.py: xavier_normal_ heads, zero bias, every BN "
+                            "gamma 1)", choices=("ours", "authors"))
     sync_bn: bool = _f(False, "multi-GPU: batch-norm statistics over all ranks' batches (SyncBatchNorm; CUDA only)")
     memory_format: str = _f("auto", "layout of the weights and of the step's input batch: channels_last (NHWC: "
                                     "the layout cuDNN's tensor-core convolutions use natively, so no transposes "
@@ -83,7 +86,11 @@ class MethodConfig:
     cuda_graphs: bool = _f(True, "CUDA: replay BMB's per-step no-grad work (N-hat, targets, weights, the "
                                  "bank's draw and enqueue) as CUDA graphs (same results, fewer kernel "
                                  "launches; off: eager)")
-    bank_view: str = _f("strong", "which view's features enter the bank", choices=("strong", "weak"))
+    bank_view: str = _f("strong", "which view's features enter the bank: strong (the authors' --tcp_strong) or weak "
+                                  "(their SGD scripts, which never pass it)", choices=("strong", "weak"))
+    refresh_after_warmup: bool = _f(True, "true: the bank starts empty when warm-up ends (nothing enqueued during "
+                                          "warm-up: the authors' --tcp_refresh_after_warm); false: the bank is filled "
+                                          "during warm-up (its loss off) and kept, as their scripts without that flag")
     estimate: str = _f("mean", "N-hat estimator: running mean since warm-up, or ema", choices=("mean", "ema"))
     num_strong: int = _f(2, "strong views per unlabeled sample", ge=1)
     warmup_epochs: int = _f(20, "epochs with the unlabeled terms off", ge=0)
@@ -116,6 +123,17 @@ class DataConfig:
     views: str = _f("trainer", "who makes the weak/strong views: trainer (ViewMaker, FixMatch-exact; every preset) or "
                     "loader (data.backend=dali only: the DALI pipeline emits normalised views on the device; its "
                     "RandAugment differs, see docs/fidelity.md)", choices=("trainer", "loader"))
+    rand_augment: str = _f("fixmatch", "strong-view RandAugment: fixmatch (2 of 14 ops, magnitude drawn per op, after "
+                           "the crop) or authors (the BMB authors' RandAugment(3, 4) of ildoonet/pytorch-"
+                           "randaugment: 3 of 16 ops at magnitude 4, before the crop; docs/fidelity.md)",
+                           choices=("fixmatch", "authors"))
+    cutout: str = _f("random", "strong-view Cutout: random (FixMatch: gray square, side up to half the image), "
+                     "fixed (the authors' CutoutDefault: half the side, mean colour; their 32/64 px views) or "
+                     "none (their 224 px views)", choices=("random", "fixed", "none"))
+    view_rule: str = _f("square", "full-resolution views: square (the readers deliver a load_size centre square, "
+                        "weak view = data.crop) or authors_imagenet (the authors' ImageNet views: shorter side "
+                        "resized to load_size with the aspect ratio kept, an independent random image_size crop "
+                        "per view, flip; evaluation: the centre crop)", choices=("square", "authors_imagenet"))
     mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean (0-1 scale)")
     std: list[float] = _f([0.25, 0.25, 0.25], "per-channel normalisation std (0-1 scale)")
     eval_split: str = _f("test", "split reported as the result")
@@ -142,8 +160,10 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay of the evaluated model (0: no EMA, the trained model itself is "
                                  "evaluated, as the authors' --disable_ema_model)", ge=0.0, lt=1.0)
     eval_every: int = _f(500, "steps between evaluations", ge=1)
-    eval_protocol: str = _f("last20", "result: mean of the last 20 evaluations, or best-val checkpoint then test",
-                            choices=("last20", "best_val"))
+    eval_protocol: str = _f("last20", "result: last20 (mean of the last 20 evaluations), best_val (best-val "
+                            "checkpoint, then its test metrics), or best_test (the evaluation with the best top-1 on "
+                            "the reported split itself: how the authors selected their ImageNet-LT numbers; "
+                            "optimistic, for reproducing them only)", choices=("last20", "best_val", "best_test"))
     many_above: int | None = _f(None, "many-shot: labeled count > this (default: top third of classes)", ge=0)
     few_at_most: int | None = _f(None, "few-shot: labeled count <= this (default: bottom third)", ge=0)
     seed: int = _f(0, "seed of model init, augmentation, sampling and the bank (0 to 2^31-1: every consumer, "
@@ -191,6 +211,18 @@ class Config:
             raise ConfigError(f"train.few_at_most ({t.few_at_most}) must be < train.many_above ({t.many_above})")
         if t.eval_protocol == "best_val" and not self.data.val_split:
             raise ConfigError("train.eval_protocol=best_val needs data.val_split")
+        d = self.data
+        if d.view_rule == "authors_imagenet" and d.backend not in ("webdataset", "dali"):
+            raise ConfigError(f"data.view_rule=authors_imagenet: the reader cuts the views, which the webdataset "
+                              f"and dali backends do; not data.backend={d.backend}")
+        if d.view_rule == "authors_imagenet" and d.crop == "rrc":
+            raise ConfigError("data.crop=rrc contradicts data.view_rule=authors_imagenet (its weak view is a "
+                              "random crop of the shorter-side-resized image): leave data.crop unset")
+        if d.views == "loader" and (d.rand_augment != "fixmatch" or d.cutout == "fixed"
+                                    or d.view_rule != "square"):
+            raise ConfigError("data.views=loader (the DALI pipeline's views) makes FixMatch's RandAugment and "
+                              "Cutout on square crops only: use data.views=trainer with data.rand_augment="
+                              f"{d.rand_augment}, data.cutout={d.cutout}, data.view_rule={d.view_rule}")
         for key in ("mean", "std"):
             v = getattr(self.data, key)
             if len(v) != 3:

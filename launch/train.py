@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {e}", file=sys.stderr)
         return 2
     m = cfg.model
-    model = BMBModel.build(m.encoder, len(names), width=m.width, depth=m.depth, stem=m.stem)
+    model = BMBModel.build(m.encoder, len(names), init=m.init, width=m.width, depth=m.depth, stem=m.stem)
     if m.sync_bn and world > 1 and accelerator.device.type == "cuda":
         # Without it each rank normalises with its own B/world samples' statistics.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         # every rank, so that every rank makes the same enqueue/dequeue/get decisions.
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 7),
         collectives=Collectives(), device=accelerator.device))
-    views = ViewMaker(image_size=cfg.data.image_size, crop=cfg.data.crop, num_strong=cfg.method.num_strong,
-                      mean=cfg.data.mean, std=cfg.data.std)
+    views = ViewMaker(**ViewMaker.config_kwargs(cfg))
     trainer = Trainer(cfg, accelerator, model, algorithm, stream, views, evals, labeled_counts, names, run_dir,
                       dataset_build_id=build_id)
     code, lock = 0, None

@@ -168,7 +168,7 @@ def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSet
 
     ``data.workers`` are the ``webdataset`` DataLoader workers, the ``ffcv`` decode threads and
     the ``dali`` CPU threads (at least 1); ``tensor`` holds the splits on the device when it is
-    CUDA; ``load_size`` applies to ``rrc`` crops of the decoding backends.
+    CUDA; ``load_size`` applies to the variable-size datasets of the decoding backends.
 
     Raises:
         ValueError: ``data.on_corrupt`` is not supported by the backend (message starts with
@@ -192,16 +192,18 @@ def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSet
         if d.views == "loader":  # the pipeline makes the views (ViewMaker's settings)
             from pipelines.dali_views import DaliViews
 
-            options["views"] = DaliViews(
-                image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
-                mean=d.mean, std=d.std,
-            )
+            options["views"] = DaliViews(**DaliViews.config_kwargs(cfg))
     try:
         options.update(corrupt_options(name, d.on_corrupt))
     except ValueError as e:
         raise ValueError(f"data.on_corrupt: {e}") from e
-    if name != "tensor" and d.crop == "rrc":
+    if name != "tensor":  # variable-size datasets only (a fixed image size wins)
         options["load_size"] = d.load_size
+        if d.view_rule == "authors_imagenet" and name != "ffcv":  # the reader cuts every view's crop
+            from pipelines.imagenet_views import ImageNetViews
+
+            options["imagenet_views"] = ImageNetViews(resize=d.load_size, crop=d.image_size, seed=cfg.train.seed)
+            options["num_strong"] = cfg.method.num_strong
     return ReaderSetup(**options)
 
 

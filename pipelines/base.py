@@ -45,7 +45,8 @@ class ReaderSetup:
             threads per stream.
         prefetch_factor: ``webdataset``: batches queued per worker.
         pin_memory: ``webdataset``: pin host batches (``None``: when ``device`` is CUDA).
-        load_size: output square size for variable-size (full-res JPEG) datasets.
+        load_size: output square size for variable-size (full-res JPEG) datasets (with
+            ``imagenet_views``: the shorter side after resizing).
         on_corrupt: ``webdataset``: ``"raise"`` or ``"skip"`` (replaced, counted in the
             reader's ``skipped``, logged), see :class:`~pipelines.shard_index.Decoder`.
         order: training order: ``webdataset`` ``"index"`` (default) or ``"stream"``; ``ffcv``
@@ -59,6 +60,10 @@ class ReaderSetup:
             ``"mixed"`` decode (default: mixed on CUDA), prefetch queue depth (training).
         views: ``dali`` training: a :class:`~pipelines.dali_views.DaliViews` that makes the
             step's views in the pipeline (``data.views=loader``).
+        imagenet_views: a :class:`~pipelines.imagenet_views.ImageNetViews`
+            (``data.view_rule=authors_imagenet``): the reader resizes the shorter side and cuts
+            every view's crop (``num_strong`` is its unlabeled crops minus one).
+        num_strong: strong views per unlabeled sample (with ``imagenet_views``; default 2).
     """
 
     rank: int = _option(0, _EVERY)
@@ -78,6 +83,8 @@ class ReaderSetup:
     decode_device: str | None = _option(None, ("dali",))
     prefetch: int = _option(2, ("dali",), ())
     views: Any = _option(None, ("dali",), ())
+    imagenet_views: Any = _option(None, ("webdataset", "dali"))
+    num_strong: int | None = _option(None, ("webdataset", "dali"), ())
 
     @staticmethod
     def accepted(backend: str, kind: str) -> list[str]:
@@ -109,14 +116,28 @@ class ReaderSetup:
             return torch.device(self.device).type == "cuda"
         return bool(self.pin_memory)
 
-    def decoder(self, manifest: dict[str, Any]) -> Any:
-        """The :class:`~pipelines.shard_index.Decoder` for a dataset; raises ValueError for an
-        unknown ``on_corrupt``."""
+    def decoder(self, manifest: dict[str, Any], stream: str = "eval") -> Any:
+        """The :class:`~pipelines.shard_index.Decoder` of a dataset's ``stream`` (``labeled``,
+        ``unlabeled`` or ``eval``); raises ValueError for an unknown ``on_corrupt``, or for
+        ``imagenet_views`` on a fixed-size dataset."""
         from pipelines.shard_index import Decoder, check_on_corrupt, output_size
 
         check_on_corrupt(self.on_corrupt)
         fixed = bool(manifest.get("image_size"))
-        return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt)
+        return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt,
+                       self.stream_views(manifest, stream))
+
+    def stream_views(self, manifest: dict[str, Any], stream: str) -> Any:
+        """``imagenet_views`` for one stream: 1 crop per labeled sample, ``1 + num_strong`` per
+        unlabeled one, the centre crop for evaluation; ``None`` without ``imagenet_views``."""
+        if self.imagenet_views is None:
+            return None
+        if manifest.get("image_size"):
+            raise ValueError("data.view_rule=authors_imagenet resizes full-resolution images: this dataset "
+                             f"has a fixed image size {manifest['image_size']}")
+        strong = 2 if self.num_strong is None else self.num_strong
+        crops = {"labeled": 1, "unlabeled": 1 + strong, "eval": 0}[stream]
+        return self.imagenet_views.for_stream(stream, crops, self.rank)
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -123,6 +123,7 @@ def _pipe(
     views: Any = None,
     strong: bool = False,
     view_seed: int | None = None,
+    cut: Any = None,
 ):
     """The reader + decode pipeline; with ``views`` (a :class:`~pipelines.dali_views.DaliViews`)
     it outputs the normalised views (``[weak]``, or ``[weak, strong...]`` with ``strong``)
@@ -152,8 +153,13 @@ def _pipe(
             pad_last_batch=pad,
             name="reader",
         )
+        shape = fn.peek_image_shape(img) if cut is not None else None  # CPU, from the encoded bytes
         img = fn.decoders.image(img, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        if not fixed:
+        if cut is not None:  # data.view_rule=authors_imagenet: every view's crop cut here
+            from pipelines.dali_views import cut_views
+
+            img = cut_views(img, shape, cut)
+        elif not fixed:
             img = fn.resize(img, resize_shorter=out_hw[0])
             img = fn.crop(img, crop=out_hw)
         if views is not None:
@@ -218,6 +224,7 @@ class DaliStream:
                 prefetch=setup.prefetch,
                 buffer=shuffle_buffer_size(setup.shuffle_buffer, batch, per_rank),
                 pad=False,
+                cut=setup.stream_views(manifest, name),
             )
             if views is not None:
                 # Augmentation randomness differs per rank and per split (the reader keeps its
@@ -308,6 +315,7 @@ class DaliEval:
             buffer=1,
             checkpoint=None,
             pad=True,
+            cut=setup.stream_views(manifest, "eval"),
         )
 
     def __len__(self) -> int:

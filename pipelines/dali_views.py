@@ -35,6 +35,7 @@ PIL truncates (one level), equalize is DALI's (OpenCV's table), sharpness also f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +104,12 @@ class DaliViews(ViewSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.policy != "fixmatch" or self.cutout_mode == "fixed":
+            raise ValueError(
+                f"the DALI loader's views (data.views=loader) make FixMatch's RandAugment and Cutout "
+                f"only, not policy={self.policy!r} / cutout_mode={self.cutout_mode!r}: use "
+                "data.views=trainer for data.rand_augment=authors or data.cutout=fixed"
+            )
         if self.magnitude_bins < 1 or self.magnitude_bins % 5:
             raise ValueError(
                 f"magnitude_bins must be a positive multiple of 5, got {self.magnitude_bins}"
@@ -119,7 +126,7 @@ class DaliViews(ViewSettings):
                 v = self._crop(images, in_hw)
                 v = fn.flip(v, horizontal=fn.random.coin_flip(probability=0.5, dtype=types.INT32))
                 v = rand_augment(v, self.num_ops, self.image_size, self.magnitude_bins)
-                if self.cutout > 0:
+                if self.cutout > 0 and self.cutout_mode == "random":
                     v = cutout(v, self.cutout, self.image_size)
                 out.append(self._normalize(v))
         return out
@@ -341,3 +348,41 @@ def float_to_torch(views) -> torch.Tensor:
 
 def moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else to_device(t, device)
+
+
+# ----------------------------------------------------------------- reader-cut views (authors)
+def cut_views(images: DataNode, shape: DataNode, cut: Any) -> DataNode:
+    """The authors' ImageNet view geometry in the pipeline (``data.view_rule=authors_imagenet``,
+    :mod:`pipelines.imagenet_views`): resize the shorter side to ``cut.resize`` (the longer to
+    ``long * resize // short``, torchvision's truncation), then ``cut.crops`` independent crops
+    of side ``cut.crop``, each corner uniform over every integer position, side by side (HWC, the
+    strip along W); ``cut.crops == 0``: the centre crop (corner ``round((size - crop) / 2)``,
+    half to even as torchvision's). The same geometry as the webdataset reader; the resize is
+    DALI's linear (antialiased) interpolation, the random stream DALI's.
+
+    Args:
+        images: the decoded images (CPU or GPU).
+        shape: their ``(H, W, C)`` as a CPU node (``fn.peek_image_shape`` of the encoded
+            images): every size and corner is computed on the CPU, as argument inputs must be.
+    """
+    import nvidia.dali.math as dmath
+
+    r, c = cut.resize, cut.crop
+    hw = fn.cast(shape, dtype=types.INT32)
+    h, w = hw[0], hw[1]
+    short = dmath.min(h, w)
+    nh, nw = (h * r) // short, (w * r) // short
+    images = fn.resize(images, size=fn.cast(fn.stack(nh, nw), dtype=types.FLOAT),
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    spans = [nh - c, nw - c]  # largest corner per axis
+    if cut.crops == 0:
+        halves = [s // 2 for s in spans]
+        corner = [m + (m % 2) * (s % 2) for m, s in zip(halves, spans)]  # round half to even
+        return fn.slice(images, start=fn.stack(*corner), shape=[c, c], axes=[0, 1])
+    crops = []
+    for _ in range(cut.crops):
+        u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
+        corner = [dmath.floor(u[i] * fn.cast(spans[i] + 1, dtype=types.FLOAT)) for i in (0, 1)]
+        start = fn.cast(fn.stack(*corner), dtype=types.INT32)
+        crops.append(fn.slice(images, start=start, shape=[c, c], axes=[0, 1]))
+    return crops[0] if len(crops) == 1 else fn.cat(*crops, axis=1)

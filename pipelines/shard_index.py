@@ -30,6 +30,7 @@ import torch
 # ReaderSetup lives in pipelines.base (every backend's options); re-exported for the readers.
 from pipelines.base import HostBatch
 from pipelines.base import ReaderSetup as ReaderSetup
+from pipelines.imagenet_views import decode_views
 from shards.format import (
     DISJOINT,
     MANIFEST,
@@ -297,6 +298,7 @@ class Decoder:
     out_hw: tuple[int, int]
     fixed: bool
     on_corrupt: str
+    views: Any = None  # an ImageNetViews (data.view_rule=authors_imagenet): the reader cuts the views
 
     def batch(
         self,
@@ -304,11 +306,13 @@ class Decoder:
         labels: np.ndarray,
         idx: np.ndarray,
         where: Callable[[int], str],
+        key: int | None = None,
     ) -> HostBatch:
         """Decode a batch of encoded images with their labels and stable indices.
 
         Args:
             where: names sample ``j`` of the batch (shard and key) in messages.
+            key: the batch's number in its stream: keys the crop places of ``views``.
 
         Returns:
             ``(uint8 (B, 3, H, W), int64 (B,) labels, int64 (B,) indices, skipped)``. With
@@ -319,11 +323,14 @@ class Decoder:
             ValueError: an undecodable image with ``on_corrupt="raise"``, or a batch with no
                 decodable image at all, naming the sample(s).
         """
-        h, w = self.out_hw
+        h, w = self.out_hw if self.views is None else self.views.out_hw
         out = np.empty((len(images), h, w, 3), dtype=np.uint8)
         ok = np.ones(len(images), dtype=bool)
         for j, data in enumerate(images):
             try:
+                if self.views is not None:
+                    out[j] = decode_views(data, self.views, self.views.rng(key, j, len(images)))
+                    continue
                 out[j] = decode_image(data, self.out_hw, self.fixed)
             except Exception as e:  # PIL raises many types for corrupt data
                 if self.on_corrupt == "raise":

@@ -74,12 +74,13 @@ class _SampleReader:
     def _where(self, i: int) -> str:
         return f"{self.index.shards[self.index.shard[i]]}: sample {self.index.keys[i]!r}"
 
-    def read_batch(self, idx: np.ndarray) -> HostBatch:
-        """Read and decode samples ``idx`` (:meth:`~pipelines.shard_index.Decoder.batch`)."""
+    def read_batch(self, idx: np.ndarray, key: int | None = None) -> HostBatch:
+        """Read and decode samples ``idx`` (:meth:`~pipelines.shard_index.Decoder.batch`; ``key``:
+        the batch's number, which keys the reader-side crops)."""
         idx = np.asarray(idx, dtype=np.int64)
         images = [self._read(int(i)) for i in idx]
         return self.decoder.batch(
-            images, self.index.labels[idx], idx, lambda j: self._where(int(idx[j]))
+            images, self.index.labels[idx], idx, lambda j: self._where(int(idx[j])), key
         )
 
     def close(self) -> None:
@@ -104,7 +105,7 @@ class _TrainBatches(Dataset):
         return self.stream.next_indices().numpy()
 
     def __getitem__(self, k: int):
-        return self.reader.read_batch(self.indices_of(k))
+        return self.reader.read_batch(self.indices_of(k), key=k)
 
 
 class _FromStep(Sampler[int]):
@@ -145,7 +146,6 @@ class WdsStream(StepAccounting):
         check_rank(rank, world_size)
         self.root, self.device = Path(root), torch.device(setup.device)
         manifest = load_manifest(self.root, strict=False)
-        decoder = setup.decoder(manifest)
         self.num_workers, self.prefetch = int(setup.num_workers), int(setup.prefetch_factor)
         self.pin = setup.pin()
         self.skipped = 0
@@ -155,7 +155,7 @@ class WdsStream(StepAccounting):
             stream = IndexStream(
                 len(index), batch, seed=seed, stream=name, rank=rank, world_size=world_size
             )
-            self._parts[name] = (_SampleReader(index, decoder), stream)
+            self._parts[name] = (_SampleReader(index, setup.decoder(manifest, name)), stream)
         self._steps = 0  # batches handed out since construction / restore
         self._base = {name: s.batches for name, (_, s) in self._parts.items()}
 

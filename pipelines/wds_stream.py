@@ -223,6 +223,9 @@ class WdsShardStream(StepAccounting):
             raise ValueError(f"num_workers must be >= 0, got {setup.num_workers}")
         self.root = root if is_url(root) else Path(root)
         self.device = torch.device(setup.device)
+        if setup.imagenet_views is not None:
+            raise ValueError("data.view_rule=authors_imagenet cuts each batch's crops keyed by its batch "
+                             "number: use data.order=index (order=stream has no stable batch numbers)")
         manifest = load_manifest(self.root, strict=False)
         self.decoder = setup.decoder(manifest)
         self.num_workers, self.prefetch = int(setup.num_workers), int(setup.prefetch_factor)

@@ -10,6 +10,7 @@ from bmb.models import BMBModel, build_encoder
 @pytest.mark.parametrize("name, kw, size, dim", [
     ("wrn", {}, 32, 128), ("wrn", {"width": 1}, 32, 64), ("small", {}, 32, 128),
     ("resnet50", {"stem": "small"}, 32, 2048), ("resnet50", {"stem": "imagenet"}, 64, 2048),
+    ("resnet50", {"stem": "imagenet"}, 112, 2048),  # the authors' ImageNet127 SGD scripts: --model resnet, 112 px
 ])
 def test_outputs(name, kw, size, dim):
     m = BMBModel.build(name, 7, **kw).eval()
@@ -60,3 +61,30 @@ def test_every_parameter_gets_a_gradient(name, kw, size):
     (out.base_logits.sum() + out.aux_logits.sum()).backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None]
     assert missing == []
+
+
+@pytest.mark.parametrize("name, kw", [("wrn", {}), ("resnet50", {"stem": "imagenet"})])
+def test_authors_init_heads_and_batch_norms(name, kw):
+    torch.manual_seed(0)
+    ours = BMBModel.build(name, 10, **kw)
+    torch.manual_seed(0)
+    theirs = BMBModel.build(name, 10, init="authors", **kw)
+    for head in ("base_head", "aux_head"):
+        w, b = getattr(theirs, head).weight, getattr(theirs, head).bias
+        assert torch.equal(b, torch.zeros_like(b))
+        # xavier_normal_: std sqrt(2 / (fan_in + fan_out)); PyTorch's default is uniform with a smaller spread.
+        std = (2 / (w.shape[0] + w.shape[1])) ** 0.5
+        assert abs(w.std().item() / std - 1) < 0.1
+        assert getattr(ours, head).bias.abs().max() > 0
+    gammas = [m.weight for m in theirs.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(g, torch.ones_like(g)) for g in gammas)
+    zeroed = [m.weight for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d) if not m.weight.any()]
+    assert (len(zeroed) == 16) if name == "resnet50" else (zeroed == [])  # one per bottleneck block
+    convs = zip((m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)),
+                (m for m in theirs.modules() if isinstance(m, torch.nn.Conv2d)))
+    assert all(torch.equal(a.weight, b.weight) for a, b in convs)  # the same He-normal draws
+
+
+def test_unknown_init():
+    with pytest.raises(ValueError, match="init must be one of"):
+        BMBModel.build("small", 3, init="xavier")

@@ -39,7 +39,7 @@ def test_reader_setup_from_the_config() -> None:
 def test_fields_name_the_backends_that_read_them() -> None:
     assert ReaderSetup.accepted("webdataset", "train") == [
         "rank", "world_size", "device", "num_workers", "prefetch_factor", "pin_memory",
-        "load_size", "on_corrupt", "order", "shuffle_buffer",
+        "load_size", "on_corrupt", "order", "shuffle_buffer", "imagenet_views", "num_strong",
     ]
     assert "order" not in ReaderSetup.accepted("webdataset", "eval")
     assert ReaderSetup.accepted("tensor", "eval") == [

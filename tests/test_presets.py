@@ -99,7 +99,17 @@ def test_hyperparameters_match_the_paper(stem: str):
     authors_127_sgd = stem.startswith("imagenet127") and stem.endswith("_sgd")
     assert m.algorithm == "bmb" and m.lambda_u == (2.0 if authors_127_sgd else 1.0)
     assert m.num_strong == 2 and m.get_replacement
-    assert m.adaptive_weights and m.use_bank and m.bank_view == "strong" and not m.anneal_weights
+    # The authors' SGD scripts never pass --tcp_strong: weak-view bank; the Adam presets: strong.
+    assert m.adaptive_weights and m.use_bank and not m.anneal_weights
+    assert m.bank_view == ("weak" if stem.endswith("_sgd") else "strong")
+    # Warm-up fill: only the SGD scripts without --tcp_refresh_after_warm keep a warm-up bank.
+    assert m.refresh_after_warmup == (stem not in ("imagenet_lt_50_sgd", "imagenet127_1p_64_sgd",
+                                                   "imagenet127_10p_64_sgd"))
+    # Their views, RandAugment(3, 4) and initialisation everywhere; no Cutout at 224 px.
+    assert (cfg.model.init, cfg.data.rand_augment) == ("authors", "authors")
+    full_res = stem.startswith(("imagenet_lt", "mismatch"))
+    assert cfg.data.cutout == ("none" if full_res else "fixed")
+    assert cfg.data.view_rule == ("authors_imagenet" if full_res else "square")
     t = cfg.train
     assert t.eval_every == t.checkpoint_every == t.iters_per_epoch  # once per epoch
     if stem.endswith("_sgd"):  # steps per epoch: one pass over the labeled set at 512 (ImageNet-LT)
@@ -121,9 +131,13 @@ def test_recipe_per_family(stem: str):
     else:  # the paper's Adam with the authors' decoupled decay 0.02 (their WeightEMA)
         assert (o.name, o.lr, o.schedule, o.weight_decay) == ("adamw", 0.002, "constant", 0.02)
         assert t.labeled_batch == t.unlabeled_batch == 64
-    if stem.startswith("imagenet_lt"):
+    if stem.startswith("mismatch"):  # the authors' full-resolution 1000-class data, 224 px pipeline
+        assert (mo.encoder, mo.stem, d.backend, d.image_size, d.load_size) == (
+            "resnet50", "imagenet", "webdataset", 224, 256)
+        assert t.eval_protocol == "last20" and d.val_split is None and (t.epochs, cfg.method.warmup_epochs) == (500, 20)
+    elif stem.startswith("imagenet_lt"):
         assert (mo.encoder, mo.stem) == ("resnet50", "imagenet")
-        assert (d.backend, d.image_size, d.crop, d.val_split) == ("webdataset", 224, "rrc", "val")
+        assert (d.backend, d.image_size, d.load_size, d.val_split) == ("webdataset", 224, 256, "val")
         assert t.eval_protocol == "best_val" and cfg.method.warmup_epochs == 10
         assert stem.endswith("_sgd") or t.epochs == 300
         pct = int(stem.split("_")[2])
@@ -132,14 +146,17 @@ def test_recipe_per_family(stem: str):
         assert d.dataset == f"data/imagenet-lt-{pct}"
     else:
         assert t.eval_protocol == "last20" and (sgd or (t.epochs == 500 and cfg.method.warmup_epochs == 20))
-        assert d.backend == "tensor" and d.crop == "translate" and d.val_split is None
+        assert d.backend == ("webdataset" if sgd else "tensor") and d.crop == "translate" and d.val_split is None
         assert t.many_above is None and t.few_at_most is None
     if stem.startswith("cifar"):
         assert (mo.encoder, mo.width, mo.depth, d.image_size) == ("wrn", 2, 28, 32)
-    if stem.startswith("imagenet127"):
+    if stem.startswith("imagenet127") and sgd:  # --model resnet on 112 px crops of the full-res JPEGs
+        assert (mo.encoder, mo.stem, d.image_size, d.load_size) == ("resnet50", "imagenet", 112, 112)
+        assert d.dataset == "data/imagenet127-full-" + stem.split("_")[1]
+    elif stem.startswith("imagenet127"):
         assert (mo.encoder, mo.stem) == ("resnet50", "small")
-        assert d.image_size == int(stem.removesuffix("_sgd").split("_")[-1])
-        assert d.dataset == "data/" + stem.removesuffix("_sgd").replace("_", "-")
+        assert d.image_size == int(stem.split("_")[-1])
+        assert d.dataset == "data/" + stem.replace("_", "-")
 
 
 def test_cifar_datasets_and_mismatch_only_differ_in_data():
@@ -327,14 +344,19 @@ FIDELITY_MD = ROOT / "docs" / "fidelity.md"
 
 
 def _fidelity_rows() -> tuple[list[str], dict[str, list[str]]]:
-    """The ledger's preset table: its config-key columns and, per preset file, their cells."""
-    keys, rows = [], {}
+    """The ledger's preset tables (a header row starting ``| preset | follows |``, each listing every
+    preset): their config-key columns, and per preset file its cells in that order, tables joined."""
+    keys: list[str] = []
+    cells_of: dict[str, dict[str, str]] = {}
+    table: list[str] = []
     for line in FIDELITY_MD.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[:2] == ["preset", "follows"]:
-            keys = [c.strip("`") for c in cells[2:]]
-        elif keys and len(cells) == len(keys) + 2 and cells[0].startswith("`") and cells[0].endswith(".yaml`"):
-            rows[cells[0].strip("`")] = cells[2:]
+            table = [c.strip("`") for c in cells[2:]]
+            keys += table
+        elif table and len(cells) == len(table) + 2 and cells[0].startswith("`") and cells[0].endswith(".yaml`"):
+            cells_of.setdefault(cells[0].strip("`"), {}).update(zip(table, cells[2:]))
+    rows = {name: [got.get(k, "<missing>") for k in keys] for name, got in cells_of.items()}
     return keys, rows
 
 
@@ -359,7 +381,140 @@ def test_fidelity_ledger_names_every_setting_and_matches_the_resolved_presets():
 def test_fidelity_check_is_not_vacuous():
     keys, rows = _fidelity_rows()
     assert {"optim.name", "optim.weight_decay", "train.iters_per_epoch", "train.ema_decay"} <= set(keys)
+    assert {"data.view_rule", "data.rand_augment", "method.bank_view", "method.refresh_after_warmup",
+            "model.init", "train.eval_protocol"} <= set(keys)
+    assert dict(zip(keys, rows["imagenet_lt_50_sgd.yaml"]))["method.refresh_after_warmup"] == "false"
     cfg = _load(CONFIGS / "imagenet_lt_20_sgd.yaml")
     row = dict(zip(keys, rows["imagenet_lt_20_sgd.yaml"]))
     assert row["train.iters_per_epoch"] == "46" == _cell(cfg.train.iters_per_epoch)
     assert row["optim.weight_decay"] != _cell(0.0)
+
+
+# ------------------------------------------------------------------ the _sgd presets vs the authors' scripts
+# Every flag of the script each _sgd preset follows (wujianP/ImbalancedSSL, BMB/scripts/..., the paths in
+# docs/fidelity.md), transcribed; paths, logging and the seed left out. ``None``: a switch that is passed.
+_SGD_COMMON = {
+    "--tcp_distribution_type": "pd_select", "--tcp_sync_input": None, "--tcp_sample_fun_type": "poly_inv",
+    "--tcp_balance_power": "3", "--tcp_put_type": "inpool", "--tcp_remove_type": "inpool",
+    "--ada_weight_type": "pd_select", "--sample_fun_type": "poly_inv", "--gpu": "0,1,2,3,4,5,6,7",
+    "--model": "resnet", "--dist_eval": None, "--find_unused_parameters": None, "--disable_ema_model": None,
+    "--tau": "0.7", "--epochs": "200", "--warmup_epochs": "10", "--labeled_batch_size": "64",
+    "--unlabeled_batch_size": "64", "--val_batch_size": "128", "--lr": "0.2", "--lr_scheduler_type": "cos",
+    "--optim_type": "sgd", "--weight_decay": "5e-4", "--pd_distribution_estimate_nepoch": "999",
+}
+_SGD_I127 = {**_SGD_COMMON, "--tcp_sample_power": "1.0", "--tcp_loss_weight": "0.5", "--sample_power": "1.5",
+             "--dataset": "imagenet127", "--num_workers": "8", "--val-iteration": "250", "--loss_u_weight": "2.0"}
+SCRIPTS = {
+    "imagenet_lt_20_sgd": {**_SGD_COMMON, "--tcp_refresh_after_warm": None, "--tcp_pool_size": "2048",
+                           "--tcp_get_num": "256", "--tcp_sample_power": "1", "--tcp_loss_weight": "0.75",
+                           "--sample_power": "0.75", "--dataset": "imagenet", "--labeled_ratio": "20",
+                           "--num_workers": "6", "--val-iteration": "46"},
+    "imagenet_lt_50_sgd": {**_SGD_COMMON, "--tcp_pool_size": "2048", "--tcp_get_num": "512",
+                           "--tcp_sample_power": "0.75", "--tcp_loss_weight": "0.5", "--sample_power": "1",
+                           "--dataset": "imagenet", "--labeled_ratio": "50", "--num_workers": "8",
+                           "--val-iteration": "114"},
+    "imagenet127_10p_64_sgd": {**_SGD_I127, "--tcp_pool_size": "1024", "--tcp_get_num": "256",
+                               "--labeled_ratio": "10"},
+    "imagenet127_1p_64_sgd": {**_SGD_I127, "--tcp_pool_size": "2048", "--tcp_get_num": "512",
+                              "--labeled_ratio": "1"},
+}
+# Flags with no config key of ours; each is a row of docs/fidelity.md (or changes nothing we compute).
+LEDGERED_FLAGS = {
+    "--tcp_distribution_type",  # N-hat from the confident aux predictions: ours (row 8)
+    "--tcp_sync_input",  # one bank for all ranks (row 15)
+    "--tcp_sample_fun_type", "--sample_fun_type", "--ada_weight_type",  # the paper's formulas: ours
+    "--tcp_put_type", "--tcp_remove_type",  # the in-pool put/remove (rows 10, 11)
+    "--dist_eval", "--find_unused_parameters", "--val_batch_size", "--pd_distribution_estimate_nepoch",
+    "--num_workers",  # loader processes: speed only (the 20 % script has 6, ours 8)
+    "--labeled_ratio", "--dataset",  # the data set: data.dataset, built by bmb-shards
+}
+
+
+def _script_checks(cfg: Config, world: int = 8) -> dict:
+    """Flag -> (what the preset resolves it to, as the script writes it)."""
+    m, o, t, mo = cfg.method, cfg.optim, cfg.train, cfg.model
+    return {
+        "--tcp_refresh_after_warm": m.refresh_after_warmup, "--tcp_strong": m.bank_view == "strong",
+        "--tcp_pool_size": m.bank_size, "--tcp_balance_power": m.put_power, "--tcp_sample_power": m.get_power,
+        "--tcp_loss_weight": m.lambda_mb, "--sample_power": m.alpha, "--tau": m.threshold,
+        "--warmup_epochs": m.warmup_epochs, "--loss_u_weight": m.lambda_u,
+        "--gpu": world, "--model": (mo.encoder, mo.stem), "--disable_ema_model": t.ema_decay == 0,
+        "--epochs": t.epochs, "--val-iteration": t.iters_per_epoch, "--labeled_batch_size": t.labeled_batch,
+        "--unlabeled_batch_size": t.unlabeled_batch, "--lr": o.lr,
+        "--lr_scheduler_type": (o.schedule, o.schedule_unit), "--optim_type": (o.name, o.nesterov),
+        "--weight_decay": o.weight_decay,
+    }
+
+
+def _as_written(flag: str, value: str | None, world: int = 8):
+    """A script's flag value in the units of :func:`_script_checks`."""
+    if flag == "--gpu":
+        return len(value.split(","))
+    if flag == "--model":
+        return ("resnet50", "imagenet")  # torchvision ResNet-50: the 7x7 stride-2 stem and max-pool
+    if flag == "--lr_scheduler_type":
+        return ("cosine", "epoch")  # CosineAnnealingLR(T_max=epochs), stepped once per epoch
+    if flag == "--optim_type":
+        return ("sgd", False)  # SGD(momentum=0.9), never Nesterov
+    if flag in ("--labeled_batch_size", "--unlabeled_batch_size"):
+        return int(value) * world  # per GPU; ours are global
+    if value is None:
+        return True
+    return float(value)
+
+
+@pytest.mark.parametrize("stem", sorted(SCRIPTS))
+def test_sgd_presets_equal_their_scripts_flag_by_flag(stem: str):
+    cfg = _load(CONFIGS / f"{stem}.yaml")
+    checks, flags = _script_checks(cfg), SCRIPTS[stem]
+    for flag, value in flags.items():
+        if flag in LEDGERED_FLAGS:
+            continue
+        if flag == "--tcp_get_num":  # per GPU in their scripts; ours per rank or global (the cluster change)
+            assert cfg.method.get_num in (int(value), 8 * int(value)), stem
+            continue
+        assert flag in checks, f"{flag} of {stem}'s script has no check and no ledger entry"
+        got = checks[flag]
+        want = _as_written(flag, value)
+        assert got == (pytest.approx(want) if isinstance(want, float) else want), (stem, flag, got, want)
+    # Switches they do not pass are false for them: the defaults of their argparse.
+    for flag in ("--tcp_refresh_after_warm", "--tcp_strong"):
+        if flag not in flags:
+            assert checks[flag] is False, (stem, flag)
+    if "--loss_u_weight" not in flags:
+        assert cfg.method.lambda_u == 1.0
+    if stem.startswith("imagenet127"):  # --crop_size not passed: their default 112
+        assert cfg.data.image_size == 112
+
+
+AUTHORS_REPO = Path("/work/.mirror/wujianP+ImbalancedSSL/repo")
+SCRIPT_PATHS = {
+    "imagenet_lt_20_sgd": "BMB/scripts/imagenetLT/20per/ours/best/"
+                          "19-adaW0.75-Tcp-s2048-g256-bp3-sp1-wt0.75-warm10-refresh--seed2.sh",
+    "imagenet_lt_50_sgd": "BMB/scripts/imagenetLT/50per/adaweight+tcp/best/"
+                          "00-adaW1-Tcp-s2048-g512-bp3-sp0.75-wt0.5-seed1.sh",
+    "imagenet127_10p_64_sgd": "BMB/scripts/imagenet127/adaweight+tcp/tcp_new_ad/"
+                              "00-adaW-select-poly-pow1.5_uweight2.0_tcp1024_g256_bp3_sp1.0_wt0.5.sh",
+    "imagenet127_1p_64_sgd": "BMB/scripts/imagenet127/adaweight+tcp/tcp_new_ad/"
+                             "00-adaW-select-poly-pow1.5_uweight2.0_tcp2048_g512_bp3_sp1.0_wt0.5_inet1per.sh",
+}
+
+
+@pytest.mark.skipif(not AUTHORS_REPO.is_dir(), reason="no local mirror of the authors' repository")
+@pytest.mark.parametrize("stem", sorted(SCRIPTS))
+def test_script_transcription_matches_the_authors_file(stem: str):
+    import shlex
+    import subprocess
+
+    text = subprocess.run(["git", f"--git-dir={AUTHORS_REPO}", "show", f"HEAD:{SCRIPT_PATHS[stem]}"],
+                          capture_output=True, text=True, check=True).stdout
+    tokens = shlex.split(text[text.index("ABCfix.py") + len("ABCfix.py"):].replace("\\\n", " "))
+    flags, i = {}, 0
+    while i < len(tokens):
+        if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            flags[tokens[i]], i = tokens[i + 1], i + 2
+        else:
+            flags[tokens[i]], i = None, i + 1
+    skip = {"--out", "--data_path", "--annotation_file_path", "--seed", "--writer_log_iter_freq",
+            "--writer_log_class_stride", "--train_log_iter_freq"}
+    assert {k: v for k, v in flags.items() if k not in skip} == SCRIPTS[stem]

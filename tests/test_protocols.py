@@ -17,7 +17,7 @@ import torch
 from bmb.config import load_config
 from bmb.evaluate import final_result
 from bmb.metrics import group_recall, shot_groups
-from bmb.protocols import best_val, last_n, select_result
+from bmb.protocols import best_test, best_val, last_n, select_result
 
 SHARED_LT = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet_lt"
 
@@ -94,6 +94,24 @@ def test_best_val_reports_the_test_metrics_of_the_best_val_evaluation():
     assert out["evaluations"] == [200]
     assert "best val top-1 (0.4500 at step 200)" in out["protocol"]
     assert select_result(h, "best_val", val_split="val") == out
+
+
+def test_best_test_selects_on_the_reported_split_and_says_so():
+    h = [
+        _row(100, 0.30, [0.3, 0.2, 0.1], val_top1=0.40),
+        _row(200, 0.50, [0.6, 0.5, 0.4], val_top1=0.45),  # best val
+        _row(300, 0.55, [0.7, 0.5, 0.3], val_top1=0.44),  # best test: selected
+        _row(400, 0.55, [0.2, 0.2, 0.2], val_top1=0.10),  # tie on test: the first one wins
+        _row(500, float("nan"), [0.0, 0.0, 0.0]),
+    ]
+    out = best_test(h)
+    assert out["top1"] == 0.55 and out["per_class_recall"] == [0.7, 0.5, 0.3]
+    assert out["evaluations"] == [300]
+    assert "best TEST top-1 at step 300" in out["protocol"] and "optimistic" in out["protocol"]
+    assert select_result(h, "best_test") == out
+    assert best_val(h, "val")["top1"] < out["top1"]  # the honest protocol picks another row here
+    with pytest.raises(ValueError, match="no evaluations"):
+        best_test([])
 
 
 def test_best_val_errors_name_the_missing_key():

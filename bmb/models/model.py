@@ -18,6 +18,23 @@ from bmb.models.encoders import build_encoder
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
+#: ``model.init``: ``ours`` (PyTorch's default heads; ResNet-50's last BN of each block at
+#: gamma 0) or ``authors`` (their ``model/*withABC.py``: xavier_normal_ heads with zero bias,
+#: every BN gamma 1). The convolutions are the same He-normal (fan_out) either way.
+INITS = ("ours", "authors")
+
+
+def authors_init_(model: nn.Module) -> nn.Module:
+    """The BMB authors' initialisation of the heads and batch norms, in place (returns ``model``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
 
 def resolve_memory_format(name: str, device: torch.device | str) -> torch.memory_format:
     """``model.memory_format`` on ``device``: ``auto`` is channels_last on CUDA, contiguous elsewhere."""
@@ -55,8 +72,12 @@ class BMBModel(nn.Module):
         self.encoder_compiled = None
 
     @classmethod
-    def build(cls, encoder: str, num_classes: int, **encoder_kwargs) -> BMBModel:
-        return cls(build_encoder(encoder, **encoder_kwargs), num_classes)
+    def build(cls, encoder: str, num_classes: int, *, init: str = "ours", **encoder_kwargs) -> BMBModel:
+        """The model with ``init`` (:data:`INITS`) on freshly built weights."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        model = cls(build_encoder(encoder, **encoder_kwargs), num_classes)
+        return authors_init_(model) if init == "authors" else model
 
     def configure(self, memory_format: torch.memory_format = torch.contiguous_format,
                   compile: bool = False) -> BMBModel:

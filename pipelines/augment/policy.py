@@ -102,15 +102,19 @@ def _magnitude_bounds(device: torch.device) -> tuple[Tensor, Tensor]:
     return lo, hi - lo
 
 
-def _affine_coeffs(ops: Tensor, m: Tensor, h: int, w: int) -> Tensor:
+def _affine_coeffs(
+    ops: Tensor, m: Tensor, h: int, w: int, shear_origin: bool = False
+) -> Tensor:
     """Affine maps of the geometric ops, for any-shaped ``ops``/``m`` (CPU) -> ``(..., 8)``.
 
     Output -> input in pixel coordinates centred on the image, (x, y) -> (a x + b y + c,
     d x + e y + f); only one parameter is non-trivial per op, so one form covers all five (and
     gives the identity for every other op). Rotation is PIL's (counter-clockwise as displayed,
-    y pointing down). Rescaled to grid_sample's [-1, 1] coordinates (align_corners=False);
-    the last two entries are the translations in whole pixels (x, y), clamped to the image
-    side (a longer one leaves only black).
+    y pointing down). Shears act about the centre, or with ``shear_origin`` about the top-left
+    corner (PIL's plain ``AFFINE (1, m, 0, 0, 1, 0)``, as the BMB authors' RandAugment: the
+    centred shear plus a shift of ``m H / 2`` px). Rescaled to grid_sample's [-1, 1]
+    coordinates (align_corners=False); the last two entries are the translations in whole
+    pixels (x, y), clamped to the image side (a longer one leaves only black).
     """
     # Each op's magnitude where the op is drawn, else 0: rotate, shear_x, shear_y, translate_x,
     # translate_y.
@@ -119,14 +123,17 @@ def _affine_coeffs(ops: Tensor, m: Tensor, h: int, w: int) -> Tensor:
     theta = angle * (math.pi / 180)
     tx, ty = torch.round(mx * w), torch.round(my * h)
     cos, sin = torch.cos(theta), torch.sin(theta)
+    cx, cy = tx * (2 / w), ty * (2 / h)
+    if shear_origin:
+        cx, cy = cx + shx * (h / w), cy + shy * (w / h)
     return torch.stack(
         [
             cos,
             (shx - sin) * (h / w),
-            tx * (2 / w),
+            cx,
             (sin + shy) * (w / h),
             cos,
-            ty * (2 / h),
+            cy,
             tx.clamp(-w, w),
             ty.clamp(-h, h),
         ],
@@ -182,8 +189,9 @@ def apply_rand_augment(
     magnitudes: Tensor,
     *,
     boxes: Tensor | None = None,
-    fill: int = 127,
+    fill: int | Tensor = 127,
     owned: bool = False,
+    shear_origin: bool = False,
 ) -> Tensor:
     """Apply given per-sample RandAugment ops, then Cutout boxes (the strong view's pixel work).
 
@@ -199,7 +207,10 @@ def apply_rand_augment(
         magnitudes: float ``(N, K)`` in each op's units (:data:`MAGNITUDE_RANGES`).
         boxes: float ``(N, 2, 2)`` Cutout boxes from
             :func:`~pipelines.augment.cutout.cutout_boxes` (any device), or ``None``: no Cutout.
-        fill: gray level of the Cutout boxes.
+        fill: gray level of the Cutout boxes, or a uint8 ``(1, 3, 1, 1)`` colour on the images'
+            device.
+        shear_origin: shears about the top-left corner instead of the centre
+            (:func:`_affine_coeffs`).
         owned: whether ``images`` may serve as scratch memory (it then holds scratch data
             afterwards, or the result): saves fresh memory.
 
@@ -220,7 +231,9 @@ def apply_rand_augment(
     if ops_cpu.numel() and (ops_cpu.min() < 0 or ops_cpu.max() >= len(OPS)):
         raise ValueError(f"ops must be in [0, {len(OPS)}), got {ops_cpu.unique().tolist()}")
     mags_cpu = magnitudes.to("cpu", torch.float32)
-    out, perm, spare = _rand_augment_sorted(images, ops_cpu, mags_cpu, owned=owned)
+    out, perm, spare = _rand_augment_sorted(
+        images, ops_cpu, mags_cpu, owned=owned, shear_origin=shear_origin
+    )
     if out is None:  # every op an identity: nothing sorted
         out = images if owned else images.clone(memory_format=torch.contiguous_format)
     if boxes is not None:
@@ -229,7 +242,7 @@ def apply_rand_augment(
 
 
 def _rand_augment_sorted(
-    images: Tensor, ops: Tensor, mags: Tensor, *, owned: bool
+    images: Tensor, ops: Tensor, mags: Tensor, *, owned: bool, shear_origin: bool = False
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """RandAugment on a sorted copy of ``images``: ``out[i]`` is sample ``perm[i]``, augmented.
 
@@ -244,6 +257,7 @@ def _rand_augment_sorted(
         ops: int64 ``(N, K)`` op indices, on the CPU.
         mags: float32 ``(N, K)`` magnitudes, on the CPU.
         owned: whether ``images`` may serve as scratch memory.
+        shear_origin: shears about the top-left corner (:func:`_affine_coeffs`).
 
     Returns:
         ``out`` (uint8 ``(N, 3, H, W)``), ``perm`` (int64 ``(N,)``, CPU) and ``spare`` (a
@@ -261,7 +275,7 @@ def _rand_augment_sorted(
     if not images.is_contiguous():  # the row permutations view each sample as one row
         images, owned = images.contiguous(), True
     # Parameter-only work for all slots at once (small CPU tensors: few ops beat small ops).
-    coeffs = _affine_coeffs(ops, mags, h, w).unbind(1)  # (N, 8) per slot
+    coeffs = _affine_coeffs(ops, mags, h, w, shear_origin).unbind(1)  # (N, 8) per slot
     byte_params = _byte_params(mags).unbind(1)  # (N, 2) per slot
     # The blends (brightness, color, sharpness) only need a clamp for factors outside [0, 1].
     clamp = bool((_BLEND[ops] & ((mags < 0) | (mags > 1))).any())

@@ -12,12 +12,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pipelines.augment._common import Rows, _check_images, _draw_count, _kept, _rand
-from pipelines.augment.cutout import _check_cutout, cutout_boxes
+from pipelines.augment.authors import (
+    apply_authors_rand_augment,
+    fixed_cutout_boxes,
+    sample_authors_rand_augment,
+)
+from pipelines.augment.cutout import _check_cutout, _cutout_, cutout_boxes
 from pipelines.augment.geometry import CROPS, center_crop, weak_view
 from pipelines.augment.policy import apply_rand_augment, sample_rand_augment
 
@@ -120,19 +126,25 @@ def _part_rows(
 ) -> dict[str, Rows | None]:
     """Which rows of each draw of a global step slice ``part = (r, R)`` keeps (``None`` each
     when ``R == 1``): the labeled and unlabeled slices, the combined crop call's views
-    ``[labeled | unlabeled | unlabeled x num_strong]`` and the strong views."""
+    ``[labeled | unlabeled | unlabeled x num_strong]``, its weak part ``[labeled | unlabeled]`` and
+    the strong views."""
     r, world = part
     if not 0 <= r < world:
         raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part}")
     if world == 1:
-        return dict.fromkeys(("labeled", "unlabeled", "views", "strong"))
+        return dict.fromkeys(("labeled", "unlabeled", "weak", "views", "strong"))
     big_l, big_u = n_l * world, n_u * world
     lab = torch.arange(r * n_l, (r + 1) * n_l, device=device)
     unl = torch.arange(r * n_u, (r + 1) * n_u, device=device)
     strong = torch.cat([k * big_u + unl for k in range(num_strong)]) if num_strong else unl[:0]
     views = torch.cat([lab, big_l + unl, big_l + big_u + strong])
-    return {"labeled": (big_l, lab), "unlabeled": (big_u, unl),
+    return {"labeled": (big_l, lab), "unlabeled": (big_u, unl), "weak": (big_l + big_u, views[: n_l + n_u]),
             "views": (big_l + big_u * (1 + num_strong), views), "strong": (big_u * num_strong, strong)}
+
+
+POLICIES = ("fixmatch", "authors")
+VIEW_RULES = ("square", "authors_imagenet")
+CUTOUT_MODES = ("random", "fixed", "none")
 
 
 @dataclass(kw_only=True)
@@ -156,6 +168,18 @@ class ViewSettings:
     """Maximum Cutout side as a fraction of the image side."""
     translate: float = 0.125
     """Maximum weak translation as a fraction of the image side (translate mode)."""
+    policy: str = "fixmatch"
+    """RandAugment: ``"fixmatch"`` (``num_ops`` of 14 ops, magnitude drawn per op, after the
+    crop) or ``"authors"`` (the BMB authors' RandAugment(``num_ops``, 4),
+    :mod:`~pipelines.augment.authors`, before the crop as theirs; the presets give 3 ops)."""
+    cutout_mode: str = "random"
+    """``"random"`` (FixMatch: side up to ``cutout`` x the side, gray), ``"fixed"`` (the authors'
+    ``CutoutDefault(S // 2)`` after crop and flip, filled with the mean colour) or ``"none"``."""
+    view_rule: str = "square"
+    """``"square"``: the batches hold whole images, every view cropped here (``crop``);
+    ``"authors_imagenet"``: the reader already cut every view's crop
+    (:mod:`pipelines.imagenet_views`): labeled ``(B, 3, S, S)``, unlabeled ``(B, 3, S, S (1 +
+    num_strong))`` strips, weak crop first; here only the flips, RandAugment and Cutout."""
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -168,9 +192,29 @@ class ViewSettings:
             )
         if not 0.0 <= self.cutout <= 1.0:
             raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.view_rule not in VIEW_RULES:
+            raise ValueError(f"view_rule must be one of {VIEW_RULES}, got {self.view_rule!r}")
+        if self.cutout_mode not in CUTOUT_MODES:
+            raise ValueError(f"cutout_mode must be one of {CUTOUT_MODES}, got {self.cutout_mode!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} must be 3 values (std > 0)")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    @staticmethod
+    def config_kwargs(cfg: Any) -> dict[str, Any]:
+        """The settings of a run config (``cfg.data``: image_size, crop, mean, std,
+        rand_augment, cutout; ``cfg.method.num_strong``): the one mapping from config keys to
+        views, used by the trainer's :class:`ViewMaker` and the DALI loader's views alike.
+        ``data.rand_augment=authors`` is their RandAugment(3, 4)."""
+        d = cfg.data
+        authors = d.rand_augment == "authors"
+        return dict(
+            image_size=d.image_size, crop=d.crop, num_strong=cfg.method.num_strong,
+            mean=d.mean, std=d.std, policy=d.rand_augment, num_ops=3 if authors else 2,
+            cutout_mode=d.cutout, view_rule=d.view_rule,
+        )
 
 
 @dataclass(kw_only=True)
@@ -241,9 +285,13 @@ class ViewMaker(ViewSettings):
         """uint8 weak views ``(B_L + B_U, ...)`` and strong views ``(num_strong * B_U, ...)``."""
         _check_images(labeled, "labeled")
         _check_images(unlabeled, "unlabeled")
-        kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
         n_l, n_u = labeled.shape[0], unlabeled.shape[0]
         rows = _part_rows(n_l, n_u, self.num_strong, part, generator.device)
+        if self.view_rule == "authors_imagenet":
+            return self._reader_cut_views(labeled, unlabeled, generator, rows)
+        if self.policy == "authors":
+            return self._authors_views(labeled, unlabeled, generator, rows)
+        kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
         # Samples are independent, so every view's crop runs in one call over
         # [labeled, unlabeled, unlabeled x num_strong]; the strong rows then get RandAugment and
         # Cutout (strong_from_weak). Fewer, larger kernels: per-op overhead dominates small images.
@@ -262,10 +310,69 @@ class ViewMaker(ViewSettings):
             # RandAugment and Cutout may work in the strong rows' own memory (owned): the weak
             # rows before them are never written.
             strong = strong_from_weak(
-                strong, generator, num_ops=self.num_ops, cutout=self.cutout, owned=True,
-                rows=rows["strong"],
+                strong, generator, num_ops=self.num_ops, owned=True, rows=rows["strong"],
+                cutout=self.cutout if self.cutout_mode == "random" else 0.0,
             )
+            strong = self._fixed_cutout(strong, generator, rows["strong"])
         return weak, strong
+
+    def _authors_views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator, rows: dict[str, Rows | None]
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_views` with the authors' policy: their RandAugment on the whole images, then
+        the crop and flip, then the fixed Cutout (their order). Draws: the weak crops, the
+        RandAugment ops, the strong crops, the Cutout places."""
+        kw = {"crop": self.crop, "out_size": self.image_size, "translate": self.translate}
+        n_l = labeled.shape[0]
+        images = unlabeled if n_l == 0 else torch.cat([labeled, unlabeled])
+        weak = weak_view(images, generator, rows=rows["weak"], **kw)
+        if not self.num_strong:
+            return weak, weak[:0]
+        src = unlabeled.repeat(self.num_strong, 1, 1, 1)
+        draw = sample_authors_rand_augment(src.shape[0], generator, num_ops=self.num_ops, rows=rows["strong"])
+        src = apply_authors_rand_augment(src, draw, owned=True)
+        strong = weak_view(src, generator, rows=rows["strong"], **kw)
+        return weak, self._fixed_cutout(strong, generator, rows["strong"])
+
+    def _reader_cut_views(
+        self, labeled: Tensor, unlabeled: Tensor, generator: torch.Generator, rows: dict[str, Rows | None]
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_views` of reader-cut crops (``view_rule="authors_imagenet"``): the weak views
+        flipped; the strong ones RandAugment (after the reader's crop), Cutout, flip. Draws: the
+        weak flips, the RandAugment ops, the Cutout places, the strong flips."""
+        s, k = self.image_size, self.num_strong
+        if labeled.shape[-2:] != (s, s) or unlabeled.shape[-2:] != (s, s * (1 + k)):
+            raise ValueError(
+                f"view_rule=authors_imagenet expects reader-cut crops: labeled (B, 3, {s}, {s}) and "
+                f"unlabeled (B, 3, {s}, {s * (1 + k)}), got {tuple(labeled.shape)} and {tuple(unlabeled.shape)}"
+            )
+        flip = {"crop": "translate", "out_size": s, "translate": 0.0}
+        weak = weak_view(torch.cat([labeled, unlabeled[..., :s]]), generator, rows=rows["weak"], **flip)
+        if not k:
+            return weak, weak[:0]
+        strong = torch.cat([unlabeled[..., s * (j + 1) : s * (j + 2)] for j in range(k)])
+        if self.policy == "authors":
+            draw = sample_authors_rand_augment(strong.shape[0], generator, num_ops=self.num_ops, rows=rows["strong"])
+            strong = apply_authors_rand_augment(strong, draw, owned=True)
+        else:
+            strong = strong_from_weak(
+                strong, generator, num_ops=self.num_ops, owned=True, rows=rows["strong"],
+                cutout=self.cutout if self.cutout_mode == "random" else 0.0,
+            )
+        strong = self._fixed_cutout(strong, generator, rows["strong"])
+        return weak, weak_view(strong, generator, rows=rows["strong"], **flip)
+
+    def _fixed_cutout(self, strong: Tensor, generator: torch.Generator, rows: Rows | None) -> Tensor:
+        """The authors' ``CutoutDefault(S // 2)`` (only with ``cutout_mode="fixed"``): their
+        zero after normalisation is the mean colour, here rounded to uint8."""
+        if self.cutout_mode != "fixed":
+            return strong
+        n, _, h, w = strong.shape
+        u = _kept(_rand(generator, (_draw_count(n, rows), 2)), rows)
+        boxes = fixed_cutout_boxes(u, self.image_size // 2, h, w)
+        fill = torch.tensor([round(255 * m) for m in self.mean], dtype=torch.uint8, device=strong.device)
+        _cutout_(strong, boxes, fill.view(1, 3, 1, 1))
+        return strong
 
     def eval(self, images: Tensor) -> Tensor:
         """Evaluation input: centre crop to ``image_size`` when larger, normalised.
