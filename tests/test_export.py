@@ -12,11 +12,11 @@ import yaml
 
 from launch import eval as bmb_eval
 from launch import train
-from tests.test_train import CONFIG, TINY, demo_data  # noqa: F401  (the module's dataset fixture)
+from tests.demo_data import CONFIG, TINY
 
 
 @pytest.fixture(scope="module")
-def finished(demo_data, tmp_path_factory):  # noqa: F811
+def finished(demo_data, tmp_path_factory):
     """``finished(algorithm)``: the run directory of a finished tiny run, trained once per module
     (BMB evaluates the aux head, FixMatch the base head)."""
     out, done = tmp_path_factory.mktemp("runs"), {}
@@ -38,7 +38,7 @@ def evaluate(export, dataset, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("algorithm", ["bmb", "fixmatch"])
-def test_export_describes_the_evaluated_ema_model(finished, demo_data, algorithm):  # noqa: F811
+def test_export_describes_the_evaluated_ema_model(finished, demo_data, algorithm):
     from safetensors import safe_open
 
     finished = finished(algorithm)
@@ -81,7 +81,7 @@ def test_export_describes_the_evaluated_ema_model(finished, demo_data, algorithm
 @pytest.mark.parametrize("algorithm, extra", [("bmb", []), ("fixmatch", []),
                                                ("bmb", ["--backend", "webdataset", "--batch", "64"])],
                          ids=["bmb-tensor", "fixmatch-tensor", "bmb-webdataset"])
-def test_bmb_eval_reproduces_the_runs_last_evaluation(finished, demo_data, tmp_path, capsys, algorithm,  # noqa: F811
+def test_bmb_eval_reproduces_the_runs_last_evaluation(finished, demo_data, tmp_path, capsys, algorithm,
                                                       extra):
     finished = finished(algorithm)
     code, got = evaluate(finished / "export", demo_data, tmp_path, *extra)
@@ -115,7 +115,7 @@ def _widen(d):  # the description no longer fits the weights (whose hash still m
     (lambda d: (d / "model.json").write_text("{not json"), "model.json: not readable JSON"),
     (_widen, "model.safetensors does not fit the model model.json describes"),
 ], ids=["flipped-byte", "no-weights", "no-json", "bad-json", "wrong-architecture"])
-def test_bmb_eval_refuses_a_tampered_or_incomplete_export(finished, demo_data, tmp_path, capsys, tamper,  # noqa: F811
+def test_bmb_eval_refuses_a_tampered_or_incomplete_export(finished, demo_data, tmp_path, capsys, tamper,
                                                           message):
     d = tmp_path / "export"
     shutil.copytree(finished("bmb") / "export", d)
@@ -125,7 +125,7 @@ def test_bmb_eval_refuses_a_tampered_or_incomplete_export(finished, demo_data, t
     assert message in capsys.readouterr().err
 
 
-def test_bmb_eval_refuses_another_datasets_classes(finished, demo_data, tmp_path, capsys):  # noqa: F811
+def test_bmb_eval_refuses_another_datasets_classes(finished, demo_data, tmp_path, capsys):
     d = tmp_path / "export"
     shutil.copytree(finished("bmb") / "export", d)
     meta = json.loads((d / "model.json").read_text())
@@ -182,7 +182,7 @@ def _link_outside(d):  # model.safetensors a symbolic link to a (matching) file 
     (_nan_weights, "model.safetensors: non-finite weights (NaN or inf) in 1 tensor(s): aux_head.weight (1)"),
 ], ids=["json-array", "wrong-type", "missing-key", "weights-a-string", "short-counts", "threshold-a-string",
         "unknown-crop", "unknown-eval-head", "absolute-weights", "dotdot-weights", "symlink-out", "nan-weights"])
-def test_bmb_eval_names_what_is_wrong_with_model_json(finished, demo_data, tmp_path, capsys, tamper,  # noqa: F811
+def test_bmb_eval_names_what_is_wrong_with_model_json(finished, demo_data, tmp_path, capsys, tamper,
                                                        message):
     d = tmp_path / "export"
     shutil.copytree(finished("bmb") / "export", d)
