@@ -91,8 +91,8 @@ def available(backend: str, root: Path) -> bool:
         return bool(unl.get("arrays"))
     if backend == "ffcv":
         return bool(unl.get("ffcv")) and importlib.util.find_spec("ffcv") is not None
-    if backend == "dali":
-        return importlib.util.find_spec("nvidia.dali") is not None
+    if backend == "dali":  # find_spec("nvidia.dali") raises when no nvidia package is installed at all
+        return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
     return True
 
 
