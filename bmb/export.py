@@ -83,8 +83,9 @@ def write_export(out_dir: str | Path, model: nn.Module, *, cfg: Config, eval_hea
     from bmb.config import config_to_dict
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _check_finite(tensors, f"{out / WEIGHTS} (not written)")
+    out.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(out / WEIGHTS)
     tmp.write_bytes(save(tensors, metadata={"format": FORMAT, "version": str(VERSION)}))
     os.replace(tmp, out / WEIGHTS)
@@ -206,31 +207,34 @@ def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or test(v)
 
 
-_STR = lambda v: isinstance(v, str)  # noqa: E731
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
 # Every key of model.json that bmb reads: (dotted key, test, what it must be).
 _META_SCHEMA: list[tuple[str, Callable[[Any], bool], str]] = [
     ("version", _is_int, "an integer"),
-    ("name", _STR, "a string"), ("algorithm", _STR, "a string"), ("steps", _is_int, "an integer"),
+    ("name", _is_str, "a string"), ("algorithm", _is_str, "a string"), ("steps", _is_int, "an integer"),
     ("eval_head", lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     ("weights", lambda v: isinstance(v, dict), "an object"),
-    ("weights.file", _STR, "a file name"), ("weights.sha256", _STR, "a hex string"),
+    ("weights.file", _is_str, "a file name"), ("weights.sha256", _is_str, "a hex string"),
     ("weights.bytes", _is_int, "an integer"),
     ("model", lambda v: isinstance(v, dict), "an object"),
-    ("model.encoder", _STR, "a string"), ("model.width", _optional(_is_int), "an integer or null"),
-    ("model.depth", _optional(_is_int), "an integer or null"), ("model.stem", _STR, "a string"),
+    ("model.encoder", _is_str, "a string"), ("model.width", _optional(_is_int), "an integer or null"),
+    ("model.depth", _optional(_is_int), "an integer or null"), ("model.stem", _is_str, "a string"),
     ("model.num_classes", lambda v: _is_int(v) and v > 0, "a positive integer"),
     ("model.feat_dim", _is_int, "an integer"),
     ("input", lambda v: isinstance(v, dict), "an object"),
-    ("input.image_size", lambda v: _is_int(v) and v > 0, "a positive integer"), ("input.crop", _STR, "a string"),
+    ("input.image_size", lambda v: _is_int(v) and v > 0, "a positive integer"), ("input.crop", _is_str, "a string"),
     ("input.load_size", _optional(_is_int), "an integer or null"),
     ("input.mean", _list_of(_is_num, 3), "3 numbers"),
     ("input.std", _list_of(lambda x: _is_num(x) and x > 0, 3), "3 positive numbers"),
-    ("class_names", _list_of(_STR), "a list of strings"),
+    ("class_names", _list_of(_is_str), "a list of strings"),
     ("labeled_counts", _list_of(_is_int), "a list of integers"),
     ("many_above", _is_int, "an integer"), ("few_at_most", _is_int, "an integer"),
     ("dataset", _optional(lambda v: isinstance(v, dict)), "an object"),
     ("last_evaluation", _optional(lambda v: isinstance(v, dict)), "an object or null"),
-    ("last_evaluation.step", _is_int, "an integer"), ("last_evaluation.split", _STR, "a string"),
+    ("last_evaluation.step", _is_int, "an integer"), ("last_evaluation.split", _is_str, "a string"),
     ("last_evaluation.top1", _is_num, "a number"), ("last_evaluation.mean_recall", _is_num, "a number"),
     ("config", _optional(lambda v: isinstance(v, dict)), "an object"),
 ]
@@ -308,13 +312,18 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{path}: not a readable safetensors file ({e})") from None
+    _check_finite(state, str(path))
+    return state
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Raises :class:`ExportError` naming ``where`` and the tensors holding NaN or inf."""
     bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items()
            if v.is_floating_point() and not bool(torch.isfinite(v).all())}
     if bad:
         worst = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:5])
-        raise ExportError(f"{path}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {worst}"
+        raise ExportError(f"{where}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {worst}"
                           f"{' ...' if len(bad) > 5 else ''}; the run diverged, these weights are no model")
-    return state
 
 
 def load_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

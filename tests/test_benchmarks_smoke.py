@@ -70,7 +70,6 @@ def test_benchmark_smoke(name, capfd):  # capfd: bench_bank_sync's table comes f
     assert code in (None, 0), err[-2000:]
     for line in lines:
         assert line in out, f"{name} --smoke: no {line!r} in\n{out[-3000:]}\n{err[-2000:]}"
-    assert "failed" not in out + err.replace("failed=0", "")
 
 
 def test_no_benchmark_imports_a_test_module():

@@ -303,3 +303,20 @@ def test_push_to_hub_without_huggingface_hub_says_what_to_install(finished, monk
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         push_to_hub(finished("bmb") / "export", "user/demo-bmb")
+
+
+def test_write_export_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+    from bmb.config import load_config
+    from bmb.export import ExportError, write_export
+    from bmb.models import BMBModel
+
+    model = BMBModel.build("small", 3, width=4)
+    with torch.no_grad():
+        model.aux_head.bias[1] = float("inf")
+    cfg = load_config(None, ["data.dataset=nowhere", "model.encoder=small"])
+    result = {"protocol": "last", "top1": 0.5, "mean_recall": 0.5, "many": 0.5, "medium": 0.5, "few": 0.5,
+              "per_class_recall": [0.5] * 3}
+    with pytest.raises(ExportError, match=r"model.safetensors \(not written\): non-finite weights .* aux_head.bias"):
+        write_export(tmp_path / "export", model, cfg=cfg, eval_head="aux", class_names=["a", "b", "c"],
+                     labeled_counts=[4, 2, 1], thresholds=(3, 1), result=result, history=[], step=5, run_id="r")
+    assert not (tmp_path / "export").exists()
