@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="DALI threads (and torch threads)")
     ap.add_argument("--device", default="cpu", help="cuda: mixed decode, views on the GPU")
     ap.add_argument("--smoke", action="store_true",
-                    help="CI check: tiny sets at 32 and 224 px, 1 step, 1 round (the numbers mean nothing)")
+                    help="CI check: a tiny 224 px JPEG set (the script's own branch: JPEG shards, load_size, "
+                         "random-resized crop), 1 step, 1 round (the numbers mean nothing)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.rounds, args.sizes, args.threads = 1, 1, [32, 224], 1
+        args.steps, args.rounds, args.sizes, args.threads = 1, 1, [224], 1
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     rows = []
