@@ -4,8 +4,8 @@
 
 Reads ``model.json`` and ``model.safetensors`` only (no pickle; ``model.json``'s keys and types
 are checked, the weights must lie inside the export, match the SHA-256 in ``model.json`` and be
-finite: anything else is a named error, exit 2), evaluates the head the run evaluated, with the run's input
-preprocessing, and prints top-1, mean recall, many/medium/few and the per-class recall table.
+finite: anything else is a named error, exit 2), evaluates the head the run evaluated, with the
+run's input preprocessing, and prints top-1, mean recall, many/medium/few and the per-class recall table.
 Exit status 0; 2 for an unusable export or dataset.
 """
 
@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
-    names = meta["class_names"]
+    names, inp = meta["class_names"], meta["input"]
+    try:
+        views = ViewMaker(image_size=inp["image_size"], crop=inp["crop"], mean=inp["mean"], std=inp["std"])
+    except ValueError as e:
+        print(f"export error: {args.export / 'model.json'}: input: {e}", file=sys.stderr)
+        return 2
     try:
         manifest = load_manifest(args.dataset)
         if args.split not in manifest["splits"]:
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dataset error: {args.dataset}: {e}", file=sys.stderr)
         return 2
-    inp, data_cfg = meta["input"], (meta.get("config") or {}).get("data")
+    data_cfg = (meta.get("config") or {}).get("data")
     run_batch = data_cfg.get("eval_batch") if isinstance(data_cfg, dict) else None
     backend = args.backend or ("tensor" if "arrays" in manifest.get("formats", []) else "webdataset")
     batch = args.batch or (run_batch if isinstance(run_batch, int) and run_batch > 0 else 256)
@@ -81,11 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dataset error: {args.dataset} ({backend}): {e}", file=sys.stderr)
         return 2
     head = args.head or meta["eval_head"]
-    try:
-        views = ViewMaker(image_size=inp["image_size"], crop=inp["crop"], mean=inp["mean"], std=inp["std"])
-    except ValueError as e:
-        print(f"export error: {args.export / 'model.json'}: input: {e}", file=sys.stderr)
-        return 2
     model.to(device)
     cm = confusion_matrices(source, lambda images: views.eval(images.to(device)), {"model": model},
                             {"eval": ("model", head)}, len(names))["eval"]
