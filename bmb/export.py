@@ -135,8 +135,8 @@ def card_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     dataset = str(ds.get("name") or Path(str(ds.get("path") or "dataset")).name)
     return {
         "library_name": "bmb", "pipeline_tag": "image-classification",
-        "tags": ["image-classification", "semi-supervised-learning", "long-tailed-recognition", "bmb",
-                 str(meta["algorithm"])],
+        "tags": list(dict.fromkeys(["image-classification", "semi-supervised-learning", "long-tailed-recognition",
+                                    "bmb", str(meta["algorithm"])])),
         "datasets": [dataset], "metrics": ["accuracy", "recall"],
         "model-index": [{"name": str(meta["name"]), "results": [{
             "task": {"type": "image-classification"},

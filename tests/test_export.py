@@ -67,6 +67,7 @@ def test_export_describes_the_evaluated_ema_model(finished, demo_data, algorithm
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "bmb" and front["datasets"] == ["demo"]
     assert {"image-classification", "semi-supervised-learning", "bmb", algorithm} <= set(front["tags"])
+    assert len(front["tags"]) == len(set(front["tags"]))
     assert front["metrics"] == ["accuracy", "recall"]
     scores = front["model-index"][0]["results"][0]["metrics"]
     assert [m["value"] for m in scores] == [round(100 * final["top1"], 2), round(100 * final["mean_recall"], 2)]
