@@ -31,6 +31,11 @@ def finished(demo_data, tmp_path_factory):
     return get
 
 
+def final_ema_state(run_dir):
+    """The training side's EMA weights: the final (step 20) checkpoint's."""
+    return torch.load(run_dir / "checkpoints" / "ckpt-00000020.pt", weights_only=True)["ema"]["module"]
+
+
 def evaluate(export, dataset, tmp_path, *extra):
     out = tmp_path / "eval.json"
     code = bmb_eval.main([str(export), "--dataset", str(dataset), "--split", "test", "--json", str(out), *extra])
@@ -55,7 +60,7 @@ def test_export_describes_the_evaluated_ema_model(finished, demo_data, algorithm
     assert meta["result"]["protocol"] == final["protocol"]
     assert meta["config"]["method"]["algorithm"] == final["algorithm"]
     # The weights are the final checkpoint's EMA model, encoder and both heads.
-    ema = torch.load(finished / "checkpoints" / "ckpt-00000020.pt", weights_only=True)["ema"]["module"]
+    ema = final_ema_state(finished)
     with safe_open(d / "model.safetensors", "pt") as f:
         assert set(f.keys()) == set(ema)
         assert {k.split(".")[0] for k in f.keys()} == {"encoder", "base_head", "aux_head"}
@@ -213,7 +218,7 @@ def test_from_pretrained_in_a_fresh_process_gives_the_training_models_logits(fin
     shutil.copytree(run / "export", d)
     (d / "model.json").unlink()
     cfg = load_config(str(run / "config.yaml"), [])
-    ema = torch.load(run / "checkpoints" / "ckpt-00000020.pt", weights_only=True)["ema"]["module"]
+    ema = final_ema_state(run)
     model = BMBModel.build(cfg.model.encoder, 10, width=cfg.model.width, depth=cfg.model.depth, stem=cfg.model.stem)
     model.load_state_dict(ema)
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
