@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s for --mfu (default: the table for known GPUs; none on CPU)")
     ap.add_argument("--smoke", action="store_true",
-                    help="CI check: the small encoder, batch 4, bank 16, 1 block of 1 step, with --mfu and "
-                         "--eager-bank (seconds; the numbers mean nothing)")
+                    help="CI check: the small encoder, batch 4, bank 16, 1 block of 1 step, with --mfu "
+                         "(seconds; the numbers mean nothing)")
     return ap
 
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.smoke:
         args.encoder, args.size, args.batch, args.bank, args.steps, args.blocks = "small", 32, 4, 16, 1, 1
-        args.width, args.mfu, args.eager_bank = 8, True, True
+        args.width, args.mfu = 8, True
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     if not algorithms or set(algorithms) - {"fixmatch", "bmb"}:
         ap.error(f"--algorithms: fixmatch and/or bmb, got {args.algorithms!r}")

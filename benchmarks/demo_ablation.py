@@ -95,13 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("extra", nargs="*", help="extra key=value overrides for every run")
     ap.add_argument("--smoke", action="store_true",
-                    help="CI check: a tiny demo set and model in a temporary folder, seed 0, FixMatch and BMB, "
-                         "4 steps each (seconds; the numbers mean nothing)")
+                    help="CI check: a tiny demo set and model in a temporary folder, seed 0, BMB, 4 steps "
+                         "(seconds; the numbers mean nothing)")
     args = ap.parse_args(argv)
     if not args.smoke:
         return run_all(args, [])
     with tempfile.TemporaryDirectory() as tmp:
-        args.seeds, args.variants = [0], ["fixmatch", "memory+weights (BMB)"]
+        args.seeds, args.variants = [0], ["memory+weights (BMB)"]
         args.out, args.data = Path(tmp) / "runs", Path(tmp) / "demo"
         return run_all(args, SMOKE_DEMO, SMOKE_RUN)
 

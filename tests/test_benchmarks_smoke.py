@@ -46,8 +46,8 @@ CASES: dict[str, tuple[str | None, list[str]]] = {
                         + (["| 224 | dali cpu (1 threads) |"] if DALI else [])),
     "bench_shards": (None, ["| CIFAR-10-LT 32px (N1=15,M1=30,g=100) | 1 | 202 |",
                             "| ImageNet127-like 64px | 1 | 64 |"]),
-    "bench_step": (None, ["| small | 32 |", "| bmb-eager |", "bmb with CUDA graphs off"]),
-    "demo_ablation": (None, ["| fixmatch |", "| memory+weights (BMB) |"]),
+    "bench_step": (None, ["| small | 32 |", "| fixmatch |", "| bmb |"]),
+    "demo_ablation": (None, ["| memory+weights (BMB) |"]),
 }
 
 
