@@ -25,6 +25,7 @@ of ``--repeats`` timed windows each.
     python benchmarks/bench_augment.py --batch 256 --sizes 32
     python benchmarks/bench_augment.py --device cuda       # batched path on the GPU
     python benchmarks/bench_augment.py --omp-passive       # on a machine others are using
+    python benchmarks/bench_augment.py --smoke             # CI: seconds, the same code paths
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
     return up.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="device of the in-process batched path")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
@@ -275,7 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-images", type=int, default=2048)
     p.add_argument("--omp-passive", action="store_true",
                    help="OMP_WAIT_POLICY=PASSIVE (for a shared, busy machine; see the top of this file)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI check: 32 px, batch 8, 64 images, one short window (seconds; the numbers mean nothing)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.batch, args.num_images, args.seconds, args.warmup, args.repeats = [32], 8, 64, 0.05, 1, 1
     keep_freed_memory()  # as launch/train.py does; forked baseline workers inherit it too
 
     device = torch.device(args.device)

@@ -1,7 +1,7 @@
 """Micro-benchmark: balanced memory bank enqueue + get per step.
 
     python benchmarks/bench_bank.py [--device cpu|cuda] [--steps 300] [--repeats 5] [--threads 1]
-                                    [--clock wall|cpu] [--row CAP,BATCH,DIM,CLASSES ...]
+                                    [--clock wall|cpu] [--row CAP,BATCH,DIM,CLASSES ...] [--smoke]
 
 Streams long-tailed candidates (gamma=100) through a full bank and prints the time of one
 enqueue + one get (get_num = capacity / 2) per step, for both draws (without and with
@@ -65,7 +65,7 @@ def bench(capacity: int, batch: int, device: str, steps: int, dim: int = 128, cl
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=300)
@@ -76,7 +76,11 @@ def main() -> None:
                          "out the time other jobs hold the core)")
     ap.add_argument("--row", action="append", default=None, metavar="CAP,BATCH,DIM,CLASSES",
                     help="benchmark only these rows (repeatable); default: all of ROWS")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI check: two small rows (10 and 1000 classes), 3 steps, 1 repeat (the numbers mean nothing)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.repeats, args.row = 3, 1, ["128,64,16,10", "256,64,16,1000"]
     kept = keep_freed_memory()  # as launch/train.py does
     if args.threads:
         torch.set_num_threads(args.threads)

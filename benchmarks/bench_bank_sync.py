@@ -1,6 +1,6 @@
 """Cost of keeping the memory bank identical across ranks, against the training step.
 
-    python benchmarks/bench_bank_sync.py [--world 2] [--encoder small] [--steps 30]
+    python benchmarks/bench_bank_sync.py [--world 2] [--encoder small] [--steps 30] [--smoke]
 
 Spawns `--world` CPU processes (gloo). Each runs DDP training steps of BMB (per-rank batch
 64 labeled + 64 unlabeled x (weak + 2 strong) views, 32 px) and times, per step:
@@ -79,7 +79,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--encoder", default="small", choices=["small", "wrn"])
@@ -88,7 +88,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI check: 2 processes, batch 8, bank 16, 2 steps after 1 warm-up (the numbers mean nothing)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.world, args.batch, args.bank, args.steps, args.warmup = 2, 8, 16, 2, 1
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,6 +1,6 @@
 """DALI batch -> torch ``uint8 (B, 3, H, W)``: the bulk copy against the old per-sample path.
 
-    .venv/bin/python benchmarks/bench_dali_convert.py [--reps 50]
+    .venv/bin/python benchmarks/bench_dali_convert.py [--reps 50] [--smoke]
 
 Runs a DALI CPU pipeline over synthetic 32/64 px PNG shards (batch 64) and a resized 224 px
 output, keeps a few of its output batches, and times converting them both ways, alternating
@@ -28,10 +28,13 @@ def per_sample(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=50)
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="CI check: 2 repetitions (the numbers mean nothing)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.reps = 2
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     print("| output | new: bulk copy (µs/batch) | old: per sample + np.stack (µs/batch) | old/new |")

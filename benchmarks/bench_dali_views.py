@@ -3,7 +3,7 @@ delivered augmented (each step: 32 labeled weak + 64 unlabeled weak + 2 strong v
 normalised float32), as in ``bench_pipelines.py``.
 
     .venv/bin/python benchmarks/bench_dali_views.py [--steps 20] [--rounds 3] [--sizes 32 64]
-        [--threads 2] [--device cpu]
+        [--threads 2] [--device cpu] [--smoke]
 
 ``dali + ViewMaker``: the DALI stream delivers uint8 images, ``ViewMaker`` makes the views (the
 default ``data.views=trainer``). ``dali views=loader``: the DALI pipelines make them
@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_pipelines import BL, BU, build_jpeg, build_png  # noqa: E402
+from benchmarks._data import build_jpeg, build_png  # noqa: E402
+from benchmarks.bench_pipelines import BL, BU, SMOKE_BATCH  # noqa: E402
 from pipelines import build_train_stream  # noqa: E402
 from pipelines.augment import ViewMaker  # noqa: E402
 from pipelines.dali_views import DaliViews  # noqa: E402
@@ -35,10 +36,11 @@ from pipelines.host_memory import keep_freed_memory  # noqa: E402
 
 
 def time_it(stream, views: ViewMaker | None, steps: int, warmup: int = 3) -> float:
+    """Samples/s of ``steps`` steps after ``warmup`` (views by ``views``, else the loader's)."""
     g = torch.Generator().manual_seed(0)
     it = iter(stream)
 
-    def step() -> None:
+    def step() -> int:
         b = next(it)
         if views is None:
             lw, uw, strong = b.views
@@ -46,23 +48,29 @@ def time_it(stream, views: ViewMaker | None, steps: int, warmup: int = 3) -> flo
             lw, uw, strong = views(b.labeled, b.unlabeled, g)
         if lw.is_cuda:
             torch.cuda.synchronize()
+        return len(lw) + len(uw)
 
     for _ in range(warmup):
         step()
-    t = time.perf_counter()
+    n, t = 0, time.perf_counter()
     for _ in range(steps):
-        step()
-    return steps * (BL + BU) / (time.perf_counter() - t)
+        n += step()
+    return n / (time.perf_counter() - t)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--threads", type=int, default=2, help="DALI threads (and torch threads)")
     ap.add_argument("--device", default="cpu", help="cuda: mixed decode, views on the GPU")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI check: a tiny 224 px JPEG set (the script's own branch: JPEG shards, load_size, "
+                         "random-resized crop), 1 step, 1 round (the numbers mean nothing)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.rounds, args.sizes, args.threads = 1, 1, [224], 1
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     rows = []
@@ -70,24 +78,27 @@ def main() -> None:
         for size in args.sizes:
             root = Path(tmp) / f"d{size}"
             if size <= 64:
-                build_png(root, size, 4096 if size == 32 else 2048, ("wds",))
+                build_png(root, size, 160 if args.smoke else 4096 if size == 32 else 2048, ("wds",),
+                          workers=args.threads)
                 crop, s, steps = "translate", size, args.steps
             else:
-                build_jpeg(root, 768)
-                crop, s, steps = "rrc", 224, max(4, args.steps // 4)
-            kw = dict(labeled_batch=BL, unlabeled_batch=BU, device=args.device,
+                build_jpeg(root, 160 if args.smoke else 768, workers=args.threads)
+                crop, s, steps = "rrc", 224, args.steps if args.smoke else max(4, args.steps // 4)
+            bl, bu = SMOKE_BATCH if args.smoke else (BL, BU)
+            kw = dict(labeled_batch=bl, unlabeled_batch=bu, device=args.device,
                       num_threads=args.threads)  # fmt: skip
             if crop == "rrc":
                 kw["load_size"] = 256
             maker = ViewMaker(image_size=s, crop=crop)
+            warmup = 1 if args.smoke else 3
             loader = DaliViews(image_size=s, crop=crop)
             res: dict[str, list[float]] = {"dali + ViewMaker": [], "dali views=loader": []}
             for _ in range(args.rounds):
                 res["dali + ViewMaker"].append(
-                    time_it(build_train_stream("dali", root, **kw), maker, steps)
+                    time_it(build_train_stream("dali", root, **kw), maker, steps, warmup)
                 )
                 res["dali views=loader"].append(
-                    time_it(build_train_stream("dali", root, views=loader, **kw), None, steps)
+                    time_it(build_train_stream("dali", root, views=loader, **kw), None, steps, warmup)
                 )
             for label, v in res.items():
                 rows.append((size, label, statistics.median(v), v))

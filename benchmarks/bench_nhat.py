@@ -1,13 +1,13 @@
 """N̂ at ImageNet-LT's 1000 classes: the estimate after the rescale against the old batch-scale one.
 
-    python benchmarks/bench_nhat.py [--steps 100000]
+    python benchmarks/bench_nhat.py [--steps 100000] [--smoke]
 
 Feeds UnlabeledCountEstimator the per-step confident counts of global batches of 64 drawn from
 ImageNet-LT's class sizes (the real list from ../shared/data when present; the same stream as
-tests/test_nhat_scale.py) and prints, for the estimate and for the old one (the mean per-step
-count floored at 1), the entries on the floor, the error of w^U (alpha 0.75) against the weights
-of the true counts, and the share of the bank's draws (gamma 0.5, with replacement, a bank
-holding each class once) per many / medium / few group next to the reference.
+tests/test_nhat_scale.py, both from benchmarks/_data.py) and prints, for the estimate and for the
+old one (the mean per-step count floored at 1), the entries on the floor, the error of w^U (alpha
+0.75) against the weights of the true counts, and the share of the bank's draws (gamma 0.5, with
+replacement, a bank holding each class once) per many / medium / few group next to the reference.
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._data import B_U, imagenet_lt_counts, step_counts  # noqa: E402
 from bmb.estimate import UnlabeledCountEstimator  # noqa: E402
 from bmb.memory import BalancedMemoryBank  # noqa: E402
 from bmb.weights import adaptive_weights  # noqa: E402
-from tests.test_nhat_scale import B_U, imagenet_lt_counts, step_counts  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100_000, help="steps of 64 samples fed to the estimator")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="CI check: 200 steps (the numbers mean nothing)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps = 200
     n = imagenet_lt_counts()
     est = UnlabeledCountEstimator(len(n), unlabeled_size=int(n.sum()))
     for counts in step_counts(n, args.steps, torch.Generator().manual_seed(0)):

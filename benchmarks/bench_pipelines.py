@@ -5,116 +5,43 @@ PIL views (flip, pad-and-crop or random-resized-crop, RandAugment, Cutout, ToTen
 ``benchmarks/bench_augment.py``'s baseline) in DataLoader workers.
 
     .venv/bin/python benchmarks/bench_pipelines.py [--steps 20] [--sizes 32 64 224]
-        [--backends webdataset tensor ffcv dali]   (the naive baseline always runs)
+        [--backends webdataset tensor ffcv dali] [--smoke]   (the naive baseline always runs)
 
-Prints one markdown table. Synthetic data (smooth images, so PNG/JPEG sizes are realistic):
-32/64 px as lossless PNG shards + arrays + .beton, 224 px as full-res JPEG shards (~320x280)
-read at load_size 256 and random-resized-cropped to 224 on the device.
+Prints one markdown table; exits 1 when a backend failed (after timing the others). Synthetic
+data (smooth images, so PNG/JPEG sizes are realistic), built by the shard builders
+(``benchmarks/_data.py``): 32/64 px as lossless PNG shards + arrays + .beton, 224 px as full-res
+JPEG shards (~320x280; ``bmb-shards imagenet-lt`` on synthetic files) read at load_size 256 and
+random-resized-cropped to 224 on the device. ``--smoke``: the same paths in seconds (CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
-import json
 import math
 import random
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipelines import build_train_stream
-from pipelines.augment import CIFAR10_MEAN, CIFAR10_STD, ViewMaker
-from pipelines.host_memory import keep_freed_memory
-from pipelines.shard_index import build_index
-from shards.format import decode_image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._data import build_jpeg, build_png  # noqa: E402
+
 # The per-sample PIL views of FixMatch/USB reference code, as bench_augment.py measures them.
-from bench_augment import _pil_strong, _pil_weak, _PILFixMatchViews, _seed_worker  # noqa: E402
+from benchmarks.bench_augment import _pil_strong, _pil_weak, _PILFixMatchViews, _seed_worker  # noqa: E402
+from pipelines import build_train_stream  # noqa: E402
+from pipelines.augment import CIFAR10_MEAN, CIFAR10_STD, ViewMaker  # noqa: E402
+from pipelines.host_memory import keep_freed_memory  # noqa: E402
+from pipelines.shard_index import build_index  # noqa: E402
+from shards.format import decode_image  # noqa: E402
 
-BL, BU = 32, 64
-
-
-def smooth_images(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    low = rng.integers(0, 256, (n, 3, h // 8 + 1, w // 8 + 1)).astype(np.float32)
-    up = torch.nn.functional.interpolate(torch.from_numpy(low), size=(h, w), mode="bilinear")
-    noise = torch.randn(up.shape) * 8
-    return (up + noise).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def build_png(root: Path, size: int, n: int, formats: tuple[str, ...]) -> None:
-    from shards.writer import write_dataset
-
-    rng = np.random.default_rng(0)
-    splits = {
-        s: (smooth_images(k, size, size, rng), rng.integers(0, 10, k))
-        for s, k in (("labeled", n // 4), ("unlabeled", n), ("test", 64))
-    }
-    write_dataset(
-        root,
-        name=f"bench{size}",
-        class_names=[str(i) for i in range(10)],
-        splits=splits,
-        formats=formats,
-        shard_size=512,
-        workers=2,
-    )
-
-
-def build_jpeg(root: Path, n: int, ffcv: bool = False) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, k in (("labeled", n // 4), ("unlabeled", n), ("test", 16)):
-        (root / split).mkdir(parents=True)
-        rel = f"{split}/{split}-000000.tar"
-        imgs = smooth_images(k, 280, 320, rng)
-        with tarfile.open(root / rel, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(k):
-                buf = io.BytesIO()
-                Image.fromarray(imgs[i]).save(buf, "JPEG", quality=90)
-                for ext, data in (
-                    ("jpg", buf.getvalue()),
-                    ("cls", str(i % 10).encode()),
-                    ("idx", str(i).encode()),
-                ):
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-        beton = None
-        if ffcv and split != "test":
-            from shards.ffcv_out import write_beton
-
-            write_beton(
-                root / f"{split}.beton", [root / rel], np.arange(k) % 10, "jpg", np.arange(k)
-            )
-            beton = {"file": f"{split}.beton", "sha256": ""}
-        splits[split] = {
-            "count": k,
-            "shards": [{"file": rel, "count": k, "sha256": ""}],
-            "arrays": None,
-            "ffcv": beton,
-        }
-    (root / "manifest.json").write_text(
-        json.dumps(
-            {
-                "format_version": 1,
-                "num_classes": 10,
-                "image_size": None,
-                "encoding": "jpg",
-                "splits": splits,
-            }
-        )
-    )
+BL, BU = 32, 64  # labeled, unlabeled samples per step
+SMOKE_BATCH = (4, 8)  # the same per --smoke step
 
 
 def _pil_rrc(img, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -176,18 +103,19 @@ class NaiveDataset(_PILFixMatchViews):
 
 
 class _StepKeys:
-    """Batch sampler: per step ``BL`` random labeled keys and ``BU`` random unlabeled keys."""
+    """Batch sampler: per step ``bl`` random labeled keys and ``bu`` random unlabeled keys."""
 
-    def __init__(self, n_labeled: int, n_unlabeled: int, steps: int, seed: int = 0):
+    def __init__(self, n_labeled: int, n_unlabeled: int, steps: int, batch: tuple[int, int] = (BL, BU), seed: int = 0):
         self.n_l, self.n_u, self.steps, self.rng = n_labeled, n_unlabeled, steps, random.Random(seed)
+        self.bl, self.bu = batch
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
         for _ in range(self.steps):
-            yield ([("l", self.rng.randrange(self.n_l)) for _ in range(BL)]
-                   + [("u", self.rng.randrange(self.n_u)) for _ in range(BU)])
+            yield ([("l", self.rng.randrange(self.n_l)) for _ in range(self.bl)]
+                   + [("u", self.rng.randrange(self.n_u)) for _ in range(self.bu)])
 
 
 def _collate_step(items):
@@ -200,27 +128,29 @@ def _collate_step(items):
 
 
 def time_stream(stream, views: ViewMaker, steps: int, warmup: int = 3) -> float:
+    """Samples/s of ``stream`` with ``views`` made of each batch, over ``steps`` after ``warmup``."""
     g = torch.Generator().manual_seed(0)
     it = iter(stream)
     for _ in range(warmup):
         b = next(it)
         views(b.labeled, b.unlabeled, g)
-    t = time.perf_counter()
+    n, t = 0, time.perf_counter()
     for _ in range(steps):
         b = next(it)
         views(b.labeled, b.unlabeled, g)
-    return steps * (BL + BU) / (time.perf_counter() - t)
+        n += len(b.labeled) + len(b.unlabeled)
+    return n / (time.perf_counter() - t)
 
 
-def time_naive(root: Path, size: int, fixed: bool, steps: int, workers: int) -> float:
+def time_naive(root: Path, size: int, fixed: bool, steps: int, workers: int, warmup: int = 2,
+               batch: tuple[int, int] = (BL, BU)) -> float:
     """Samples/s of the FixMatch/USB reference pipeline (:class:`NaiveDataset`) in ``workers``
-    DataLoader worker processes: per step ``BL`` labeled weak + ``BU`` unlabeled weak + 2 strong
+    DataLoader worker processes: per step ``batch`` = (labeled weak, unlabeled weak + 2 strong)
     views, the work the other rows do."""
     ds = NaiveDataset(root, size, fixed)
-    warmup = 2
     dl = DataLoader(
         ds,
-        batch_sampler=_StepKeys(len(ds.index["l"]), len(ds.index["u"]), steps + warmup),
+        batch_sampler=_StepKeys(len(ds.index["l"]), len(ds.index["u"]), steps + warmup, batch),
         num_workers=workers,
         collate_fn=_collate_step,
         worker_init_fn=_seed_worker,
@@ -232,10 +162,10 @@ def time_naive(root: Path, size: int, fixed: bool, steps: int, workers: int) -> 
     t = time.perf_counter()
     for _ in range(steps):
         next(it)
-    return steps * (BL + BU) / (time.perf_counter() - t)
+    return steps * sum(batch) / (time.perf_counter() - t)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 224])
@@ -244,7 +174,29 @@ def main() -> None:
                     help="decode workers/threads of every pipeline, the naive one included")
     ap.add_argument("--backends", nargs="+", default=["webdataset", "tensor", "ffcv", "dali"],
                     help="backends to time beside the naive baseline (default: all installed)")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"CI check: tiny datasets at 32 and 224 px, 1 step of {SMOKE_BATCH} images, 1 worker "
+                         "(seconds; the numbers mean nothing)")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.warmup, args.batch = 3, (BL, BU)
+    if args.smoke:
+        args.steps, args.sizes, args.workers, args.warmup, args.batch = 1, [32, 224], 1, 1, SMOKE_BATCH
+    return args
+
+
+def dataset_sizes(size: int, smoke: bool) -> int:
+    """Unlabeled images of the synthetic dataset at ``size`` px (a quarter as many labeled)."""
+    if smoke:
+        return 160
+    return 4096 if size == 32 else 2048 if size <= 64 else 768
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(2)
     keep_freed_memory()  # as launch/train.py does: every pipeline, the naive one included
 
@@ -254,26 +206,22 @@ def main() -> None:
         and importlib.util.find_spec("nvidia.dali") is not None
         and "dali" in args.backends
     )
-    rows = []
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             root = Path(tmp) / f"d{size}"
             fixed = size <= 64
+            n = dataset_sizes(size, args.smoke)
             if fixed:
-                build_png(
-                    root,
-                    size,
-                    4096 if size == 32 else 2048,
-                    ("wds", "arrays") + (("ffcv",) if has_ffcv else ()),
-                )
+                build_png(root, size, n, ("wds", "arrays") + (("ffcv",) if has_ffcv else ()), workers=args.workers)
                 views = ViewMaker(image_size=size)
             else:
-                build_jpeg(root, 768, ffcv=has_ffcv)
+                build_jpeg(root, n, ffcv=has_ffcv, workers=args.workers)
                 views = ViewMaker(image_size=224, crop="rrc")
-            steps = args.steps if fixed else max(4, args.steps // 4)
+            steps = args.steps if fixed or args.smoke else max(4, args.steps // 4)
             naive = f"per-sample PIL, FixMatch/USB-style ({args.workers} workers)"
-            res = {naive: time_naive(root, size, fixed, steps, args.workers)}
-            kw = dict(labeled_batch=BL, unlabeled_batch=BU, device=args.device)
+            res = {naive: time_naive(root, size, fixed, steps, args.workers, min(args.warmup, 2), args.batch)}
+            kw = dict(labeled_batch=args.batch[0], unlabeled_batch=args.batch[1], device=args.device)
             w = args.workers
             cands = {}
             if "webdataset" in args.backends:
@@ -288,17 +236,21 @@ def main() -> None:
             for label, (backend, opts) in cands.items():
                 try:
                     res[label] = time_stream(
-                        build_train_stream(backend, root, **kw, **opts), views, steps
+                        build_train_stream(backend, root, **kw, **opts), views, steps, args.warmup
                     )
-                except Exception as e:  # report, keep measuring the others
-                    print(f"{label} @ {size}px failed: {e}")
+                except Exception as e:  # report, keep measuring the others; the exit status says it
+                    print(f"{label} @ {size}px failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    failed.append(f"{label} @ {size}px")
             base = res[naive]
             for label, v in res.items():
                 rows.append((size, label, v, v / base))
     print("\n| px | pipeline | samples/s (augmented) | x per-sample PIL |\n|---|---|---|---|")
     for size, label, v, r in rows:
         print(f"| {size} | {label} | {v:,.0f} | {r:.1f} |")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Shard-building throughput: CIFAR-10-LT (32 px) and ImageNet127-like (64 px) PNG shards.
 
-    .venv/bin/python benchmarks/bench_shards.py [--workers 1 2] [--n64 20000]
+    .venv/bin/python benchmarks/bench_shards.py [--workers 1 2] [--n64 20000] [--smoke]
 
 Sources are synthetic arrays shaped like the real ones (smooth colour ramps plus noise, so PNG
 sizes are in the range of natural images; real photos compress differently -- treat bytes per
@@ -34,18 +34,24 @@ def shard_bytes(out: Path, m: dict) -> int:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--n64", type=int, default=20000, help="64 px images in the second case")
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI check: a 1/100 CIFAR-like source, 64 images at 64 px, 1 worker (the numbers mean nothing)")
+    a = ap.parse_args(argv)
+    # CIFAR-10's shape (per class: 5000 train, 1000 test images) and the LT rule's N1 / M1; / 100 in a smoke run.
+    scale = 100 if a.smoke else 1
+    if a.smoke:
+        a.workers, a.n64 = [1], 64
     rng = np.random.default_rng(0)
-    ytr = np.repeat(np.arange(10), 5000)
+    ytr = np.repeat(np.arange(10), 5000 // scale)
     cifar = ArraySource(
-        images(rng, 50000, 32),
+        images(rng, 50000 // scale, 32),
         ytr,
-        images(rng, 10000, 32),
-        np.repeat(np.arange(10), 1000),
+        images(rng, 10000 // scale, 32),
+        np.repeat(np.arange(10), 1000 // scale),
         [f"c{k}" for k in range(10)],
         {"kind": "cifar10", "path": "synthetic", "checksum": {}},
     )
@@ -59,8 +65,8 @@ def main() -> None:
                 BuildOptions(Path(d) / "c", workers=w, progress=False),
                 cifar,
                 rule="cifar-lt",
-                n1=1500,
-                m1=3000,
+                n1=1500 // scale,
+                m1=3000 // scale,
                 gamma_l=100,
                 gamma_u=100,
                 seed=0,
@@ -69,7 +75,7 @@ def main() -> None:
             n = sum(sp["count"] for sp in m["splits"].values())
             rows.append(
                 (
-                    "CIFAR-10-LT 32px (N1=1500,M1=3000,g=100)",
+                    f"CIFAR-10-LT 32px (N1={1500 // scale},M1={3000 // scale},g=100)",
                     w,
                     n,
                     dt,

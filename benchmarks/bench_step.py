@@ -1,6 +1,6 @@
 """Training-step cost of BMB against FixMatch, measured in the same process.
 
-    python benchmarks/bench_step.py [--encoder wrn] [--size 32] [--steps 20] [--blocks 4]
+    python benchmarks/bench_step.py [--encoder wrn] [--size 32] [--steps 20] [--blocks 4] [--smoke]
 
 With ``--audit-syncs`` (CUDA only) it instead lists every place where a training step makes the
 host wait for the GPU (CUDA's sync debug mode, attributed to the project's own source lines).
@@ -177,7 +177,7 @@ def audit_syncs(trainer: Trainer, batches: Iterator, steps: int) -> Counter:
     return sites
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", default="wrn", choices=["wrn", "resnet50", "small"])
     ap.add_argument("--size", type=int, default=32)
@@ -204,7 +204,18 @@ def main() -> None:
                          "images/s, achieved FLOP/s and the fraction of the device's dense peak")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s for --mfu (default: the table for known GPUs; none on CPU)")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI check: the small encoder, batch 4, bank 16, 1 block of 1 step, with --mfu "
+                         "(seconds; the numbers mean nothing)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.encoder, args.size, args.batch, args.bank, args.steps, args.blocks = "small", 32, 4, 16, 1, 1
+        args.width, args.mfu = 8, True
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     if not algorithms or set(algorithms) - {"fixmatch", "bmb"}:
         ap.error(f"--algorithms: fixmatch and/or bmb, got {args.algorithms!r}")

@@ -22,7 +22,7 @@ Run directory (``train.out_dir/name``)::
     train.jsonl        training scalars (means over the ranks) and the lr every ``log_every`` steps
     final.json         the result under the configured protocol
     checkpoints/       see bmb.checkpoint
-    export/            the final EMA model: model.safetensors, model.json, model_card.md (bmb.export)
+    export/            the final EMA model: model.safetensors, model.json, config.json, README.md (bmb.export)
     tb/                TensorBoard scalars (``train.trackers``, see bmb.logs)
 """
 

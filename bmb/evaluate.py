@@ -6,7 +6,8 @@
   base heads, the non-EMA model's evaluated head; matrices summed over ranks) as one row of
   ``metrics.jsonl``.
 - :func:`final_result`: the evaluation protocol applied to those rows (``final.json``);
-  :func:`format_table`: the per-class recall table printed at the end of a run.
+  :func:`format_table`: the recall table printed at the end of a run (per class, or at 100+
+  classes the groups and the worst classes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from bmb.config import Config
-from bmb.metrics import ConfusionMatrix, default_thresholds, group_recall, mean_recall
+from bmb.metrics import ConfusionMatrix, default_thresholds, group_recall, mean_recall, shot_groups
 from bmb.protocols import select_result
 
 
@@ -140,13 +141,40 @@ def final_result(cfg: Config, history: list[dict[str, Any]], step: int, labeled_
     return result
 
 
+PER_CLASS_ROWS_BELOW = 100  # classes: from here on the console shows the groups and the worst classes
+WORST_CLASSES = 10
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The per-class recall table printed at the end of a run (and by ``bmb-eval``)."""
-    lines = [f"\n{result['name']} ({result['algorithm']}, {result['steps']} steps, {result['protocol']})",
-             "| class | labeled | recall |", "|---|---:|---:|"]
-    for name, n, r in zip(result["class_names"], result["labeled_counts"], result["per_class_recall"]):
-        lines.append(f"| {name} | {n} | {100 * r:.1f} |")
+    """The recall table printed at the end of a run (and by ``bmb-eval``): one row per class below
+    :data:`PER_CLASS_ROWS_BELOW` classes; from there on the many/medium/few groups and the
+    :data:`WORST_CLASSES` classes of lowest recall (every class's recall stays in the result files,
+    ``per_class_recall``). The last line: top-1, mean recall and the groups."""
+    names, counts, recall = result["class_names"], result["labeled_counts"], result["per_class_recall"]
+    lines = [f"\n{result['name']} ({result['algorithm']}, {result['steps']} steps, {result['protocol']})"]
+    if len(names) < PER_CLASS_ROWS_BELOW:
+        lines += ["| class | labeled | recall |", "|---|---:|---:|"]
+        lines += [f"| {name} | {n} | {100 * r:.1f} |" for name, n, r in zip(names, counts, recall)]
+    else:
+        lines += _group_rows(result) + ["", f"{WORST_CLASSES} lowest recall of {len(names)} classes "
+                                        "(every class: per_class_recall in the result file)",
+                                        "| class | labeled | recall |", "|---|---:|---:|"]
+        worst = sorted(range(len(names)), key=lambda k: (recall[k], k))[:WORST_CLASSES]
+        lines += [f"| {names[k]} | {counts[k]} | {100 * recall[k]:.1f} |" for k in worst]
     lines.append(f"top-1 {100 * result['top1']:.2f}  mean recall {100 * result['mean_recall']:.2f}  "
                  f"many {100 * result['many']:.1f}  medium {100 * result['medium']:.1f}  few {100 * result['few']:.1f}"
                  f"  (many: >{result['many_above']} labeled, few: <={result['few_at_most']})")
     return "\n".join(lines)
+
+
+def _group_rows(result: dict[str, Any]) -> list[str]:
+    """``| group | classes | labeled per class | mean recall |`` for many, medium, few and all."""
+    counts = torch.as_tensor(result["labeled_counts"])
+    groups = shot_groups(counts, result["many_above"], result["few_at_most"])
+    rows = ["| group | classes | labeled per class | mean recall |", "|---|---:|---:|---:|"]
+    for name, mask in [*groups.items(), ("all", torch.ones_like(counts, dtype=torch.bool))]:
+        n = counts[mask]
+        span = f"{int(n.min())}-{int(n.max())}" if n.numel() else "-"
+        value = result["mean_recall" if name == "all" else name]
+        rows.append(f"| {name} | {int(mask.sum())} | {span} | {100 * value:.1f} |")
+    return rows

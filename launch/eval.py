@@ -2,9 +2,10 @@
 
     bmb-eval runs/NAME/export --dataset data/demo --split test [--backend tensor|webdataset] [--batch N]
 
-Reads ``model.json`` and ``model.safetensors`` only (no pickle; the weights are checked against
-the SHA-256 in ``model.json``), evaluates the head the run evaluated, with the run's input
-preprocessing, and prints top-1, mean recall, many/medium/few and the per-class recall table.
+Reads ``model.json`` and ``model.safetensors`` only (no pickle; ``model.json``'s keys and types
+are checked, the weights must lie inside the export, match the SHA-256 in ``model.json`` and be
+finite: anything else is a named error, exit 2), evaluates the head the run evaluated, with the
+run's input preprocessing, and prints top-1, mean recall, many/medium/few and the per-class recall table.
 Exit status 0; 2 for an unusable export or dataset.
 """
 
@@ -52,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
-    names = meta["class_names"]
+    names, inp = meta["class_names"], meta["input"]
+    try:
+        views = ViewMaker(image_size=inp["image_size"], crop=inp["crop"], mean=inp["mean"], std=inp["std"])
+    except ValueError as e:
+        print(f"export error: {args.export / 'model.json'}: input: {e}", file=sys.stderr)
+        return 2
     try:
         manifest = load_manifest(args.dataset)
         if args.split not in manifest["splits"]:
@@ -64,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dataset error: {args.dataset}: {e}", file=sys.stderr)
         return 2
-    inp, cfg = meta["input"], meta.get("config", {})
+    data_cfg = (meta.get("config") or {}).get("data")
+    run_batch = data_cfg.get("eval_batch") if isinstance(data_cfg, dict) else None
     backend = args.backend or ("tensor" if "arrays" in manifest.get("formats", []) else "webdataset")
-    batch = args.batch or int(cfg.get("data", {}).get("eval_batch", 256))
+    batch = args.batch or (run_batch if isinstance(run_batch, int) and run_batch > 0 else 256)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options: dict = {}
     if backend == "webdataset":
@@ -79,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dataset error: {args.dataset} ({backend}): {e}", file=sys.stderr)
         return 2
     head = args.head or meta["eval_head"]
-    views = ViewMaker(image_size=inp["image_size"], crop=inp["crop"], mean=inp["mean"], std=inp["std"])
     model.to(device)
     cm = confusion_matrices(source, lambda images: views.eval(images.to(device)), {"model": model},
                             {"eval": ("model", head)}, len(names))["eval"]
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                         "protocol": f"{head} head on {args.split} ({result['samples']} images)",
                         "class_names": names, "labeled_counts": meta["labeled_counts"],
                         "many_above": meta["many_above"], "few_at_most": meta["few_at_most"]}))
-    last, ds = meta.get("last_evaluation"), meta.get("dataset", {})
+    last, ds = meta.get("last_evaluation"), meta.get("dataset") or {}
     if (last and args.split == last["split"] and head == meta["eval_head"]
             and manifest.get("build_id") == ds.get("build_id")):
         print(f"the run's own evaluation of these weights (step {last['step']}, {last['split']}): "

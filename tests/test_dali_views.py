@@ -18,7 +18,7 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from pipelines import build_train_stream  # noqa: E402
 from pipelines.dali_views import DaliViews, ViewBatch, rand_augment  # noqa: E402
-from tests.test_pipelines_backends import write_fixture  # noqa: E402
+from tests.pipeline_data import write_fixture  # noqa: E402
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 S = 16

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from launch import train
-from tests.test_train import CONFIG, TINY, demo_data  # noqa: F401  (the module's dataset fixture)
+from tests.demo_data import CONFIG, TINY
 
 
 @pytest.fixture

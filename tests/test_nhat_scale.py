@@ -8,46 +8,17 @@ from ``../shared/data`` when it is there, else a long tail of the same shape.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks._data import B_U, CONFIDENT, SAMPLE_NUM, imagenet_lt_counts, step_counts
 from bmb.algorithms import StepOutputs
 from bmb.estimate import UnlabeledCountEstimator
 from bmb.memory import BalancedMemoryBank
 from bmb.models import ModelOutput
 from bmb.weights import adaptive_weights
 from tests.algos import make_bmb
-
-SAMPLE_NUM = Path(__file__).resolve().parents[2] / "shared/data/imagenet_lt/ImageNet_LT_train_semi_20_sample_num.txt"
-B_U = 64  # global unlabeled batch
-CONFIDENT = 0.8  # each sample passes tau with this probability, whatever its class
-
-
-def imagenet_lt_counts() -> torch.Tensor:
-    """Per-class unlabeled counts, float64 ``(1000,)``: the real ImageNet-LT train sizes if present."""
-    if SAMPLE_NUM.is_file():  # lines "labeled total" in label order; total = the class's size in U
-        return torch.tensor([int(line.split()[1]) for line in SAMPLE_NUM.read_text().splitlines()],
-                            dtype=torch.float64)
-    # The real list's shape (../shared/data/SOURCES.md): 1280 ... 5 per class, 385 classes above
-    # 100, 479 from 20 to 100, 136 below 20; log-linear between those points.
-    k = torch.arange(1000, dtype=torch.float64)
-    knots_k = torch.tensor([0.0, 385.0, 864.0, 999.0], dtype=torch.float64)
-    knots_n = torch.tensor([1280.0, 100.5, 19.5, 5.0], dtype=torch.float64).log()
-    seg = torch.bucketize(k, knots_k[1:-1], right=True)
-    t = (k - knots_k[seg]) / (knots_k[seg + 1] - knots_k[seg])
-    return torch.round((knots_n[seg] + t * (knots_n[seg + 1] - knots_n[seg])).exp())
-
-
-def step_counts(n: torch.Tensor, steps: int, g: torch.Generator, chunk: int = 2000):
-    """Per-step confident counts ``(C,)`` of global batches drawn from the distribution ``n``."""
-    p = n / n.sum()
-    for s in range(0, steps, chunk):
-        m = min(chunk, steps - s)
-        labels = torch.multinomial(p, m * B_U, replacement=True, generator=g).view(m, B_U)
-        ok = (torch.rand(m, B_U, generator=g) < CONFIDENT).double()
-        yield from torch.zeros(m, len(n), dtype=torch.float64).scatter_add_(1, labels, ok)
 
 
 def test_nhat_weights_and_get_shares_match_the_true_counts_at_1000_classes():

@@ -1,8 +1,8 @@
 """All backends over one small dataset: equivalence, resume, corrupt input, the factory.
 
-The fixture is written by ``shards.writer.write_dataset`` (lossless PNG shards, arrays and,
-when FFCV is installed, ``.beton`` files), so these tests also pin the shards/pipelines format
-contract.
+The fixture (``dataset``, tests/conftest.py and tests/pipeline_data.py) is written by
+``shards.writer.write_dataset`` (lossless PNG shards, arrays and, when FFCV is installed,
+``.beton`` files), so these tests also pin the shards/pipelines format contract.
 """
 
 from __future__ import annotations
@@ -20,52 +20,14 @@ import torch
 
 import pipelines
 from pipelines import build_eval_source, build_train_stream
-from pipelines.shard_index import build_index
+from tests.pipeline_data import FFCV, HAS_FFCV, NUM_CLASSES, SIZES
+from tests.pipeline_data import corrupt_png as _corrupt_png
 
-HAS_FFCV = importlib.util.find_spec("ffcv") is not None
 HAS_DALI = (
     importlib.util.find_spec("nvidia.dali") is not None
     if importlib.util.find_spec("nvidia")
     else False
 )
-
-FFCV = pytest.mark.skipif(not HAS_FFCV, reason="no ffcv")
-SIZES = {"labeled": 24, "unlabeled": 40, "test": 13}
-NUM_CLASSES = 3
-
-
-def make_arrays(seed: int = 0, size: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for split, n in SIZES.items():
-        images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-        labels = rng.integers(0, NUM_CLASSES, n).astype(np.int64)
-        out[split] = (images, labels)
-    return out
-
-
-def write_fixture(path: Path, formats: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from shards.writer import write_dataset
-
-    arrays = make_arrays()
-    write_dataset(
-        path,
-        name="tiny",
-        class_names=[f"c{i}" for i in range(NUM_CLASSES)],
-        splits=arrays,
-        formats=formats,
-        shard_size=8,
-    )
-    return arrays
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    formats = ("wds", "arrays") + (("ffcv",) if HAS_FFCV else ())
-    arrays = write_fixture(root, formats)
-    return root, arrays
-
 
 def installed_backends() -> list:
     out = ["tensor", "webdataset"]
@@ -193,18 +155,6 @@ def test_truncated_shard_names_the_shard(dataset, tmp_path):
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="unlabeled-000002.tar"):
         build_train_stream("webdataset", root, labeled_batch=2, unlabeled_batch=2, num_workers=0)
-
-
-def _corrupt_png(root: Path, split: str, key: str) -> Path:
-    """Overwrite the middle of sample ``key``'s PNG with garbage, keeping every size intact."""
-    index = build_index(root, split)
-    i = index.keys.index(key)
-    shard = index.shards[index.shard[i]]
-    raw = bytearray(shard.read_bytes())
-    off, size = int(index.offset[i]), int(index.size[i])
-    raw[off + 8 : off + size] = b"\x00" * (size - 8)  # keep the PNG signature, kill the chunks
-    shard.write_bytes(bytes(raw))
-    return shard
 
 
 def test_corrupt_image_raises_naming_shard_and_key(dataset, tmp_path):

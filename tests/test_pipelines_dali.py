@@ -13,7 +13,7 @@ pytest.importorskip("nvidia.dali")
 
 from pipelines.dali_backend import _index_paths, _paths, _pipe, _to_torch  # noqa: E402
 from shards.format import load_manifest  # noqa: E402
-from tests.test_pipelines_backends import write_fixture  # noqa: E402
+from tests.pipeline_data import write_fixture  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.pipeline_data import FFCV, SIZES, write_fixture
 from tests.ports import free_port
-from tests.test_pipelines_backends import FFCV, SIZES, write_fixture
 
 pytestmark = pytest.mark.dist
 

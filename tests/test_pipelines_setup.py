@@ -12,7 +12,6 @@ import torch
 import pipelines
 from bmb.config import load_config
 from pipelines import ReaderSetup, build_eval_source, build_train_stream
-from tests.test_pipelines_backends import dataset  # noqa: F401  (module fixture)
 
 
 def _setup(*overrides: str, device: str = "cpu", rank: int = 0, world: int = 1) -> ReaderSetup:

@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 from pipelines import build_train_stream
 from pipelines.wds_stream import ShardOrder, shuffled
 from shards.format import split_order as file_order
+from tests.pipeline_data import corrupt_png as _corrupt_png
 from tests.ports import free_port
-from tests.test_pipelines_backends import _corrupt_png
 
 SIZES = {"labeled": 32, "unlabeled": 64, "test": 8}
 SHARD = 4

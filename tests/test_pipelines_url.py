@@ -21,8 +21,7 @@ import torch
 from launch import train
 from pipelines import build_eval_source, build_train_stream
 from shards.format import ManifestError, join_url, load_manifest
-from tests.demo_data import build_small_demo
-from tests.test_train import CONFIG, TINY
+from tests.demo_data import CONFIG, TINY, build_small_demo
 
 SHARD = 50  # labeled 131 -> 3 shards, unlabeled 405 -> 9, test 200 -> 4
 

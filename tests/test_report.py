@@ -404,3 +404,60 @@ def test_beta_sweep_gets_one_bank_row_per_group(tmp_path: Path):
         round(h * report.DPI),
         round(w * report.DPI),
     )
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_row(path: Path, line: int, edit) -> None:
+    rows = [json.loads(r) for r in path.read_text().splitlines()]
+    edit(rows[line - 1])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _set_config(d: Path, text: str) -> None:
+    (d / "config.yaml").write_text(text)
+
+
+# (tamper, the message naming the file and line / key); issue #20: the report on wrong-typed rows
+# or config.yaml gives a named error (exit 2), not a traceback; unequal per-class lists are an error.
+WRONG_TYPES = {
+    "metrics-row-not-object": (lambda d: (d / "metrics.jsonl").write_text(
+        (d / "metrics.jsonl").read_text() + "[1, 2]\n"), "metrics.jsonl:26: a row must be a JSON object"),
+    "metrics-step-string": (lambda d: _edit_row(d / "metrics.jsonl", 3, lambda r: r.update(step="30")),
+                            "metrics.jsonl:3: 'step' must be an integer"),
+    "metrics-top1-string": (lambda d: _edit_row(d / "metrics.jsonl", 25, lambda r: r.update(top1="0.5")),
+                            "metrics.jsonl:25: 'top1' must be a number"),
+    "metrics-recall-strings": (lambda d: _edit_row(d / "metrics.jsonl", 25, lambda r: r.update(
+        per_class_recall=["a", "b", "c", "d"])), "metrics.jsonl:25: 'per_class_recall' must be a list of numbers"),
+    "train-loss-string": (lambda d: _edit_row(d / "train.jsonl", 4, lambda r: r.update(loss="nan?")),
+                          "train.jsonl:4: 'loss' must be a number"),
+    "final-not-object": (lambda d: (d / "final.json").write_text("[0.5]"), "final.json: must be a JSON object"),
+    "final-top1-string": (lambda d: _edit_json(d / "final.json", lambda r: r.update(top1="50%")),
+                          "final.json: 'top1' must be a number"),
+    "final-counts-strings": (lambda d: _edit_json(d / "final.json", lambda r: r.update(labeled_counts="40,20,8,2")),
+                             "final.json: 'labeled_counts' must be a list of integers"),
+    "config-a-list": (lambda d: _set_config(d, "- name\n- bmb\n"), "config.yaml: must be a mapping"),
+    "config-train-a-list": (lambda d: _set_config(d, "name: x\ntrain: [1, 2]\n"),
+                            "config.yaml: key 'train' must be a mapping"),
+    "config-name-a-list": (lambda d: _set_config(d, "name: [1, 2]\n"), "config.yaml: key 'name' must be a string"),
+    # Unequal per-class lists: an error naming them, not a silently truncated plot.
+    "final-short-recall": (lambda d: _edit_json(d / "final.json", lambda r: r.update(per_class_recall=[0.5] * 3)),
+                           "final.json: per-class lists of unequal length (3 classes; labeled_counts has 4"),
+    "metrics-short-bank": (lambda d: _edit_row(d / "metrics.jsonl", 25, lambda r: r.update(
+        bank_class_counts=[1, 2, 3])), "metrics.jsonl: row 25 (step 250): per-class lists of unequal length "
+                                       "(4 classes; bank_class_counts has 3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TYPES))
+def test_wrong_typed_files_give_a_named_error(tmp_path: Path, capsys, case):
+    tamper, message = WRONG_TYPES[case]
+    d = write_run(tmp_path / "r", "bmb-s0", "bmb", 0, _res(0.5, 0.8, 0.5, 0.2), bank=[1, 1, 1, 1])
+    tamper(d)
+    assert report.main([str(d), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"report: {d}" in err and message in err, err

@@ -16,27 +16,13 @@ import pytest
 
 from shards import writer as W
 from shards.cli import main
-from shards.format import decode_image, iter_tar_samples, load_manifest
+from shards.format import load_manifest
 from shards.order import file_order
 from shards.splits import DISJOINT, first_per_class, lt_counts, lt_split, prefix_counts
 from shards.verify import verify_dataset
+from tests.shard_files import read_split, tree_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def read_split(d: Path, m: dict, split: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """All images and labels of a split in index order, read back from its tar shards, and the
-    idx of each sample in file order."""
-    xs, ys, idx = [], [], []
-    for sh in m["splits"][split]["shards"]:
-        for key, mem in iter_tar_samples(d / sh["file"]):
-            xs.append(decode_image(mem[m["encoding"]]))
-            ys.append(int(mem["cls"]))
-            idx.append(int(mem["idx"]))
-            assert key == f"{idx[-1]:08d}"
-    assert sorted(idx) == list(range(len(idx)))
-    rows = np.argsort(idx)
-    return np.stack(xs)[rows] if xs else np.zeros((0,)), np.array(ys)[rows], idx
 
 
 def tiny_splits(seed: int = 0, side: int = 8) -> dict:
@@ -46,10 +32,6 @@ def tiny_splits(seed: int = 0, side: int = 8) -> dict:
         return rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8), rng.integers(0, 3, n)
 
     return {"labeled": mk(23), "unlabeled": mk(57), "test": mk(11)}
-
-
-def tree_bytes(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 # ----------------------------------------------------------------------------------------------

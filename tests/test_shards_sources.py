@@ -23,7 +23,7 @@ from shards.sources import derive_wnid_to_127, load_imagenet127_map
 from shards.splits import lt_counts, prefix_counts
 from shards.verify import verify_dataset
 from tests.fixtures_sources import write_cifar, write_downsampled_imagenet, write_jpeg_tree
-from tests.test_shards import read_split, tree_bytes
+from tests.shard_files import read_split, tree_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")

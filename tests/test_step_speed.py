@@ -22,7 +22,7 @@ from benchmarks.bench_step import (
 from bmb.config import load_config
 from bmb.engine import build_optimizer
 from bmb.models import BMBModel, resolve_memory_format
-from tests.test_train import CONFIG, TINY, demo_data  # noqa: F401  (demo_data is a fixture)
+from tests.demo_data import CONFIG, TINY
 
 
 @pytest.fixture(autouse=True)

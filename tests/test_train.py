@@ -10,25 +10,7 @@ import torch
 from bmb.config import load_config
 from bmb.engine import EXIT_PREEMPTED, Trainer
 from launch import train
-from tests.demo_data import build_small_demo
-
-TINY = [
-    "model.encoder=small", "model.width=8",
-    "train.labeled_batch=16", "train.unlabeled_batch=16", "train.iters_per_epoch=10", "train.epochs=2",
-    "train.eval_every=5", "train.checkpoint_every=100", "train.log_every=5", "train.progress=false",
-    "train.ema_decay=0.9", "method.warmup_epochs=0", "method.threshold=0.15", "method.bank_size=32",
-    "method.get_num=16", "data.eval_batch=64", "train.threads=1",
-]
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "launch", "configs", "demo.yaml")
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    """A small demo dataset built through the CLI, as a user would."""
-    return build_small_demo(tmp_path_factory.mktemp("data") / "demo")
+from tests.demo_data import CONFIG, TINY
 
 
 @pytest.fixture
