@@ -44,7 +44,7 @@ CASES: dict[str, tuple[str | None, list[str]]] = {
     "bench_pipelines": (None, ["| 32 | tensor |", "| 224 | webdataset (1 workers) |"]
                         + (["| 224 | ffcv (1 threads) |"] if FFCV else [])
                         + (["| 224 | dali cpu (1 threads) |"] if DALI else [])),
-    "bench_shards": (None, ["| CIFAR-10-LT 32px (N1=15,M1=30,g=100) | 1 | 202 |",
+    "bench_shards": (None, ["| CIFAR-10-LT 32px (N1=15,M1=30,g=100) | 1 | 235 |",
                             "| ImageNet127-like 64px | 1 | 64 |"]),
     "bench_step": (None, ["| small | 32 |", "| fixmatch |", "| bmb |"]),
     "demo_ablation": (None, ["| memory+weights (BMB) |"]),
