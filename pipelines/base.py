@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from shards.format import MAX_PIXELS
+
 log = logging.getLogger(__name__)
 
 _EVERY = ("tensor", "webdataset", "ffcv", "dali")
@@ -59,6 +61,9 @@ class ReaderSetup:
             ``"mixed"`` decode (default: mixed on CUDA), prefetch queue depth (training).
         views: ``dali`` training: a :class:`~pipelines.dali_views.DaliViews` that makes the
             step's views in the pipeline (``data.views=loader``).
+        max_pixels: every backend: the largest image (``H * W``) decoded; a larger one is a
+            :class:`~shards.format.DataError` naming shard and key, raised before decoding
+            (config ``data.max_pixels``, default :data:`shards.images.MAX_PIXELS`).
     """
 
     rank: int = _option(0, _EVERY)
@@ -78,6 +83,7 @@ class ReaderSetup:
     decode_device: str | None = _option(None, ("dali",))
     prefetch: int = _option(2, ("dali",), ())
     views: Any = _option(None, ("dali",), ())
+    max_pixels: int = _option(MAX_PIXELS, _EVERY)
 
     @staticmethod
     def accepted(backend: str, kind: str) -> list[str]:
@@ -116,7 +122,7 @@ class ReaderSetup:
 
         check_on_corrupt(self.on_corrupt)
         fixed = bool(manifest.get("image_size"))
-        return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt)
+        return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt, self.max_pixels)
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

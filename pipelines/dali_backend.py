@@ -43,7 +43,7 @@ from nvidia.dali.backend import TensorListGPU
 from pipelines.base import Batch, ReaderSetup
 from pipelines.sampling import check_rank, eval_rank_indices
 from pipelines.shard_index import output_size, split_info, warn_if_class_sorted
-from shards.format import load_manifest
+from shards.format import dataset_file, load_manifest
 
 MIN_SHUFFLE_BUFFER = 1024
 
@@ -51,7 +51,7 @@ MIN_SHUFFLE_BUFFER = 1024
 def _paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
     out = []
     for entry in split_info(root, manifest, split)["shards"]:
-        p = root / entry["file"]
+        p = dataset_file(root, entry["file"])
         if not p.is_file():
             raise ValueError(f"missing shard {p} (listed in manifest split {split!r})")
         out.append(str(p))
@@ -64,9 +64,9 @@ def _index_paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
     out = []
     for entry in split_info(root, manifest, split)["shards"]:
         rec = entry.get("dali_index")
-        if not rec or not (root / rec["file"]).is_file():
+        if not rec or not dataset_file(root, rec["file"]).is_file():
             return []
-        out.append(str(root / rec["file"]))
+        out.append(str(dataset_file(root, rec["file"])))
     return out
 
 

@@ -31,7 +31,10 @@ from pipelines.base import HostBatch
 from pipelines.base import ReaderSetup as ReaderSetup
 from shards.format import (
     MANIFEST,
+    MAX_PIXELS,
+    DataError,
     Sample,
+    dataset_file,
     decode_image,
     load_manifest,
     sample_fields,
@@ -186,7 +189,7 @@ def indexed_shards(
             manifest's, naming the shard.
     """
     for entry in info["shards"]:
-        path = root / entry["file"]
+        path = dataset_file(root, entry["file"])
         if not path.is_file():
             raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
         samples = index_shard(path)
@@ -276,11 +279,13 @@ class Decoder:
         fixed: the dataset has a fixed image size (checked) rather than variable (resized and
             center-cropped, :func:`shards.format.decode_image`).
         on_corrupt: ``"raise"`` or ``"skip"`` (:data:`ON_CORRUPT`).
+        max_pixels: the largest image decoded (``data.max_pixels``).
     """
 
     out_hw: tuple[int, int]
     fixed: bool
     on_corrupt: str
+    max_pixels: int = MAX_PIXELS
 
     def batch(
         self,
@@ -308,10 +313,10 @@ class Decoder:
         ok = np.ones(len(images), dtype=bool)
         for j, data in enumerate(images):
             try:
-                out[j] = decode_image(data, self.out_hw, self.fixed)
+                out[j] = decode_image(data, self.out_hw, self.fixed, self.max_pixels)
             except Exception as e:  # PIL raises many types for corrupt data
                 if self.on_corrupt == "raise":
-                    raise ValueError(f"{where(j)}: cannot decode image ({e})") from e
+                    raise DataError(f"{where(j)}: cannot decode image ({e})") from e
                 log.warning("skipping corrupt image %s (%s)", where(j), e)
                 ok[j] = False
         labels = np.array(labels, dtype=np.int64)
@@ -320,7 +325,7 @@ class Decoder:
         if skipped:
             good = np.nonzero(ok)[0]
             if good.size == 0:
-                raise ValueError(f"every image of a batch is corrupt (indices {idx.tolist()})")
+                raise DataError(f"every image of a batch is corrupt (indices {idx.tolist()})")
             bad = np.nonzero(~ok)[0]
             src = good[np.arange(bad.size) % good.size]
             out[bad], labels[bad], idx[bad] = out[src], labels[src], idx[src]

@@ -21,6 +21,7 @@ import numpy as np
 from pipelines.sampling import epoch_permutation
 from shards.format import (
     MANIFEST,
+    dataset_file,
     is_url,
     join_url,
     sample_fields,
@@ -173,7 +174,7 @@ def load_split_shards(root: Path | str, split: str, manifest: dict[str, Any]) ->
         if is_url(root):
             path = join_url(str(root), entry["file"])
         else:
-            path = Path(root) / entry["file"]
+            path = dataset_file(root, entry["file"])
             if not path.is_file():
                 raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
         if int(entry["count"]) < 1:
