@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from bmb.models import BMBModel, resolve_memory_format
     from bmb.rundir import RunDirError
     from pipelines.augment import ViewMaker
+    from shards.format import DataError
 
     try:
         stream, evals, labeled_counts, unlabeled_size, names = build_data(cfg, rank, world, accelerator.device)
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as e:  # refused before anything in the run directory was written
         if rank == 0:
             print(f"run dir error: {e}", file=sys.stderr)
+        code = 2
+    except DataError as e:  # a bad shard or image met mid-run: named, the documented data error
+        print(f"data error: {e}", file=sys.stderr)
         code = 2
     # The wrapped model goes before the process group: DDP's reducer keeps its last collective,
     # and a DDP + gloo process that left it to interpreter shutdown was seen to abort after its

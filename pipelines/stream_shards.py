@@ -21,6 +21,7 @@ import numpy as np
 from pipelines.sampling import epoch_permutation
 from shards.format import (
     MANIFEST,
+    DataError,
     dataset_file,
     is_url,
     join_url,
@@ -105,11 +106,11 @@ def iter_shard(
         want = int(indices[seen]) if seen < len(indices) else None
         img, label, index = sample_fields(path, key, data, data, want)
         if num_classes is not None and not 0 <= label < num_classes:
-            raise ValueError(f"{path}: sample {key!r} label {label} outside [0, {num_classes})")
+            raise DataError(f"{path}: sample {key!r} label {label} outside [0, {num_classes})")
         yield _Sample(shard, key, data[img], label, index)
         seen += 1
     if seen != len(indices):
-        raise ValueError(
+        raise DataError(
             f"{path}: {seen} samples, manifest says {len(indices)} (truncated or foreign shard?)"
         )
 
