@@ -169,8 +169,12 @@ class _Pipe:
     def __enter__(self) -> _Pipe:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # the error in flight says more than the status
+            self.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
