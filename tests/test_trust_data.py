@@ -109,8 +109,9 @@ def drain(source) -> None:
 def test_dali_garbage_image_is_a_data_error_naming_shard_and_key(tmp_path, capsys):
     data = build_small_demo(tmp_path / "d", "wds", "--shard-size", "50")
     m = load_manifest(data)
-    shard = data / m["splits"]["unlabeled"]["shards"][0]["file"]
-    key = replace_image(data, "unlabeled", 0, 0, bytes(range(256)) * 8)  # not an image at all
+    shard = data / m["splits"]["labeled"]["shards"][0]["file"]
+    # not an image at all, in the labeled split (131 samples, every one drawn in 20 steps of 16)
+    key = replace_image(data, "labeled", 0, 0, bytes(range(256)) * 8)
     code = train.main(["--config", CONFIG, *TINY, f"data.dataset={data}", "data.backend=dali",
                        f"train.out_dir={tmp_path}", "name=g"])  # fmt: skip
     err = capsys.readouterr().err
@@ -336,3 +337,9 @@ def test_a_corrupt_shard_found_mid_run_is_the_data_error_exit(tmp_path, capsys):
                        "data.order=stream", "data.workers=0", f"train.out_dir={tmp_path}", "name=m"])  # fmt: skip
     assert code == 2
     assert f"data error: {shard}: truncated shard" in capsys.readouterr().err
+
+
+def test_max_pixels_has_one_default():
+    from bmb.config import DataConfig
+
+    assert DataConfig().max_pixels == fmt.MAX_PIXELS == 1 << 26
