@@ -148,6 +148,7 @@ class DataConfig:
                          "skip (webdataset: replaced by a valid sample of the batch, logged, counted as "
                          "corrupt_skipped in train.jsonl/metrics.jsonl; refused by ffcv/dali; tensor: no decoding)",
                          choices=("error", "skip"))
+    max_pixels: int = _f(1 << 26, "largest image (height x width) decoded; larger: data error naming shard, key", ge=1)
 
 
 @dataclass

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from bmb.models import BMBModel, resolve_memory_format
     from bmb.rundir import RunDirError, append_history, claim
     from pipelines.augment import ViewMaker
+    from shards.format import DataError
 
     try:
         stream, evals, labeled_counts, unlabeled_size, names, build_id = build_data(
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as e:  # e.g. a full disk; nothing half-written under a checkpoint's name
         print(f"checkpoint error (rank {rank}): {e.strerror}", file=sys.stderr)
         code = 1
+    except DataError as e:  # a bad shard or image met mid-run: named, the documented data error
+        print(f"data error: {e}", file=sys.stderr)
+        code = 2
     finally:
         if lock is not None:
             lock.release()

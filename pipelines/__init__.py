@@ -90,7 +90,7 @@ def _tensor_splits(dataset: Any, names: tuple[str, ...], setup: ReaderSetup):
             if not isinstance(s, ArraySplit):
                 raise ValueError(f"in-memory split {split!r} must be an ArraySplit, got {type(s)}")
         else:
-            s = load_array_split(dataset, split, mmap=setup.mmap)
+            s = load_array_split(dataset, split, mmap=setup.mmap, max_pixels=setup.max_pixels)
         if setup.on_device:
             # Whole split on the training device: batches are then a device-side gather.
             s = ArraySplit(s.images.to(setup.device).contiguous(), s.labels.to(setup.device))
@@ -178,7 +178,7 @@ def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSet
 
     d = cfg.data
     name = _resolve(d.backend)
-    options: dict[str, Any] = dict(rank=rank, world_size=world_size, device=device)
+    options: dict[str, Any] = dict(rank=rank, world_size=world_size, device=device, max_pixels=d.max_pixels)
     if name == "tensor":
         options["on_device"] = torch.device(device).type == "cuda"
     elif name == "webdataset":

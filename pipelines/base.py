@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from shards.format import MAX_PIXELS
+
 log = logging.getLogger(__name__)
 
 _EVERY = ("tensor", "webdataset", "ffcv", "dali")
@@ -64,6 +66,9 @@ class ReaderSetup:
             (``data.view_rule=authors_imagenet``): the reader resizes the shorter side and cuts
             every view's crop (``num_strong`` is its unlabeled crops minus one).
         num_strong: strong views per unlabeled sample (with ``imagenet_views``; default 2).
+        max_pixels: every backend: the largest image (``H * W``) decoded; a larger one is a
+            :class:`~shards.format.DataError` naming shard and key, raised before decoding
+            (config ``data.max_pixels``, default :data:`shards.images.MAX_PIXELS`).
     """
 
     rank: int = _option(0, _EVERY)
@@ -85,6 +90,7 @@ class ReaderSetup:
     views: Any = _option(None, ("dali",), ())
     imagenet_views: Any = _option(None, ("webdataset", "dali"))
     num_strong: int | None = _option(None, ("webdataset", "dali"), ())
+    max_pixels: int = _option(MAX_PIXELS, _EVERY)
 
     @staticmethod
     def accepted(backend: str, kind: str) -> list[str]:
@@ -125,7 +131,7 @@ class ReaderSetup:
         check_on_corrupt(self.on_corrupt)
         fixed = bool(manifest.get("image_size"))
         return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt,
-                       self.stream_views(manifest, stream))
+                       views=self.stream_views(manifest, stream), max_pixels=self.max_pixels)
 
     def stream_views(self, manifest: dict[str, Any], stream: str) -> Any:
         """``imagenet_views`` for one stream: 1 crop per labeled sample, ``1 + num_strong`` per

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.shard_index import indexed_shards, split_info
-from shards.format import MANIFEST, load_manifest
+from shards.format import MANIFEST, dataset_file, load_manifest
 
 MAX_LISTED = 5  # differing classes named in the message
 
@@ -49,7 +49,7 @@ def _array_labels(root: Path, info: dict[str, Any]) -> tuple[np.ndarray, str] | 
     arrays = info.get("arrays")
     if not arrays:
         return None  # the tensor backend itself says that arrays are needed
-    path = root / arrays["labels"]
+    path = dataset_file(root, arrays["labels"])
     if not path.is_file():
         return None  # ditto: it names the missing file
     try:
@@ -60,11 +60,11 @@ def _array_labels(root: Path, info: dict[str, Any]) -> tuple[np.ndarray, str] | 
 
 def _ffcv_labels(root: Path, info: dict[str, Any]) -> tuple[np.ndarray, str] | None:
     entry = info.get("ffcv")
-    if not entry or not (root / entry["file"]).is_file():
+    if not entry or not dataset_file(root, entry["file"]).is_file():
         return None  # the ffcv backend names the missing file
     from ffcv.reader import Reader
 
-    path = root / entry["file"]
+    path = dataset_file(root, entry["file"])
     reader = Reader(str(path))
     if "label" not in reader.field_names:
         raise ValueError(f"{path}: no 'label' field (has {reader.field_names})")

@@ -23,6 +23,14 @@ index itself in memory at start-up (nothing is written into the dataset director
 checkpointing (``enable_checkpointing``): the reader position is serialized into the state.
 Orders therefore differ from the tensor/webdataset/ffcv backends (same samples, other order).
 
+Bad images. Each image's header is read before it is decoded (``fn.peek_image_shape``): one
+declaring more than ``max_pixels`` pixels (``data.max_pixels``), or, in a fixed-size dataset,
+another size, is not decoded (a placeholder takes its place) and the batch is refused with a
+:class:`~shards.format.DataError` naming the shard and key. An image DALI cannot parse or
+decode stops the pipeline; the error is re-raised as a ``DataError`` naming the split and the
+first image of it that :func:`shards.format.decode_image` refuses (shard and key), found by a
+bounded scan of the split.
+
 With ``views`` (config ``data.views=loader``; :mod:`pipelines.dali_views`) the same pipelines
 also make the step's weak and strong views after decode and emit them normalised (float32
 NCHW, on the GPU with ``mixed`` decode); the stream then yields
@@ -42,8 +50,14 @@ from nvidia.dali.backend import TensorListGPU
 
 from pipelines.base import Batch, ReaderSetup
 from pipelines.sampling import check_rank, eval_rank_indices
-from pipelines.shard_index import output_size, split_info, warn_if_class_sorted
-from shards.format import load_manifest
+from pipelines.shard_index import (
+    first_undecodable,
+    output_size,
+    sample_location,
+    split_info,
+    warn_if_class_sorted,
+)
+from shards.format import MAX_PIXELS, DataError, dataset_file, load_manifest
 
 MIN_SHUFFLE_BUFFER = 1024
 
@@ -51,7 +65,7 @@ MIN_SHUFFLE_BUFFER = 1024
 def _paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
     out = []
     for entry in split_info(root, manifest, split)["shards"]:
-        p = root / entry["file"]
+        p = dataset_file(root, entry["file"])
         if not p.is_file():
             raise ValueError(f"missing shard {p} (listed in manifest split {split!r})")
         out.append(str(p))
@@ -64,9 +78,9 @@ def _index_paths(root: Path, manifest: dict[str, Any], split: str) -> list[str]:
     out = []
     for entry in split_info(root, manifest, split)["shards"]:
         rec = entry.get("dali_index")
-        if not rec or not (root / rec["file"]).is_file():
+        if not rec or not dataset_file(root, rec["file"]).is_file():
             return []
-        out.append(str(root / rec["file"]))
+        out.append(str(dataset_file(root, rec["file"])))
     return out
 
 
@@ -124,10 +138,12 @@ def _pipe(
     strong: bool = False,
     view_seed: int | None = None,
     cut: Any = None,
+    max_pixels: int = MAX_PIXELS,
 ):
     """The reader + decode pipeline; with ``views`` (a :class:`~pipelines.dali_views.DaliViews`)
     it outputs the normalised views (``[weak]``, or ``[weak, strong...]`` with ``strong``)
-    instead of the uint8 images, its random ops seeded by ``view_seed``."""
+    instead of the uint8 images, its random ops seeded by ``view_seed``. Its last output is
+    each image's header shape (int64 ``(3,)``), checked by :func:`_run`."""
 
     @pipeline_def(
         batch_size=batch_size,
@@ -137,7 +153,7 @@ def _pipe(
         prefetch_queue_depth=prefetch,
         enable_checkpointing=True,
         checkpoint=checkpoint,
-        enable_conditionals=views is not None,  # RandAugment splits the batch per op
+        enable_conditionals=True,  # the header check (and RandAugment) split the batch
     )
     def pipe():
         img, cls, idx = fn.readers.webdataset(
@@ -153,22 +169,97 @@ def _pipe(
             pad_last_batch=pad,
             name="reader",
         )
-        shape = fn.peek_image_shape(img) if cut is not None else None  # CPU, from the encoded bytes
-        img = fn.decoders.image(img, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        img, shape = _checked_decode(img, gpu=gpu, fixed=fixed, out_hw=out_hw, max_pixels=max_pixels)
         if cut is not None:  # data.view_rule=authors_imagenet: every view's crop cut here
             from pipelines.dali_views import cut_views
 
-            img = cut_views(img, shape, cut)
+            img = cut_views(img, _placeholder_shape(shape, out_hw, max_pixels), cut)
         elif not fixed:
             img = fn.resize(img, resize_shorter=out_hw[0])
             img = fn.crop(img, crop=out_hw)
         if views is not None:
-            return (*views.make(img, out_hw, strong), cls, idx)
-        return img, cls, idx
+            return (*views.make(img, out_hw, strong), cls, idx, shape)
+        return img, cls, idx, shape
 
     p = pipe()
     p.build()
     return p
+
+
+def _placeholder_shape(shape: Any, out_hw: tuple[int, int], max_pixels: int) -> Any:
+    """The shape that :func:`pipelines.dali_views.cut_views` sizes a view from: the header's, or
+    for an image :func:`_checked_decode` refused, the placeholder's (never a refused image's
+    declared size, which could ask for a huge resize); such a batch is refused by :func:`_run`."""
+    ok = fn.cast(shape[0] * shape[1] <= max_pixels, dtype=types.INT64)
+    hw = fn.stack(shape[0] * ok + out_hw[0] * (1 - ok), shape[1] * ok + out_hw[1] * (1 - ok))
+    return fn.cat(hw, fn.cast(shape[2:3], dtype=types.INT64))
+
+
+def _checked_decode(img: Any, *, gpu: bool, fixed: bool, out_hw: tuple[int, int], max_pixels: int):
+    """Decode the images whose header passes (at most ``max_pixels`` pixels; ``out_hw`` where
+    ``fixed``); the others become a black placeholder, to be refused by :func:`_run`.
+    Returns ``(images, header shapes)``."""
+    shape = fn.peek_image_shape(img, dtype=types.INT64)  # (H, W, C), from the header only
+    ok = shape[0] * shape[1] <= max_pixels
+    if fixed:
+        ok = ok & (shape[0] == out_hw[0]) & (shape[1] == out_hw[1])
+    if ok:
+        out = fn.decoders.image(img, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    else:
+        out = fn.reshape(fn.zeros(shape=[out_hw[0], out_hw[1], 3], dtype=types.UINT8), layout="HWC")
+        if gpu:
+            out = out.gpu()
+    return out, shape
+
+
+class _Where:
+    """Names samples of one split for :func:`_run`'s errors (computed only on an error)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], split: str, max_pixels: int):
+        self.root, self.manifest, self.split, self.max_pixels = root, manifest, split, max_pixels
+        size = manifest.get("image_size")
+        self.size = (int(size[0]), int(size[1])) if size else None
+
+    def check(self, shapes: np.ndarray, idx: torch.Tensor) -> None:
+        """Raise a DataError for the first image whose header ``shapes[j]`` was refused."""
+        h, w = shapes[:, 0], shapes[:, 1]
+        bad = h * w > self.max_pixels
+        if self.size is not None:
+            bad |= (h != self.size[0]) | (w != self.size[1])
+        if not bad.any():
+            return
+        j = int(np.nonzero(bad)[0][0])
+        where = sample_location(self.root, self.manifest, self.split, int(idx[j]))
+        why = f"over the limit of {self.max_pixels} pixels (data.max_pixels); not decoded"
+        if h[j] * w[j] <= self.max_pixels:
+            why = f"the dataset says {self.size[0]}x{self.size[1]}"
+        raise DataError(f"{where}: image is {h[j]}x{w[j]}, {why}")
+
+    def failed(self, e: Exception) -> DataError:
+        """The DataError for DALI's own error ``e`` (an image it could not parse or decode)."""
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "failure" in ln), None) or next(
+            (ln for ln in reversed(lines) if "no longer valid" not in ln), "unknown error"
+        )
+        found = first_undecodable(self.root, self.manifest, self.split, self.max_pixels)
+        where = found or (
+            f"{self.root}: split {self.split!r} (the image was not found within the search "
+            f"budget: run `bmb-shards verify --decode {self.root}`)"
+        )
+        return DataError(f"dali could not decode an image ({reason}); {where}")
+
+
+def _run(p: Any, where: _Where) -> tuple[Any, ...]:
+    """``p.run()`` without its last output (the header shapes), which is checked: bad images
+    and DALI's own decode errors become a :class:`~shards.format.DataError` naming shard and
+    key."""
+    try:
+        *out, shape = p.run()
+    except RuntimeError as e:
+        raise where.failed(e) from None
+    shapes = np.asarray(shape.as_tensor()).reshape(-1, 3)
+    where.check(shapes, _decode_ascii(out[-1]))
+    return tuple(out)
 
 
 def _decode_on_gpu(decode_device: str | None, device: torch.device) -> bool:
@@ -225,6 +316,7 @@ class DaliStream:
                 buffer=shuffle_buffer_size(setup.shuffle_buffer, batch, per_rank),
                 pad=False,
                 cut=setup.stream_views(manifest, name),
+                max_pixels=setup.max_pixels,
             )
             if views is not None:
                 # Augmentation randomness differs per rank and per split (the reader keeps its
@@ -235,6 +327,7 @@ class DaliStream:
                 )
         self._pipes: dict[str, Any] = {}
         self._checkpoints: dict[str, str | None] = {"labeled": None, "unlabeled": None}
+        self._where = {n: _Where(root, manifest, n, setup.max_pixels) for n in self._cfg}
 
     def _get(self, name: str):
         if name not in self._pipes:
@@ -248,8 +341,8 @@ class DaliStream:
             yield from self._iter_views(lab, unl)  # infinite
             return
         while True:
-            x_l, y_l, _ = lab.run()
-            x_u, y_u, i_u = unl.run()
+            x_l, y_l, _ = _run(lab, self._where["labeled"])
+            x_u, y_u, i_u = _run(unl, self._where["unlabeled"])
             yield Batch(
                 _to_torch(x_l).to(d),
                 _decode_ascii(y_l).to(d),
@@ -263,8 +356,8 @@ class DaliStream:
 
         d = self.device
         while True:
-            lw, y_l, _ = lab.run()
-            *views, y_u, i_u = unl.run()
+            lw, y_l, _ = _run(lab, self._where["labeled"])
+            *views, y_u, i_u = _run(unl, self._where["unlabeled"])
             lw = moved(float_to_torch(lw), d)
             uw, *strong = (moved(float_to_torch(v), d) for v in views)
             yield ViewBatch(
@@ -316,7 +409,9 @@ class DaliEval:
             checkpoint=None,
             pad=True,
             cut=setup.stream_views(manifest, "eval"),
+            max_pixels=setup.max_pixels,
         )
+        self._where = _Where(root, manifest, split, setup.max_pixels)
 
     def __len__(self) -> int:
         return -(-self._idx.numel() // self.batch_size)
@@ -330,7 +425,7 @@ class DaliEval:
         have, emitted, read = 0, 0, 0
         first: tuple[torch.Tensor, torch.Tensor] | None = None
         while read < self.n:
-            x, y, i = p.run()
+            x, y, i = _run(p, self._where)
             x, y, i = _to_torch(x), _decode_ascii(y), _decode_ascii(i)
             # pad_last_batch repeats the last sample to fill the final batch: drop those.
             keep = (i % world == rank) & (torch.arange(len(i)) + read < self.n)

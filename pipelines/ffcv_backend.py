@@ -35,22 +35,51 @@ from ffcv.transforms import ToTensor, ToTorchImage
 from pipelines.base import Batch, ReaderSetup
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import output_size, split_info
-from shards.format import load_manifest
+from shards.format import MAX_PIXELS, DataError, dataset_file, load_manifest, sample_key
 
 _ORDERS = ("exact", "quasi_random")
 
 
-def beton_path(root: Path, split: str, manifest: dict[str, Any]) -> Path:
+def beton_path(
+    root: Path, split: str, manifest: dict[str, Any], max_pixels: int = MAX_PIXELS
+) -> Path:
+    """The split's ``.beton``, its images' sizes checked (:func:`check_beton_images`)."""
     entry = split_info(root, manifest, split).get("ffcv")
     if not entry:
         raise ValueError(
             f"{root / 'manifest.json'}: split {split!r} has no .beton; rebuild the dataset "
             "with `--formats ffcv` to use the ffcv backend"
         )
-    path = root / entry["file"]
+    path = dataset_file(root, entry["file"])
     if not path.is_file():
         raise ValueError(f"missing FFCV file {path} (listed in manifest split {split!r})")
+    check_beton_images(path, manifest.get("image_size"), max_pixels)
     return path
+
+
+def check_beton_images(path: Path, size: list[int] | None, max_pixels: int) -> None:
+    """Check every image's recorded ``(H, W)`` (the .beton's metadata table, no decode): at
+    most ``max_pixels`` pixels, and ``size`` where the dataset has a fixed size. FFCV sizes
+    its decode buffers by the largest image, so this runs before any loader exists.
+
+    Raises:
+        DataError: naming the file, the sample key and the size.
+    """
+    reader = Reader(str(path))
+    names = reader.field_names
+    meta = reader.metadata[f"f{names.index('image')}"]
+    h, w = meta["height"].astype(np.int64), meta["width"].astype(np.int64)
+    bad = h * w > max_pixels
+    if size:
+        bad |= (h != size[0]) | (w != size[1])
+    if not bad.any():
+        return
+    row = int(np.nonzero(bad)[0][0])
+    key = sample_key(int(reader.metadata[f"f{names.index('index')}"][row]))
+    want = f"over the limit of {max_pixels} pixels (data.max_pixels)"
+    if h[row] * w[row] <= max_pixels:
+        want = f"the dataset says {size[0]}x{size[1]}"
+    raise DataError(f"{path}: sample {key!r} (row {row}): image is {h[row]}x{w[row]}, {want}")
 
 
 def rows_of_indices(path: Path) -> np.ndarray:
@@ -216,7 +245,7 @@ class FfcvStream:
         self._streams: dict[str, IndexStream] = {}
         self._paths: dict[str, Path] = {}
         for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
-            self._paths[name] = beton_path(root, name, manifest)
+            self._paths[name] = beton_path(root, name, manifest, setup.max_pixels)
             n = int(split_info(root, manifest, name)["count"])
             self._streams[name] = IndexStream(
                 n, batch, seed=seed, stream=name, rank=rank, world_size=world_size
@@ -279,7 +308,7 @@ class FfcvEval:
         rank, world_size, device = setup.rank, setup.world_size, setup.device
         root = Path(root)
         manifest = load_manifest(root)
-        path = beton_path(root, split, manifest)
+        path = beton_path(root, split, manifest, setup.max_pixels)
         n = int(split_info(root, manifest, split)["count"])
         idx, self._valid = eval_rank_indices(n, rank, world_size)
         self.device, self.world_size, self.batch_size = torch.device(device), world_size, batch_size

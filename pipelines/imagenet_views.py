@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from shards.images import MAX_PIXELS, check_pixels
+
 AUTHORS_IMAGENET = "authors_imagenet"
 VIEW_RULES = ("square", AUTHORS_IMAGENET)
 _STREAMS = {"labeled": 1, "unlabeled": 2, "eval": 3}
@@ -86,8 +88,12 @@ def crop_corners(h: int, w: int, crop: int, k: int, rng: np.random.Generator | N
     return np.stack([rng.integers(0, h - crop + 1, k), rng.integers(0, w - crop + 1, k)], 1)
 
 
-def decode_views(data: bytes, views: ImageNetViews, rng: np.random.Generator | None) -> np.ndarray:
+def decode_views(
+    data: bytes, views: ImageNetViews, rng: np.random.Generator | None, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Decode one encoded image and cut its views: uint8 ``(crop, crop * max(crops, 1), 3)``.
+    An image whose header declares more than ``max_pixels`` pixels is refused before decoding
+    (:func:`shards.images.check_pixels`).
 
     The image is decoded at the smallest JPEG scale that still covers the resized size
     (``draft``, as :func:`shards.format.decode_image`), resized bilinearly (PIL, antialiased) so
@@ -96,6 +102,7 @@ def decode_views(data: bytes, views: ImageNetViews, rng: np.random.Generator | N
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
+        check_pixels(img.height, img.width, max_pixels)
         nh, nw = resized_size(img.height, img.width, views.resize)
         img.draft("RGB", (nw, nh))
         rgb = img.convert("RGB")

@@ -34,10 +34,15 @@ from pipelines.imagenet_views import decode_views
 from shards.format import (
     DISJOINT,
     MANIFEST,
+    MAX_PIXELS,
+    DataError,
     Sample,
+    dataset_file,
     decode_image,
+    iter_tar_samples,
     load_manifest,
     sample_fields,
+    sample_key,
     shard_samples,
     split_order,
     split_overlap,
@@ -54,16 +59,27 @@ def split_info(root: Path, manifest: dict[str, Any], split: str) -> dict[str, An
     return manifest["splits"][split]
 
 
+class _Placeholder(str):
+    """A ``<word>`` of :func:`rebuild_command` the user fills in: the only words left unquoted."""
+
+
+_SOURCE, _CLASS_MAP = _Placeholder("<source>"), _Placeholder("<class-map-folder>")
+_SPLIT_LISTS, _COMMAND = _Placeholder("<split-list-folder>"), _Placeholder("<command>")
+_OPTIONS = _Placeholder("<options-of-the-original-build>")
+
+
 def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
     """The ``bmb-shards`` command that rebuilds the dataset at ``root`` with today's writer.
 
     Everything the manifest records is filled in (split rule, seed, formats, shard size); what it
     does not record (ImageNet-LT split-list and ImageNet127 class-map folders) is left as a
-    ``<placeholder>``. The command replaces the dataset in place (``--overwrite``).
+    ``<placeholder>``. The command replaces the dataset in place (``--overwrite``). Every word
+    taken from the manifest is shell-quoted (a manifest is data: pasting the command must not
+    run any of it); only this function's own placeholders are left bare.
     """
     rule = manifest.get("split_rule") or {}
     source = manifest.get("source") or {}
-    kind, path = source.get("kind"), source.get("path") or "<source>"
+    kind, path = source.get("kind"), source.get("path") or _SOURCE
     name = rule.get("rule")
 
     def num(x: Any) -> str:
@@ -102,19 +118,19 @@ def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
             args += [flag, num(rule[key])]
     elif name in ("imagenet127", "imagenet127-jpeg"):
         where = "--source" if name == "imagenet127" else "--from-jpeg"
-        args = ["imagenet127", where, path, "--meta-dir", "<class-map-folder>",
+        args = ["imagenet127", where, path, "--meta-dir", _CLASS_MAP,
                 "--labeled-ratio", num(rule["labeled_ratio"]), "--rounding", rule.get("rounding", "floor")]  # fmt: skip
         if rule.get("labeled_list"):
             args += ["--labeled-list", f"<{rule['labeled_list']}>"]
         if rule.get("max_side"):
             args += ["--max-side", str(rule["max_side"])]
     elif name == "imagenet-lt":
-        args = ["imagenet-lt", "--imagenet-root", path, "--split-lists", "<split-list-folder>",
+        args = ["imagenet-lt", "--imagenet-root", path, "--split-lists", _SPLIT_LISTS,
                 "--labeled-ratio", num(rule["labeled_ratio"])]  # fmt: skip
         if rule.get("max_side"):
             args += ["--max-side", str(rule["max_side"])]
     else:
-        args = ["<command>", "<options-of-the-original-build>"]
+        args = [_COMMAND, _OPTIONS]
     if name in ("demo-lt", "cifar-lt", "subset-lt", "imagenet-mismatch") and split_overlap(manifest) == DISJOINT:
         args += ["--split-rule", DISJOINT]  # not today's default
     args += ["--seed", str(manifest.get("seed", 0))]
@@ -127,7 +143,9 @@ def rebuild_command(root: Path, manifest: dict[str, Any]) -> str:
     if len(counts) > 1:  # a single shard's count is the split size, not the shard size
         args += ["--shard-size", str(counts[0])]
     args += ["--out", str(root), "--overwrite"]
-    return "bmb-shards " + " ".join(a if a.startswith("<") else shlex.quote(a) for a in args)
+    return "bmb-shards " + " ".join(
+        a if isinstance(a, _Placeholder) else shlex.quote(str(a)) for a in args
+    )
 
 
 def warn_if_class_sorted(
@@ -203,7 +221,7 @@ def indexed_shards(
             manifest's, naming the shard.
     """
     for entry in info["shards"]:
-        path = root / entry["file"]
+        path = dataset_file(root, entry["file"])
         if not path.is_file():
             raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
         samples = index_shard(path)
@@ -293,12 +311,14 @@ class Decoder:
         fixed: the dataset has a fixed image size (checked) rather than variable (resized and
             center-cropped, :func:`shards.format.decode_image`).
         on_corrupt: ``"raise"`` or ``"skip"`` (:data:`ON_CORRUPT`).
+        max_pixels: the largest image decoded (``data.max_pixels``).
     """
 
     out_hw: tuple[int, int]
     fixed: bool
     on_corrupt: str
     views: Any = None  # an ImageNetViews (data.view_rule=authors_imagenet): the reader cuts the views
+    max_pixels: int = MAX_PIXELS
 
     def batch(
         self,
@@ -329,12 +349,12 @@ class Decoder:
         for j, data in enumerate(images):
             try:
                 if self.views is not None:
-                    out[j] = decode_views(data, self.views, self.views.rng(key, j, len(images)))
+                    out[j] = decode_views(data, self.views, self.views.rng(key, j, len(images)), self.max_pixels)
                     continue
-                out[j] = decode_image(data, self.out_hw, self.fixed)
+                out[j] = decode_image(data, self.out_hw, self.fixed, self.max_pixels)
             except Exception as e:  # PIL raises many types for corrupt data
                 if self.on_corrupt == "raise":
-                    raise ValueError(f"{where(j)}: cannot decode image ({e})") from e
+                    raise DataError(f"{where(j)}: cannot decode image ({e})") from e
                 log.warning("skipping corrupt image %s (%s)", where(j), e)
                 ok[j] = False
         labels = np.array(labels, dtype=np.int64)
@@ -343,9 +363,46 @@ class Decoder:
         if skipped:
             good = np.nonzero(ok)[0]
             if good.size == 0:
-                raise ValueError(f"every image of a batch is corrupt (indices {idx.tolist()})")
+                raise DataError(f"every image of a batch is corrupt (indices {idx.tolist()})")
             bad = np.nonzero(~ok)[0]
             src = good[np.arange(bad.size) % good.size]
             out[bad], labels[bad], idx[bad] = out[src], labels[src], idx[src]
         images_ = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
         return images_, torch.from_numpy(labels), torch.from_numpy(idx), skipped
+
+
+def sample_location(root: Path, manifest: dict[str, Any], split: str, index: int) -> str:
+    """``<shard>: sample '<key>'`` of the sample with stable index ``index`` of ``split`` (for
+    messages of readers that do not track shards, e.g. DALI's)."""
+    info = split_info(root, manifest, split)
+    pos = np.nonzero(split_order(manifest, split) == int(index))[0]
+    counts = np.cumsum([int(e["count"]) for e in info["shards"]])
+    if pos.size == 0 or pos[0] >= counts[-1]:
+        return f"{root / MANIFEST}: split {split!r}: sample {sample_key(index)!r} (not in the split)"
+    shard = info["shards"][int(np.searchsorted(counts, pos[0], side="right"))]["file"]
+    return f"{dataset_file(root, shard)}: sample {sample_key(index)!r}"
+
+
+def first_undecodable(
+    root: Path, manifest: dict[str, Any], split: str, max_pixels: int, budget_s: float = 120.0
+) -> str | None:
+    """``<shard>: sample '<key>': cannot decode image (...)`` of the first image of ``split``
+    that :func:`shards.format.decode_image` refuses, searched for at most ``budget_s`` seconds
+    (``None``: none found). For a library that stopped on an image without naming it."""
+    import time
+
+    t0 = time.monotonic()
+    fixed = manifest.get("image_size")
+    for entry in split_info(root, manifest, split)["shards"]:
+        path = dataset_file(root, entry["file"])
+        for key, data in iter_tar_samples(path):
+            ext = next((e for e in ("png", "jpg", "jpeg") if e in data), None)
+            try:
+                if ext is None:
+                    raise ValueError(f"no image member (has {sorted(data)})")
+                decode_image(data[ext], tuple(fixed) if fixed else None, True, max_pixels)
+            except Exception as e:  # PIL raises many types for corrupt data
+                return f"{path}: sample {key!r}: cannot decode image ({e})"
+            if time.monotonic() - t0 > budget_s:
+                return None
+    return None

@@ -21,6 +21,8 @@ import numpy as np
 from pipelines.sampling import epoch_permutation
 from shards.format import (
     MANIFEST,
+    DataError,
+    dataset_file,
     is_url,
     join_url,
     sample_fields,
@@ -104,11 +106,11 @@ def iter_shard(
         want = int(indices[seen]) if seen < len(indices) else None
         img, label, index = sample_fields(path, key, data, data, want)
         if num_classes is not None and not 0 <= label < num_classes:
-            raise ValueError(f"{path}: sample {key!r} label {label} outside [0, {num_classes})")
+            raise DataError(f"{path}: sample {key!r} label {label} outside [0, {num_classes})")
         yield _Sample(shard, key, data[img], label, index)
         seen += 1
     if seen != len(indices):
-        raise ValueError(
+        raise DataError(
             f"{path}: {seen} samples, manifest says {len(indices)} (truncated or foreign shard?)"
         )
 
@@ -173,7 +175,7 @@ def load_split_shards(root: Path | str, split: str, manifest: dict[str, Any]) ->
         if is_url(root):
             path = join_url(str(root), entry["file"])
         else:
-            path = Path(root) / entry["file"]
+            path = dataset_file(root, entry["file"])
             if not path.is_file():
                 raise ValueError(f"missing shard {path} (listed in manifest split {split!r})")
         if int(entry["count"]) < 1:

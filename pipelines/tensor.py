@@ -17,7 +17,7 @@ import torch
 
 from pipelines.base import Batch, to_device
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
-from shards.format import load_manifest
+from shards.format import MAX_PIXELS, DataError, check_pixels, dataset_file, load_manifest
 
 
 @dataclass
@@ -82,11 +82,13 @@ def _split_paths(root: Path, split: str) -> tuple[Path, Path]:
                 f"{manifest}: split {split!r} has no uint8 arrays; rebuild the dataset with "
                 "`--formats arrays` to use the tensor backend"
             )
-        return root / arrays["images"], root / arrays["labels"]
+        return dataset_file(root, arrays["images"]), dataset_file(root, arrays["labels"])
     return root / split / "images.npy", root / split / "labels.npy"
 
 
-def load_array_split(dataset_dir: str | Path, split: str, *, mmap: bool = True) -> ArraySplit:
+def load_array_split(
+    dataset_dir: str | Path, split: str, *, mmap: bool = True, max_pixels: int = MAX_PIXELS
+) -> ArraySplit:
     """Load ``DIR/<split>/images.npy`` (uint8 NHWC) and ``labels.npy`` as an :class:`ArraySplit`.
 
     Args:
@@ -95,6 +97,7 @@ def load_array_split(dataset_dir: str | Path, split: str, *, mmap: bool = True) 
         split: split name, e.g. ``"labeled"``.
         mmap: memory-map the images (copy-on-write, so torch sees a writable buffer) instead
             of reading them into RAM.
+        max_pixels: the largest image (``H * W``) accepted (``data.max_pixels``).
 
     Returns:
         An :class:`ArraySplit` whose ``images`` is an ``(N, 3, H, W)`` view of the NHWC file.
@@ -112,6 +115,10 @@ def load_array_split(dataset_dir: str | Path, split: str, *, mmap: bool = True) 
         raise ValueError(
             f"{images_path}: expected uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
         )
+    try:
+        check_pixels(images.shape[1], images.shape[2], max_pixels)
+    except ValueError as e:
+        raise DataError(f"{images_path}: every {e}") from None
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"{labels_path}: expected ({images.shape[0]},) labels, got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):

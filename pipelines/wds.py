@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipelines.base import Batch, HostBatch, StepAccounting, TrainStream, paired_batches
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import Decoder, ReaderSetup, SplitIndex, build_index
-from shards.format import is_url, load_manifest
+from shards.format import DataError, is_url, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class _SampleReader:
         size = int(self.index.size[i])
         data = f.read(size)
         if len(data) != size:
-            raise ValueError(
+            raise DataError(
                 f"{self.index.shards[s]}: sample {self.index.keys[i]!r} truncated "
                 f"({len(data)} of {size} bytes)"
             )

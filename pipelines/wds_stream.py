@@ -78,7 +78,7 @@ from pipelines.stream_shards import (  # noqa: F401  (re-exported: defined here 
     manifest_location,
     shuffled,
 )
-from shards.format import is_url, load_manifest
+from shards.format import DataError, is_url, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,9 @@ class _ReaderError:
 
 
 def _checked(item: Any) -> HostBatch:
-    """A worker's batch, or the ValueError it reported."""
+    """A worker's batch, or the bad data it reported (a :class:`~shards.format.DataError`)."""
     if isinstance(item, _ReaderError):
-        raise ValueError(item.message)
+        raise DataError(item.message)
     return item
 
 

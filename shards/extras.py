@@ -1,14 +1,20 @@
 """The derived formats of :class:`shards.writer.DatasetBuilder`: uint8 arrays and FFCV
-``.beton`` files, written from the finished tar shards (so they match them exactly)."""
+``.beton`` files, written from the finished tar shards (so they match them exactly).
+
+The image array is written with plain positioned writes, not a memory map: on a full disk a
+write through a map dies by SIGBUS, a plain write fails with ENOSPC, reported as
+:class:`shards.manifest.DiskFull` naming the file."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from shards import manifest as mf
 from shards.encode import sha256_file
 from shards.format import decode_image, iter_tar_samples
 
@@ -33,9 +39,10 @@ def write_extras(b: DatasetBuilder) -> dict[tuple[str, str], dict[str, Any]]:
                 if (s, "arrays") in res:
                     arr = np.load(b.out / res[(s, "arrays")]["images"], mmap_mode="r")
                 final = b.out / rel
-                tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+                tmp = mf.temp_path(final)
                 try:
-                    write_beton(tmp, files, sk.labels, b.encoding, sk.order, arrays=arr)
+                    with mf.writing(final):
+                        write_beton(tmp, files, sk.labels, b.encoding, sk.order, arrays=arr)
                     os.replace(tmp, final)
                 finally:
                     tmp.unlink(missing_ok=True)
@@ -44,21 +51,41 @@ def write_extras(b: DatasetBuilder) -> dict[tuple[str, str], dict[str, Any]]:
     return res
 
 
+def write_image_array(path: Path, files: list[Path], ext: str, shape: tuple[int, ...]) -> None:
+    """``path``: the ``.npy`` uint8 array ``shape`` (``(N, H, W, 3)``) whose row ``i`` is the
+    decoded image of the sample with stable index ``i`` of the tar ``files``, in the bytes
+    :func:`numpy.lib.format.open_memmap` gives (header format 1.0), written with ``os.pwrite``."""
+    row = int(np.prod(shape[1:]))
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}
+        )
+        start = fh.tell()
+        fh.flush()
+        fd = fh.fileno()
+        os.ftruncate(fd, start + row * shape[0])  # sparse: rows never written read as zeros
+        for f in files:  # tars are in file order; array row i is the sample with idx i
+            for _key, mem in iter_tar_samples(f):
+                img = decode_image(mem[ext])
+                if img.shape != tuple(shape[1:]):
+                    raise ValueError(f"{f}: sample {_key!r}: image is {img.shape}, expected {shape[1:]}")
+                data = memoryview(np.ascontiguousarray(img)).cast("B")
+                written = os.pwrite(fd, data, start + int(mem["idx"]) * row)
+                if written != row:
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {row} bytes)")
+        os.fsync(fd)
+
+
 def _write_arrays(b: DatasetBuilder, s: str, sk: SplitSink, files: list[Path]) -> dict[str, Any]:
     rel_i, rel_l = f"{s}/images.npy", f"{s}/labels.npy"
     if rel_i not in b.done or rel_l not in b.done:
         h, w = b.meta["image_size"]
         final_i, final_l = b.out / rel_i, b.out / rel_l
-        tmp_i = final_i.with_name(f".images.npy.tmp-{os.getpid()}")
-        tmp_l = final_l.with_name(f".labels.npy.tmp-{os.getpid()}")
+        tmp_i, tmp_l = mf.temp_path(final_i), mf.temp_path(final_l)
         try:
-            arr = np.lib.format.open_memmap(tmp_i, mode="w+", dtype=np.uint8, shape=(sk.n, h, w, 3))
-            for f in files:  # tars are in file order; array row i is the sample with idx i
-                for _key, mem in iter_tar_samples(f):
-                    arr[int(mem["idx"])] = decode_image(mem[b.encoding])
-            arr.flush()
-            del arr
-            with open(tmp_l, "wb") as fh:
+            with mf.writing(final_i):
+                write_image_array(tmp_i, files, b.encoding, (sk.n, h, w, 3))
+            with mf.writing(final_l), open(tmp_l, "wb") as fh:
                 np.save(fh, sk.labels.astype(np.int64))
             os.replace(tmp_i, final_i)
             os.replace(tmp_l, final_l)

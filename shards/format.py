@@ -18,13 +18,17 @@ prose; this module is its definition.
   ``webdataset.gopen`` and read front to back (the streaming reader only, ``docs/datasets.md``
   "Datasets at a URL"). They are the one part of the format that knows about transfers and
   nothing of the schema or the tar layout, hence their own module.
-* **Decoding** (:func:`decode_image`): PNG/JPEG to RGB uint8, checked against a fixed size or
-  resized and center-cropped for variable-size datasets.
+* **Decoding** (:func:`decode_image`, defined in :mod:`shards.images` and re-exported here):
+  PNG/JPEG to RGB uint8, its header checked first (pixel limit, fixed size), then resized and
+  center-cropped for variable-size datasets.
+* **Trust.** Every file name a manifest lists is checked once, when the manifest is read
+  (:func:`shards.urls.check_name`: a relative path inside the dataset, no shell or glob
+  character), and a local one is opened only through :func:`dataset_file` (no symlink out of
+  the dataset). Bad data met while reading is a :class:`DataError` naming the file and key.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Callable, Collection, Iterator
@@ -33,10 +37,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from shards.images import MAX_PIXELS, check_pixels, decode_image, image_size  # noqa: F401
 from shards.order import file_order
 from shards.splits import DISJOINT, INCLUDES, OVERLAPS
 from shards.urls import (  # noqa: F401  (re-exported: the URL helpers were defined here)
+    MANIFEST_MAX_BYTES,
     URL_SCHEMES,
+    check_name,
     is_url,
     join_url,
     open_url,
@@ -56,7 +63,13 @@ SMALL_MEMBERS = ("cls", "idx")
 # ------------------------------------------------------------------------------------ manifest
 
 
-class ManifestError(ValueError):
+class DataError(ValueError):
+    """Bad input data: a manifest, a shard, an image or a transfer that cannot be used as the
+    format says. The message names the file (or URL) and, where there is one, the sample key.
+    ``launch/train.py`` reports it as a ``data error`` (exit status 2), at start or mid-run."""
+
+
+class ManifestError(DataError):
     """A missing, unreadable or invalid ``manifest.json``; the message names the file and key."""
 
 
@@ -75,10 +88,23 @@ def _need(d: Any, key: str, typ: type | tuple[type, ...], where: str, file: Path
     return v
 
 
+def _count(d: Any, key: str, where: str, file: Path) -> int:
+    """``d[key]``, a non-negative int (not a bool)."""
+    v = _need(d, key, int, where, file)
+    if v < 0:
+        raise ManifestError(f"{file}: key {where}{key!r} is {v}, expected a count >= 0")
+    return v
+
+
 def _validate_split(sp: Any, s: str, nc: int, file: Path) -> None:
     where = f"splits.{s}."
-    count = _need(sp, "count", int, where, file)
+    count = _count(sp, "count", where, file)
     cc = _need(sp, "class_counts", list, where, file)
+    for k, c in enumerate(cc):
+        if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+            raise ManifestError(
+                f"{file}: key '{where}class_counts[{k}]' is {c!r}, expected a count >= 0"
+            )
     if len(cc) != nc or sum(cc) != count:
         raise ManifestError(
             f"{file}: '{where}class_counts' must have {nc} entries summing to count={count}"
@@ -87,7 +113,7 @@ def _validate_split(sp: Any, s: str, nc: int, file: Path) -> None:
     for i, sh in enumerate(_need(sp, "shards", list, where, file)):
         w = f"{where}shards[{i}]."
         _need(sh, "file", str, w, file)
-        total += _need(sh, "count", int, w, file)
+        total += _count(sh, "count", w, file)
         _need(sh, "sha256", str, w, file)
         if sh.get("dali_index") is not None:  # absent in datasets built before 2026-12-06
             _need(sh["dali_index"], "file", str, w + "dali_index.", file)
@@ -160,6 +186,7 @@ def validate_manifest(m: Any, file: Path | str = MANIFEST) -> dict[str, Any]:
         if s not in SPLITS:
             raise ManifestError(f"{file}: unknown split {s!r} (expected one of {SPLITS})")
         _validate_split(sp, s, nc, file)
+    check_file_names(m, file)
     return m
 
 
@@ -173,6 +200,59 @@ def split_overlap(m: dict[str, Any]) -> str:
     if "overlap" in rule:
         return rule["overlap"]
     return INCLUDES if rule.get("rule") in ("imagenet127", "imagenet-lt") else DISJOINT
+
+
+def _file_names(m: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of every file name a manifest lists (what is there: a hand-made manifest
+    read by the training readers may lack some)."""
+    for s, sp in m["splits"].items():
+        if not isinstance(sp, dict):
+            continue
+        for i, sh in enumerate(sp.get("shards") or []):
+            if isinstance(sh, dict) and "file" in sh:
+                yield f"splits.{s}.shards[{i}].file", sh["file"]
+            if isinstance(sh, dict) and isinstance(sh.get("dali_index"), dict):
+                yield f"splits.{s}.shards[{i}].dali_index.file", sh["dali_index"].get("file")
+        for k in ("images", "labels"):
+            if isinstance(sp.get("arrays"), dict) and k in sp["arrays"]:
+                yield f"splits.{s}.arrays.{k}", sp["arrays"][k]
+        if isinstance(sp.get("ffcv"), dict) and "file" in sp["ffcv"]:
+            yield f"splits.{s}.ffcv.file", sp["ffcv"]["file"]
+
+
+def check_file_names(m: dict[str, Any], file: Path | str = MANIFEST) -> None:
+    """Check every file name ``m`` lists with :func:`shards.urls.check_name` (a relative path
+    inside the dataset: no scheme, no absolute path, no ``..``, no shell or glob character).
+
+    Raises:
+        ManifestError: naming ``file``, the key and the name.
+    """
+    for key, name in _file_names(m):
+        try:
+            check_name(name, f"key {key!r}:")
+        except ValueError as e:
+            raise ManifestError(f"{file}: {e}") from None
+
+
+def dataset_file(root: Path | str, name: str) -> Path:
+    """``root/name``, a file of the local dataset at ``root``: ``name`` passes
+    :func:`shards.urls.check_name` and the path, symlinks resolved, stays inside ``root``.
+
+    Raises:
+        DataError: an unsafe name, or a path leading out of the dataset, naming both.
+    """
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise DataError(f"{root}: {e}") from None
+    path = Path(root) / name
+    top, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([top, real]) != top:
+        raise DataError(
+            f"{path}: leads outside the dataset directory {root} (a symlink to {real}?); the "
+            "readers open only files inside it. Copy the file into the dataset instead"
+        )
+    return path
 
 
 def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dict[str, Any]:
@@ -198,15 +278,20 @@ def load_manifest(dataset_dir: str | os.PathLike, *, strict: bool = True) -> dic
             "(re-run the build command to complete it)"
         )
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
     except OSError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    if len(raw) > MANIFEST_MAX_BYTES:
+        raise ManifestError(
+            f"{path}: larger than {MANIFEST_MAX_BYTES} bytes, the cap for manifest.json; not read"
+        )
     return _parse_manifest(raw, path, strict)
 
 
 def _load_manifest_url(url: str, strict: bool) -> dict[str, Any]:
     try:
-        raw = read_url(url)
+        raw = read_url(url, MANIFEST_MAX_BYTES)
     except ValueError as e:  # opened but not read (e.g. HTTP 404): likely the wrong folder
         hint = " -- is the URL the dataset directory (the one holding manifest.json)?"
         raise ManifestNotFound(f"{e}{hint if 'cannot read' in str(e) else ''}") from e
@@ -220,10 +305,13 @@ def _parse_manifest(raw: bytes, label: Path | str, strict: bool) -> dict[str, An
         m = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{label}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise ManifestError(f"{label}: not a dataset manifest (JSON nested too deeply)") from None
     if strict:
         return validate_manifest(m, label)
     if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
         raise ManifestError(f"{label}: missing key 'splits' (or not an object)")
+    check_file_names(m, label)
     return m
 
 
@@ -283,16 +371,16 @@ def sample_fields(
     """
     img = next((e for e in _IMAGE_EXTS if e in exts), None)
     if img is None or "cls" not in data or "idx" not in data:
-        raise ValueError(
+        raise DataError(
             f"{path}: sample {key!r} lacks an image/.cls/.idx member (has {sorted(exts)})"
         )
     try:
         label, index = int(data["cls"].decode()), int(data["idx"].decode())
     except ValueError as e:
-        raise ValueError(f"{path}: sample {key!r}: bad .cls/.idx ({e})") from e
+        raise DataError(f"{path}: sample {key!r}: bad .cls/.idx ({e})") from e
     if index != expected:
         want = "none" if expected is None else expected
-        raise ValueError(
+        raise DataError(
             f"{path}: sample {key!r} has index {index}, expected {want} "
             "(shards out of order or not the manifest's)"
         )
@@ -303,6 +391,9 @@ def sample_fields(
 
 BLOCK = 512
 _END = bytes(BLOCK)
+MAX_MEMBER_BYTES = 1 << 28
+"""The largest tar member read (256 MiB; a full-resolution JPEG is a few MiB): a header
+declaring more is an error naming the shard and the member, not an allocation."""
 
 
 TarMember = tuple[str, int, int, "bytes | None"]
@@ -313,6 +404,15 @@ lies, and the data itself (``None`` where the reader was asked to skip it)."""
 def _octal(field: bytes) -> int:
     field = field.rstrip(b"\0 ").strip()
     return int(field, 8) if field else 0
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The ustar header checksum: the sum of its bytes, the checksum field counted as spaces."""
+    try:
+        want = _octal(header[148:156])
+    except ValueError:
+        return False
+    return want == sum(header[:148]) + 256 + sum(header[156:])
 
 
 def tar_members(
@@ -326,9 +426,10 @@ def tar_members(
     name ``skip`` accepts are not read: ``f`` (a seekable file) is positioned past their data.
 
     Raises:
-        ValueError: a partial header, a malformed size field or a member cut short, naming the
-            file, the byte offset and the member. (An archive that ends at a member boundary
-            just ends: callers check the sample count.)
+        DataError: a partial header, a header whose checksum fails (not a tar archive: nothing
+            of it is quoted), a malformed size field, a member over :data:`MAX_MEMBER_BYTES` or
+            cut short, naming the file, the byte offset and the member. (An archive that ends at
+            a member boundary just ends: callers check the sample count.)
     """
     end = os.fstat(f.fileno()).st_size if skip is not None else None
     pos, last = 0, None
@@ -337,11 +438,16 @@ def tar_members(
         if not header:
             return  # a missing end-of-archive marker is tolerated at a member boundary
         if len(header) < BLOCK:
-            raise ValueError(
+            raise DataError(
                 f"{path}: truncated shard: partial tar header at byte {pos} after member {last!r}"
             )
         if header == _END:
             return
+        if not _checksum_ok(header):
+            raise DataError(
+                f"{path}: not a tar shard, or a corrupt one: bad tar header checksum at byte {pos} "
+                f"(after member {last!r})"
+            )
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if header[257:263] == b"ustar\0":  # POSIX ustar: a long name is split into a prefix
             prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -349,9 +455,14 @@ def tar_members(
         try:
             size = _octal(header[124:136])
         except ValueError as e:
-            raise ValueError(
+            raise DataError(
                 f"{path}: malformed tar header at byte {pos} ({name!r}, after member {last!r})"
             ) from e
+        if size > MAX_MEMBER_BYTES:
+            raise DataError(
+                f"{path}: member {name!r} at byte {pos} declares {size} bytes, over the "
+                f"{MAX_MEMBER_BYTES}-byte limit of one member (corrupt or not a dataset shard)"
+            )
         offset = pos + BLOCK
         pos = offset + (size + BLOCK - 1) // BLOCK * BLOCK
         regular = header[156:157] in (b"0", b"\0")
@@ -362,7 +473,7 @@ def tar_members(
             data = f.read(pos - offset)
             have, data = len(data), data[:size]
         if have < size:
-            raise ValueError(
+            raise DataError(
                 f"{path}: truncated shard: member {name!r} has {max(have, 0)} of {size} bytes "
                 f"(data at byte {offset})"
             )
@@ -385,13 +496,13 @@ def shard_samples(path: Path | str, *, skip_images: bool = False) -> Iterator[Sa
     """
     if is_url(path):
         if skip_images:
-            raise ValueError(f"{path}: a URL cannot be indexed (no seeks); read it as a stream")
+            raise DataError(f"{path}: a URL cannot be indexed (no seeks); read it as a stream")
         yield from _url_samples(str(path))
         return
     try:  # a small buffer where most bytes are seeked over, a large one to stream
         f = open(path, "rb", buffering=-1 if skip_images else 1 << 20)  # noqa: SIM115
     except OSError as e:
-        raise ValueError(f"{path}: not a readable tar shard ({e})") from e
+        raise DataError(f"{path}: not a readable tar shard ({e})") from e
     skip = (lambda name: not is_small_member(name)) if skip_images else None
     with f:
         yield from _samples(f, path, skip)
@@ -427,44 +538,3 @@ def iter_tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]
     """
     for key, _, data in shard_samples(path):
         yield key, data
-
-
-# ------------------------------------------------------------------------------------ decoding
-
-
-def decode_image(
-    data: bytes, out_hw: tuple[int, int] | None = None, fixed: bool = True
-) -> np.ndarray:
-    """Decode PNG/JPEG bytes to RGB uint8 ``(H, W, 3)``.
-
-    Args:
-        data: the encoded image.
-        out_hw: the size to deliver; ``None``: as stored.
-        fixed: the dataset has a fixed image size, which the image must already have
-            (``ValueError`` otherwise). ``False`` (variable-size, full-res JPEG datasets): the
-            shorter side is resized to ``out_hw[0]`` and the center square cropped.
-    """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if out_hw is not None and not fixed:
-            h, w = out_hw
-            # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale when that still covers the
-            # target -- most of the 224/256 px speed-up for full-res JPEGs.
-            side = min(img.size)
-            img.draft("RGB", (max(h, w) * img.width // side, max(h, w) * img.height // side))
-        rgb = img.convert("RGB")
-    if out_hw is None:
-        return np.asarray(rgb)
-    if fixed:
-        if (rgb.height, rgb.width) != tuple(out_hw):
-            raise ValueError(
-                f"image is {rgb.height}x{rgb.width}, dataset says {out_hw[0]}x{out_hw[1]}"
-            )
-        return np.asarray(rgb)
-    target = out_hw[0]
-    scale = target / min(rgb.size)
-    nw, nh = max(target, round(rgb.width * scale)), max(target, round(rgb.height * scale))
-    rgb = rgb.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - target) // 2, (nh - target) // 2
-    return np.asarray(rgb.crop((left, top, left + target, top + target)))

@@ -8,8 +8,11 @@ for every key.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +34,41 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True) + "\n"
 
 
+class DiskFull(RuntimeError):
+    """A build write failed for lack of space (ENOSPC, EDQUOT); the message names the file."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def temp_path(final: Path) -> Path:
+    """The temp file a build writes ``final`` through: ``.<name>.tmp-<pid>`` beside it (the pid
+    is recorded in the progress record, so a re-run deletes only its own builds' temp files)."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def writing(final: Path) -> Iterator[None]:
+    """Turn a disk-full ``OSError`` met while writing ``final`` into :class:`DiskFull` naming
+    it (the caller removes its temp file; nothing half-written is listed as done)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise DiskFull(
+            f"{final}: disk full while writing it ({os.strerror(e.errno)}); the unfinished file "
+            "was removed and finished files are kept: free space, then re-run the same command "
+            "to resume"
+        ) from e
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file and ``os.replace`` (readers never see half)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
-        with open(tmp, "w", encoding="ascii", newline="\n") as f:
+        with writing(path), open(tmp, "w", encoding="ascii", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -9,6 +9,10 @@ The builder only ever deletes or rewrites files that it can prove it wrote:
 * **Listed files.** ``--overwrite`` deletes exactly the files our manifest / progress record
   list (plus those two records and our temp files ``.<name>.tmp-<pid>``); a file in ``--out``
   that is listed nowhere stops the build, naming it, before anything is deleted.
+* **Temp files.** A temp file is ours only when its ``<pid>`` is one the progress record lists
+  (``pids``: every builder process that wrote into ``--out``, recorded before it writes
+  anything); only those are ever deleted. A user's file that merely looks like one
+  (``.notes.tmp-1``) is left alone, with or without ``--overwrite``.
 * **Lock.** ``--out/.bmb-shards.lock`` (JSON: tool, pid, host, start time, a random token) is
   created atomically (``os.link``) for the whole build; a second build of the same ``--out``
   fails at once naming the holder. A lock whose pid is not alive on this host is stale (the
@@ -33,7 +37,7 @@ from shards import manifest as mf
 TOOL = "bmb-shards"
 LOCK = ".bmb-shards.lock"
 PROGRESS_NAME = ".shards-progress.json"
-_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # our temp files: .<final name>.tmp-<pid>
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")  # our temp files: .<final name>.tmp-<pid>
 
 
 class OutDirLocked(RuntimeError):
@@ -134,10 +138,35 @@ def owned_files(manifest: Any = None, progress: Any = None) -> set[str]:
     return out
 
 
-def _is_our_temp(rel: str) -> bool:
-    """``.<name>.tmp-<pid>`` directly in ``out`` or in a split folder (where we write)."""
+def _is_our_temp(rel: str, pids: set[int] | None = None) -> bool:
+    """``.<name>.tmp-<pid>`` directly in ``out`` or in a split folder (where we write); with
+    ``pids``, only if its pid is one of them (a builder of this ``out``)."""
     parent, _, name = rel.rpartition("/")
-    return parent in ("", *mf.SPLITS) and bool(_TEMP.match(name))
+    m = _TEMP.match(name)
+    if parent not in ("", *mf.SPLITS) or m is None:
+        return False
+    return pids is None or int(m.group(1)) in pids
+
+
+def recorded_pids(progress: Any) -> set[int]:
+    """The builder pids a progress record lists (none for records written before ``pids``)."""
+    pids = progress.get("pids") if isinstance(progress, dict) else None
+    if not isinstance(pids, list):
+        return set()
+    return {p for p in pids if isinstance(p, int) and not isinstance(p, bool)}
+
+
+def delete_temps(out: Path, pids: set[int]) -> int:
+    """Delete our temp files (:func:`_is_our_temp` with ``pids``) in ``out`` and its split
+    folders; returns how many."""
+    n = 0
+    for d in ("", *mf.SPLITS):
+        if (out / d).is_dir():
+            for p in (out / d).iterdir():
+                if p.is_file() and not p.is_symlink() and _is_our_temp(p.relative_to(out).as_posix(), pids):
+                    p.unlink(missing_ok=True)
+                    n += 1
+    return n
 
 
 def is_temp_or_lock(rel: str) -> bool:
@@ -160,8 +189,9 @@ def unknown_files(out: Path, owned: set[str]) -> list[str]:
     return sorted(found)
 
 
-def delete_owned(out: Path, owned: set[str]) -> int:
-    """Delete the owned files that exist, our temp files, then the directories left empty."""
+def delete_owned(out: Path, owned: set[str], pids: set[int]) -> int:
+    """Delete the owned files that exist, our temp files (of builders ``pids``), then the
+    directories left empty."""
     n, dirs = 0, set()
     for rel in sorted(owned):
         p = out / rel
@@ -169,12 +199,7 @@ def delete_owned(out: Path, owned: set[str]) -> int:
             p.unlink()
             n += 1
             dirs.update(q for q in p.parents if q != out and out in q.parents)
-    for d in ("", *mf.SPLITS):
-        if (out / d).is_dir():
-            for p in (out / d).iterdir():
-                rel = p.relative_to(out).as_posix()
-                if p.is_file() and _is_our_temp(rel):
-                    p.unlink(missing_ok=True)
+    delete_temps(out, pids)
     for d in sorted(dirs, key=lambda q: len(q.parts), reverse=True):
         try:
             d.rmdir()  # only if empty

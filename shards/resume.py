@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ class OutDirState:
     overwrite: bool
     stats: dict[str, Any]
     done: dict[str, dict[str, Any]]
+    pids: set[int]
     _lock: od.BuildLock | None
 
     def _say(self, msg: str) -> None:
@@ -59,6 +61,8 @@ class OutDirState:
                 f"--out {out}: {prog} is not a bmb-shards progress record; refusing to touch "
                 "this directory. Choose another --out"
             )
+        # Builders that wrote into ``out``: only their temp files are ever deleted.
+        self.pids = od.recorded_pids(state) | {os.getpid()}
         if self.overwrite and (old is not None or state is not None):
             owned = od.owned_files(old, state)
             unknown = od.unknown_files(out, owned)
@@ -69,7 +73,8 @@ class OutDirState:
                     f"other files: {od.describe(unknown)}. Nothing was deleted; move those "
                     "files away or choose another --out"
                 )
-            n = od.delete_owned(out, owned)
+            n = od.delete_owned(out, owned, self.pids)
+            self.pids = {os.getpid()}
             self._say(f"{out}: --overwrite deleted {n} file(s) of the previous build")
             old = state = None
         if old is not None:
@@ -93,7 +98,9 @@ class OutDirState:
             # below re-hashes what is there and rebuilds the rest.
             state = {"build_id": self.build_id, "done": self._done_from_manifest(old)}
             self.done = {}
-            mf.atomic_write_text(prog, mf.dumps({**state, "tool": od.TOOL}))
+            mf.atomic_write_text(
+                prog, mf.dumps({**state, "tool": od.TOOL, "pids": sorted(self.pids)})
+            )
             man.unlink()
         if state is not None:
             if state.get("build_id") != self.build_id:
@@ -114,12 +121,8 @@ class OutDirState:
                     f"({od.describe(unknown)}); refusing to write into it (choose an empty or "
                     "new directory)"
                 )
-        for s in ("", *mf.SPLITS):  # temp files of an interrupted run (we hold the lock)
-            d = out / s
-            if d.is_dir():
-                for t in d.glob(".*.tmp-*"):
-                    t.unlink()
-        self._save_progress()
+        self._save_progress()  # records our pid before we write anything else
+        od.delete_temps(out, self.pids)  # temp files of an interrupted build (we hold the lock)
         return None
 
     @staticmethod
@@ -150,6 +153,7 @@ class OutDirState:
                     "build_id": self.build_id,
                     "name": self.meta["name"],
                     "done": self.done,
+                    "pids": sorted(self.pids),
                 }
             ),
         )

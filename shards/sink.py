@@ -3,6 +3,7 @@ order rolled into atomic tar shards (with their DALI index), each recorded once 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,12 +70,14 @@ class SplitSink:
             if self.cur is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 final = self.b.out / self.shard_file(sid)
-                tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-                fh = open(tmp, "wb")
-                self.cur = (sid, tmp, fh, TarShardWriter(fh))
+                tmp = mf.temp_path(final)
+                with mf.writing(final):
+                    fh = open(tmp, "wb")  # noqa: SIM115 (closed by _finish or abort)
+                    self.cur = (sid, tmp, fh, TarShardWriter(fh))
             idx = int(self.order[pos])
             key, members = sample_members(idx, int(self.labels[idx]), ext, blob)
-            self.cur[3].add(key, members)
+            with mf.writing(self.b.out / self.shard_file(sid)):
+                self.cur[3].add(key, members)
             self.expect = pos + 1
             if self.expect == self.shard_range(sid)[1]:
                 self._finish()
@@ -83,11 +86,12 @@ class SplitSink:
     def _finish(self) -> None:
         assert self.cur is not None
         sid, tmp, fh, tw = self.cur
-        tw.close()
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
         final = self.b.out / self.shard_file(sid)
+        with mf.writing(final):
+            tw.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
         index = self.b.out / self.index_file(sid)
         mf.atomic_write_text(index, tw.dali_index())
         os.replace(tmp, final)
@@ -106,7 +110,8 @@ class SplitSink:
     def abort(self) -> None:
         if self.cur is not None:
             _, tmp, fh, _ = self.cur
-            fh.close()
+            with contextlib.suppress(OSError):  # a full disk fails the buffered write here too
+                fh.close()
             tmp.unlink(missing_ok=True)
             self.cur = None
 
@@ -115,10 +120,13 @@ class SplitSink:
         if self.n == 0 and not self.is_done(0):
             self.dir.mkdir(parents=True, exist_ok=True)
             final = self.b.out / self.shard_file(0)
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as fh:
-                TarShardWriter(fh).close()
-            os.replace(tmp, final)
+            tmp = mf.temp_path(final)
+            try:
+                with mf.writing(final), open(tmp, "wb") as fh:
+                    TarShardWriter(fh).close()
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
             self.b.record_done(
                 self.shard_file(0),
                 {

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.format import decode_image, iter_tar_samples, load_manifest, sample_key, split_order
+from shards.format import (
+    DataError,
+    dataset_file,
+    decode_image,
+    iter_tar_samples,
+    load_manifest,
+    sample_key,
+    split_order,
+)
 from shards.writer import sha256_file
 
 
@@ -37,7 +45,7 @@ def verify_dataset(
         progress: a tqdm bar on stderr while decoding.
     """
     root = Path(dataset_dir)
-    m = load_manifest(root)
+    m = load_manifest(root)  # checks every file name (shards.urls.check_name)
     problems: list[str] = []
     enc = m["encoding"]
     for s, sp in m["splits"].items():
@@ -45,11 +53,16 @@ def verify_dataset(
         expect = 0
         order = split_order(m, s)  # file position -> expected .idx
         for sh in sp["shards"]:
-            f = root / sh["file"]
+            try:
+                f = dataset_file(root, sh["file"])
+            except DataError as e:  # a symlink leading out of the dataset: not read
+                problems.append(str(e))
+                expect += sh["count"]
+                continue
             index = sh.get("dali_index")  # absent from datasets built before 2026-12-06
             if index:
                 fi = root / index["file"]
-                if not fi.is_file():
+                if fi.is_symlink() or not fi.is_file():
                     problems.append(f"{fi}: missing DALI index file")
                 elif sha256_file(fi) != index["sha256"]:
                     problems.append(f"{fi}: sha256 mismatch (DALI index file changed or corrupt)")
@@ -64,10 +77,17 @@ def verify_dataset(
             n = 0
             try:
                 for key, mem in iter_tar_samples(f):
+                    if n >= sh["count"]:  # more samples than listed: counted below, not indexed
+                        n += 1
+                        continue
                     if set(mem) != {enc, "cls", "idx"}:
                         problems.append(f"{f}: sample {key} has members {sorted(mem)}")
                         break
-                    idx, y = int(mem["idx"]), int(mem["cls"])
+                    try:
+                        idx, y = int(mem["idx"]), int(mem["cls"])
+                    except ValueError:
+                        problems.append(f"{f}: sample {key!r} has an unparsable .cls/.idx")
+                        break
                     if key != sample_key(idx) or idx != order[expect + n]:
                         problems.append(
                             f"{f}: sample {key} out of order "
@@ -93,7 +113,9 @@ def verify_dataset(
             for k, want in files.items():
                 rel = sp[kind][k] if kind == "arrays" else sp[kind]["file"]
                 f = root / rel
-                if not f.is_file():
+                if f.is_symlink() and not _inside(root, f):
+                    problems.append(f"{f}: a symlink leading outside the dataset; not read")
+                elif not f.is_file():
                     problems.append(f"{f}: missing {kind} file")
                 elif sha256_file(f) != want:
                     problems.append(f"{f}: sha256 mismatch (file changed or corrupt)")
@@ -102,8 +124,18 @@ def verify_dataset(
     return problems
 
 
+def _inside(root: Path, f: Path) -> bool:
+    try:
+        dataset_file(root, f.relative_to(root).as_posix())
+    except (DataError, ValueError):
+        return False
+    return True
+
+
 def _decode_shard(task: tuple[str, str, list[int] | None]) -> tuple[int, list[str]]:
-    """Decode every image of one shard; ``(samples seen, problems)``. Runs in a worker."""
+    """Decode every image of one shard as the readers do (:func:`shards.format.decode_image`:
+    header checks, pixel limit, 16-bit scaling); ``(samples seen, problems)``. Runs in a
+    worker."""
     path, enc, size = task
     n, problems = 0, []
     try:
@@ -117,9 +149,7 @@ def _decode_shard(task: tuple[str, str, list[int] | None]) -> tuple[int, list[st
                 img = decode_image(data)  # converts to RGB: a full decode
             except Exception as e:  # PIL raises many types for corrupt data
                 why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
-                problems.append(
-                    f"{path}: sample {key}: cannot decode image ({type(e).__name__}: {why})"
-                )
+                problems.append(f"{path}: sample {key}: cannot decode image ({why})")
                 continue
             if size is not None and list(img.shape[:2]) != size:
                 problems.append(
@@ -138,7 +168,7 @@ def decode_shards(root: Path, m: dict, *, workers: int = 1, progress: bool = Fal
     for sp in m["splits"].values():
         for sh in sp["shards"]:
             f = root / sh["file"]
-            if f.is_file():
+            if f.is_file() and _inside(root, f):
                 tasks.append((str(f), m["encoding"], m.get("image_size")))
                 counts.append(int(sh["count"]))
     from tqdm import tqdm

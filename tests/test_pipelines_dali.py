@@ -62,7 +62,7 @@ def test_the_builds_index_files_are_passed(root):
 def test_cpu_bulk_copy_equals_the_per_sample_path(root, fixed):
     p = pipe(root, fixed=fixed)
     for _ in range(3):
-        x, _, _ = p.run()
+        x, *_ = p.run()
         got = _to_torch(x)
         assert got.dtype == torch.uint8 and got.is_contiguous()
         assert got.shape == (8, 3, *((8, 8) if fixed else (6, 6)))
@@ -79,7 +79,7 @@ def test_gpu_batches_stay_on_the_gpu_and_equal_the_host_path(root):
         pytest.skip("needs CUDA")
     p = pipe(root, fixed=True, gpu=True)
     for _ in range(3):
-        x, _, _ = p.run()
+        x, *_ = p.run()
         got = _to_torch(x)
         assert got.is_cuda and got.is_contiguous() and got.shape == (8, 3, 8, 8)
         assert torch.equal(got.cpu(), per_sample(x))
