@@ -308,9 +308,17 @@ class FfcvEval:
             yield (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
 
 
-def build_train(root: Path, setup: ReaderSetup, **batches: Any) -> FfcvStream:
+def build_train(root: Path, setup: ReaderSetup, **batches: Any) -> Any:
+    if setup.imagenet_views is not None:  # reader-cut views: pipelines.ffcv_views
+        from pipelines.ffcv_views import FfcvViewsStream
+
+        return FfcvViewsStream(root, setup, **batches)
     return FfcvStream(root, setup, **batches)
 
 
-def build_eval(root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> FfcvEval:
+def build_eval(root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> Any:
+    if setup.imagenet_views is not None:
+        from pipelines.ffcv_views import FfcvViewsEval
+
+        return FfcvViewsEval(root, split, setup, batch_size=batch_size)
     return FfcvEval(root, split, setup, batch_size=batch_size)
