@@ -309,3 +309,27 @@ def test_ffcv_reader_cuts_the_webdataset_crops(jpeg_lt):
                                                                round((ref.shape[1] - CROP) / 2))
     cfg = load_config(None, ["data.dataset=x", "data.view_rule=authors_imagenet", "data.backend=ffcv"])
     assert cfg.data.backend == "ffcv"
+
+
+def test_ffcv_raw_rows_give_the_webdataset_strips_exactly(tmp_path):
+    """A .beton of raw pixels (the builder's PNG rows, lossless): FFCV's strips are the webdataset
+    reader's, pixel for pixel, in training and evaluation."""
+    pytest.importorskip("ffcv.writer", exc_type=ImportError)
+    from shards.ffcv_out import write_beton
+
+    _write_png_dataset(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        write_beton(tmp_path / f"{split}.beton", [tmp_path / info["shards"][0]["file"]],
+                    np.arange(len(SIZES)) % 2, "png", np.arange(len(SIZES)))
+        info["ffcv"] = {"file": f"{split}.beton", "sha256": ""}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    iv = ImageNetViews(resize=RESIZE, crop=CROP, seed=3)
+    got = {}
+    for backend, workers in (("ffcv", 2), ("webdataset", 0)):
+        stream = build_train_stream(backend, tmp_path, labeled_batch=2, unlabeled_batch=5, num_workers=workers,
+                                    imagenet_views=iv, num_strong=2)
+        (x, _), = build_eval_source(backend, tmp_path, "test", batch_size=5, num_workers=workers, imagenet_views=iv)
+        got[backend] = [t for _, b in zip(range(2), stream) for t in (b.labeled, b.unlabeled)] + [x]
+    for f, w in zip(got["ffcv"], got["webdataset"]):
+        assert torch.equal(f, w)
