@@ -16,6 +16,9 @@ passes map indices to rows through it.
 
 FFCV reuses its batch buffers, so every batch is copied out (``contiguous`` NCHW) before it is
 kept. Batches run across epoch boundaries like the other backends.
+
+With ``imagenet_views`` (``data.view_rule=authors_imagenet``) :func:`build_train` and
+:func:`build_eval` hand over to :mod:`pipelines.ffcv_views` (the webdataset reader's crops).
 """
 
 from __future__ import annotations

@@ -203,12 +203,16 @@ def test_dali_reader_cuts_the_same_geometry(tmp_path):
 def test_training_runs_end_to_end_with_reader_cut_views_and_the_authors_policy(tmp_path):
     """A few steps of launch/train.py on the variable-size PNG dataset: the strips reach the trainer,
     ViewMaker splits them, evaluation gets the centre crops, the warm-up bank fill runs."""
-    from launch import train
-
     data = tmp_path / "data"
     _write_png_dataset(data)
-    args = ["model.encoder=small", "model.width=8", "model.init=authors", "data.backend=webdataset",
-            "data.workers=0", f"data.dataset={data}", f"data.image_size={CROP}", f"data.load_size={RESIZE}",
+    _train_a_few_steps(tmp_path, data, "data.backend=webdataset", "data.workers=0")
+
+
+def _train_a_few_steps(tmp_path: Path, data: Path, *backend: str) -> None:
+    from launch import train
+
+    args = ["model.encoder=small", "model.width=8", "model.init=authors", *backend,
+            f"data.dataset={data}", f"data.image_size={CROP}", f"data.load_size={RESIZE}",
             "data.view_rule=authors_imagenet", "data.rand_augment=authors", "data.cutout=none",
             "data.eval_batch=5", "method.bank_view=weak", "method.refresh_after_warmup=false",
             "method.warmup_epochs=1", "method.threshold=0.3", "method.bank_size=8", "method.get_num=4",
@@ -251,7 +255,7 @@ def _decoded(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def test_ffcv_reader_cuts_the_webdataset_crops(jpeg_lt):
+def test_ffcv_reader_cuts_the_webdataset_crops(jpeg_lt, tmp_path_factory):
     """FFCV (the .beton's re-encoded JPEGs) and webdataset (the original JPEGs): same samples,
     same crop places per batch and row, at any world size and after a resume; the crops are
     exact windows of the aspect-kept resize of the image the .beton stores (no Cutout)."""
@@ -274,7 +278,8 @@ def test_ffcv_reader_cuts_the_webdataset_crops(jpeg_lt):
         assert torch.equal(f.unlabeled_index, w.unlabeled_index) and torch.equal(f.labels, w.labels)
         assert torch.equal(f.unlabeled_labels, w.unlabeled_labels)
         for i, fs, ws in zip(f.unlabeled_index.tolist(), f.unlabeled, w.unlabeled):
-            ref_f, ref_w = _reference_resize(_decoded(stored.stored(i)[3].tobytes())), _reference_resize(_decoded(jpegs[i]))
+            ref_f = _reference_resize(_decoded(stored.stored(i)[3].tobytes()))  # the image the .beton holds
+            ref_w = _reference_resize(_decoded(jpegs[i]))
             assert ref_f.shape == ref_w.shape and min(ref_f.shape[:2]) == RESIZE  # aspect kept
             fs, ws = fs.permute(1, 2, 0).numpy(), ws.permute(1, 2, 0).numpy()
             for j in range(3):
@@ -283,7 +288,7 @@ def test_ffcv_reader_cuts_the_webdataset_crops(jpeg_lt):
                 assert 0 <= t <= ref_f.shape[0] - CROP and 0 <= s <= ref_f.shape[1] - CROP
                 assert (t, s) == _locate(ws[seg], ref_w)  # the webdataset reader's crop place
             worst = max(worst, int(np.abs(fs.astype(int) - ws).max()))
-    assert 0 < worst < 40  # pixels differ by the .beton's JPEG re-encoding only
+    assert 0 < worst < 32  # pixels differ by the .beton's JPEG re-encoding only
     # Resume: the stream restored after one step continues with the same crops.
     s1 = build_train_stream("ffcv", root, labeled_batch=2, unlabeled_batch=4, seed=1, **opts)
     it = iter(s1)
@@ -307,8 +312,8 @@ def test_ffcv_reader_cuts_the_webdataset_crops(jpeg_lt):
         ref = _reference_resize(_decoded(test.stored(i)[3].tobytes()))
         assert _locate(img.permute(1, 2, 0).numpy(), ref) == (round((ref.shape[0] - CROP) / 2),
                                                                round((ref.shape[1] - CROP) / 2))
-    cfg = load_config(None, ["data.dataset=x", "data.view_rule=authors_imagenet", "data.backend=ffcv"])
-    assert cfg.data.backend == "ffcv"
+    # The run config reaches it: a few training steps of launch/train.py on the .beton files.
+    _train_a_few_steps(tmp_path_factory.mktemp("run"), root, "data.backend=ffcv", "data.workers=1")
 
 
 def test_ffcv_raw_rows_give_the_webdataset_strips_exactly(tmp_path):

@@ -58,7 +58,7 @@ def test_unknown_options_list_the_backends_own() -> None:
         ReaderSetup.from_options("ffcv", "eval", {"order": "exact"})
     assert str(e.value) == (
         "unknown option(s) ['order'] for input backend 'ffcv'; allowed: "
-        "['load_size', 'num_workers', 'os_cache']"
+        "['imagenet_views', 'load_size', 'num_workers', 'os_cache']"
     )
 
 
