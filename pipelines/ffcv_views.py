@@ -24,10 +24,17 @@ world size. Pixels: a raw row gives the webdataset strip exactly; a JPEG row dif
 builder's re-encoding only (FFCV stores JPEGs re-encoded at quality 95,
 :mod:`shards.ffcv_out`), never by geometry. Decoding runs in ``num_workers`` threads per stream
 (PIL releases the GIL while it decodes and resizes), batches decoded ahead in order.
+
+Cost (2026-12-08, 500 x 375 JPEGs, 256 / 224, one weak + two strong crops): 3.3 ms of CPU per
+image here against 3.1 ms for the webdataset reader (the re-encoded JPEGs are a third larger);
+on 2 loaded cores with 2 threads / 2 workers both delivered 150-310 images/s, about the same
+(FFCV's own numba decoder of a 256 centre square did 70-160 images/s on the same files, as it
+decodes at full size).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -141,17 +148,20 @@ class FfcvViewsStream:
             self._parts[name] = (images, setup.stream_views(manifest, name), stream)
 
     def _batches(self, name: str, pool: ThreadPoolExecutor) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Stream ``name``'s ``(images, labels, indices)`` from its position on, decoded ahead."""
         images, views, stream = self._parts[name]
-        start = stream.batches
 
-        def read(k: int) -> tuple[torch.Tensor, ...]:
-            s = IndexStream(stream.n, stream.batch_size, seed=stream.seed, stream=stream.stream,
-                            rank=stream.rank, world_size=stream.world_size)
-            s.batches = k
-            idx = s.next_indices().numpy()
+        def jobs(s: IndexStream) -> Iterator[tuple[int, np.ndarray]]:  # (batch number, indices)
+            while True:
+                k = s.batches
+                yield k, s.next_indices().numpy()
+
+        def read(job: tuple[int, np.ndarray]) -> tuple[torch.Tensor, ...]:
+            k, idx = job
             return (*images.batch(idx, views, k), torch.from_numpy(idx))
 
-        return _ahead(pool, _count(start), read, self.threads)
+        # A copy of its own: the jobs run ahead of the position the state records.
+        return _ahead(pool, jobs(copy.copy(stream)), read, self.threads)
 
     def __iter__(self) -> Iterator[Batch]:
         with ThreadPoolExecutor(self.threads) as pool:
@@ -173,12 +183,6 @@ class FfcvViewsStream:
                              f"{state.get('order')!r}, not ffcv order 'exact'")
         for name, (_, _, s) in self._parts.items():
             s.load_state_dict(state[name])
-
-
-def _count(k: int) -> Iterator[int]:
-    while True:
-        yield k
-        k += 1
 
 
 class FfcvViewsEval:
