@@ -46,6 +46,7 @@ import torch
 from ffcv.reader import Reader
 
 from pipelines.base import Batch, ReaderSetup, to_device
+from pipelines.ffcv_backend import beton_path, rows_of_indices
 from pipelines.imagenet_views import ImageNetViews, cut_views, decode_views, resized_size
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import split_info
@@ -62,8 +63,6 @@ class BetonImages:
     """
 
     def __init__(self, path: Path) -> None:
-        from pipelines.ffcv_backend import rows_of_indices
-
         self.path = Path(path)
         reader = Reader(str(self.path))
         field = {name: reader.metadata[f"f{k}"] for k, name in enumerate(reader.field_names)}
@@ -125,14 +124,13 @@ class FfcvViewsStream:
     Args:
         root: dataset directory (built with ``--formats ffcv``).
         setup: placement, ``num_workers`` (decode threads per stream), ``imagenet_views`` and
-            ``num_strong`` (see :class:`~pipelines.base.ReaderSetup`).
+            ``num_strong`` (see :class:`~pipelines.base.ReaderSetup`); ``os_cache`` is not read
+            (the file is memory-mapped, so the OS page cache holds it).
         labeled_batch, unlabeled_batch, seed: as for :func:`pipelines.build_train_stream`.
     """
 
     def __init__(self, root: Path, setup: ReaderSetup, *, labeled_batch: int, unlabeled_batch: int,
                  seed: int = 0) -> None:
-        from pipelines.ffcv_backend import beton_path
-
         check_rank(setup.rank, setup.world_size)
         if setup.order not in (None, "exact"):
             raise ValueError(f"data.view_rule=authors_imagenet keys each batch's crops by its number in the "
@@ -164,8 +162,8 @@ class FfcvViewsStream:
         return _ahead(pool, jobs(copy.copy(stream)), read, self.threads)
 
     def __iter__(self) -> Iterator[Batch]:
-        with ThreadPoolExecutor(self.threads) as pool:
-            lab, unl = self._batches("labeled", pool), self._batches("unlabeled", pool)
+        with ThreadPoolExecutor(self.threads) as pool_l, ThreadPoolExecutor(self.threads) as pool_u:
+            lab, unl = self._batches("labeled", pool_l), self._batches("unlabeled", pool_u)
             d = self.device
             while True:
                 (x_l, y_l, _), (x_u, y_u, i_u) = next(lab), next(unl)
@@ -190,8 +188,6 @@ class FfcvViewsEval:
     batches and rank split as :class:`~pipelines.ffcv_backend.FfcvEval`)."""
 
     def __init__(self, root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> None:
-        from pipelines.ffcv_backend import beton_path
-
         root = Path(root)
         manifest = load_manifest(root)
         self.images = BetonImages(beton_path(root, split, manifest))
