@@ -213,9 +213,9 @@ class Config:
         if t.eval_protocol == "best_val" and not self.data.val_split:
             raise ConfigError("train.eval_protocol=best_val needs data.val_split")
         d = self.data
-        if d.view_rule == "authors_imagenet" and d.backend not in ("webdataset", "dali"):
-            raise ConfigError(f"data.view_rule=authors_imagenet: the reader cuts the views, which the webdataset "
-                              f"and dali backends do; not data.backend={d.backend}")
+        if d.view_rule == "authors_imagenet" and d.backend not in ("webdataset", "ffcv", "dali"):
+            raise ConfigError(f"data.view_rule=authors_imagenet: the reader cuts the views, which the webdataset, "
+                              f"ffcv and dali backends do; not data.backend={d.backend}")
         if d.view_rule == "authors_imagenet" and d.crop == "rrc":
             raise ConfigError("data.crop=rrc contradicts data.view_rule=authors_imagenet (its weak view is a "
                               "random crop of the shorter-side-resized image): leave data.crop unset")

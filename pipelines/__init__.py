@@ -199,7 +199,7 @@ def reader_setup(cfg: Any, rank: int, world_size: int, device: Any) -> ReaderSet
         raise ValueError(f"data.on_corrupt: {e}") from e
     if name != "tensor":  # variable-size datasets only (a fixed image size wins)
         options["load_size"] = d.load_size
-        if d.view_rule == "authors_imagenet" and name != "ffcv":  # the reader cuts every view's crop
+        if d.view_rule == "authors_imagenet":  # the reader cuts every view's crop
             from pipelines.imagenet_views import ImageNetViews
 
             options["imagenet_views"] = ImageNetViews(resize=d.load_size, crop=d.image_size, seed=cfg.train.seed)

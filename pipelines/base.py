@@ -88,8 +88,8 @@ class ReaderSetup:
     decode_device: str | None = _option(None, ("dali",))
     prefetch: int = _option(2, ("dali",), ())
     views: Any = _option(None, ("dali",), ())
-    imagenet_views: Any = _option(None, ("webdataset", "dali"))
-    num_strong: int | None = _option(None, ("webdataset", "dali"), ())
+    imagenet_views: Any = _option(None, ("webdataset", "ffcv", "dali"))
+    num_strong: int | None = _option(None, ("webdataset", "ffcv", "dali"), ())
     max_pixels: int = _option(MAX_PIXELS, _EVERY)
 
     @staticmethod

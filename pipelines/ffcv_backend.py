@@ -16,6 +16,9 @@ passes map indices to rows through it.
 
 FFCV reuses its batch buffers, so every batch is copied out (``contiguous`` NCHW) before it is
 kept. Batches run across epoch boundaries like the other backends.
+
+With ``imagenet_views`` (``data.view_rule=authors_imagenet``) :func:`build_train` and
+:func:`build_eval` hand over to :mod:`pipelines.ffcv_views` (the webdataset reader's crops).
 """
 
 from __future__ import annotations
@@ -337,9 +340,17 @@ class FfcvEval:
             yield (x, y) if self.world_size == 1 else (x, y, valid.to(self.device))
 
 
-def build_train(root: Path, setup: ReaderSetup, **batches: Any) -> FfcvStream:
+def build_train(root: Path, setup: ReaderSetup, **batches: Any) -> Any:
+    if setup.imagenet_views is not None:  # reader-cut views: pipelines.ffcv_views
+        from pipelines.ffcv_views import FfcvViewsStream
+
+        return FfcvViewsStream(root, setup, **batches)
     return FfcvStream(root, setup, **batches)
 
 
-def build_eval(root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> FfcvEval:
+def build_eval(root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> Any:
+    if setup.imagenet_views is not None:
+        from pipelines.ffcv_views import FfcvViewsEval
+
+        return FfcvViewsEval(root, split, setup, batch_size=batch_size)
     return FfcvEval(root, split, setup, batch_size=batch_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -106,8 +107,16 @@ def decode_views(
         nh, nw = resized_size(img.height, img.width, views.resize)
         img.draft("RGB", (nw, nh))
         rgb = img.convert("RGB")
-    rgb = rgb.resize((nw, nh), Image.BILINEAR)
-    arr = np.asarray(rgb)
+    return cut_views(rgb, (nh, nw), views, rng)
+
+
+def cut_views(rgb: Any, hw: tuple[int, int], views: ImageNetViews, rng: np.random.Generator | None) -> np.ndarray:
+    """Resize a decoded PIL RGB image to ``hw`` (:func:`resized_size` of its stored size; bilinear,
+    antialiased) and cut its views: uint8 ``(crop, crop * max(crops, 1), 3)``."""
+    from PIL import Image
+
+    nh, nw = hw
+    arr = np.asarray(rgb.resize((nw, nh), Image.BILINEAR))
     c = views.crop
     corners = crop_corners(nh, nw, c, views.crops, rng)
     return np.concatenate([arr[t : t + c, s : s + c] for t, s in corners], axis=1)

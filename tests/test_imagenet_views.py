@@ -20,6 +20,7 @@ from pipelines import build_eval_source, build_train_stream
 from pipelines.augment import ViewMaker
 from pipelines.augment import authors as AU
 from pipelines.imagenet_views import ImageNetViews, crop_corners, decode_views, resized_size
+from shards.format import load_manifest
 
 RESIZE, CROP = 48, 40
 SIZES = [(60, 100), (90, 50), (64, 64), (49, 130), (75, 61)]  # (h, w): landscape, portrait, square
@@ -202,12 +203,16 @@ def test_dali_reader_cuts_the_same_geometry(tmp_path):
 def test_training_runs_end_to_end_with_reader_cut_views_and_the_authors_policy(tmp_path):
     """A few steps of launch/train.py on the variable-size PNG dataset: the strips reach the trainer,
     ViewMaker splits them, evaluation gets the centre crops, the warm-up bank fill runs."""
-    from launch import train
-
     data = tmp_path / "data"
     _write_png_dataset(data)
-    args = ["model.encoder=small", "model.width=8", "model.init=authors", "data.backend=webdataset",
-            "data.workers=0", f"data.dataset={data}", f"data.image_size={CROP}", f"data.load_size={RESIZE}",
+    _train_a_few_steps(tmp_path, data, "data.backend=webdataset", "data.workers=0")
+
+
+def _train_a_few_steps(tmp_path: Path, data: Path, *backend: str) -> None:
+    from launch import train
+
+    args = ["model.encoder=small", "model.width=8", "model.init=authors", *backend,
+            f"data.dataset={data}", f"data.image_size={CROP}", f"data.load_size={RESIZE}",
             "data.view_rule=authors_imagenet", "data.rand_augment=authors", "data.cutout=none",
             "data.eval_batch=5", "method.bank_view=weak", "method.refresh_after_warmup=false",
             "method.warmup_epochs=1", "method.threshold=0.3", "method.bank_size=8", "method.get_num=4",
@@ -217,3 +222,119 @@ def test_training_runs_end_to_end_with_reader_cut_views_and_the_authors_policy(t
     assert train.main(args) == 0
     final = json.loads((tmp_path / "r" / "final.json").read_text())
     assert final["steps"] == 4 and "best TEST top-1" in final["protocol"]
+
+
+@pytest.fixture(scope="module")
+def jpeg_lt(tmp_path_factory) -> tuple[Path, dict[int, bytes]]:
+    """A non-square JPEG dataset built by ``bmb-shards imagenet-mismatch --formats wds,ffcv``
+    (2 classes: 4 labeled, 8 unlabeled (the labeled among them) and 3 test images each);
+    returns the directory and each unlabeled index's JPEG bytes as the tars hold them."""
+    pytest.importorskip("ffcv.writer", exc_type=ImportError)
+    from shards.cli import main
+    from shards.format import iter_tar_samples
+
+    base = tmp_path_factory.mktemp("ffcv_views")
+    for k, wnid in enumerate(("n01000000", "n02000000")):
+        for part, n in (("train", 8), ("val", 3)):
+            (base / "src" / part / wnid).mkdir(parents=True)
+            for i in range(n):
+                h, w = SIZES[(i + k) % len(SIZES)]
+                Image.fromarray(_picture(h, w, seed=100 * k + i + 50 * (part == "val"))).save(
+                    base / "src" / part / wnid / f"{wnid}_{i}.JPEG", quality=95)
+    out = base / "d"
+    assert main(["imagenet-mismatch", "--source", str(base / "src"), "--n1", "4", "--m1", "4", "--gamma-l", "1",
+                 "--gamma-u", "1", "--formats", "wds,ffcv", "--out", str(out), "--no-progress",
+                 "--workers", "1"]) == 0
+    jpegs = {int(m["idx"]): m["jpg"] for f in sorted((out / "unlabeled").glob("*.tar"))
+             for _, m in iter_tar_samples(f)}
+    return out, jpegs
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def test_ffcv_reader_cuts_the_webdataset_crops(jpeg_lt, tmp_path_factory):
+    """FFCV (the .beton's re-encoded JPEGs) and webdataset (the original JPEGs): same samples,
+    same crop places per batch and row, at any world size and after a resume; the crops are
+    exact windows of the aspect-kept resize of the image the .beton stores (no Cutout)."""
+    from pipelines.ffcv_views import BetonImages
+
+    root, jpegs = jpeg_lt
+    iv = ImageNetViews(resize=RESIZE, crop=CROP, seed=5)
+    opts = dict(num_workers=2, imagenet_views=iv, num_strong=2)
+
+    def batches(backend: str, n: int, **kw) -> list:
+        kw = {**opts, **kw} if backend == "ffcv" else {**opts, "num_workers": 0, **kw}
+        stream = build_train_stream(backend, root, labeled_batch=2, unlabeled_batch=kw.pop("ub", 4), seed=1, **kw)
+        return [b for _, b in zip(range(n), stream)]
+
+    ff, wd = batches("ffcv", 3), batches("webdataset", 3)
+    stored = BetonImages(root / load_manifest(root)["splits"]["unlabeled"]["ffcv"]["file"])
+    worst = 0
+    for f, w in zip(ff, wd):
+        assert f.labeled.shape == (2, 3, CROP, CROP) and f.unlabeled.shape == (4, 3, CROP, 3 * CROP)
+        assert torch.equal(f.unlabeled_index, w.unlabeled_index) and torch.equal(f.labels, w.labels)
+        assert torch.equal(f.unlabeled_labels, w.unlabeled_labels)
+        for i, fs, ws in zip(f.unlabeled_index.tolist(), f.unlabeled, w.unlabeled):
+            ref_f = _reference_resize(_decoded(stored.stored(i)[3].tobytes()))  # the image the .beton holds
+            ref_w = _reference_resize(_decoded(jpegs[i]))
+            assert ref_f.shape == ref_w.shape and min(ref_f.shape[:2]) == RESIZE  # aspect kept
+            fs, ws = fs.permute(1, 2, 0).numpy(), ws.permute(1, 2, 0).numpy()
+            for j in range(3):
+                seg = np.s_[:, j * CROP : (j + 1) * CROP]
+                t, s = _locate(fs[seg], ref_f)
+                assert 0 <= t <= ref_f.shape[0] - CROP and 0 <= s <= ref_f.shape[1] - CROP
+                assert (t, s) == _locate(ws[seg], ref_w)  # the webdataset reader's crop place
+            worst = max(worst, int(np.abs(fs.astype(int) - ws).max()))
+    assert 0 < worst < 32  # pixels differ by the .beton's JPEG re-encoding only
+    # Resume: the stream restored after one step continues with the same crops.
+    s1 = build_train_stream("ffcv", root, labeled_batch=2, unlabeled_batch=4, seed=1, **opts)
+    it = iter(s1)
+    next(it)
+    s2 = build_train_stream("ffcv", root, labeled_batch=2, unlabeled_batch=4, seed=1, **opts)
+    s2.load_state_dict(s1.state_dict())
+    resumed = next(iter(s2))
+    assert torch.equal(resumed.unlabeled, ff[1].unlabeled) and torch.equal(resumed.labeled, ff[1].labeled)
+    assert not torch.equal(ff[0].unlabeled, ff[1].unlabeled)
+    # World size 2: rank r's rows are rows 2r, 2r + 1 of the global batch, with their crops.
+    parts = [batches("ffcv", 2, ub=2, rank=r, world_size=2, num_workers=1)[1].unlabeled for r in (0, 1)]
+    assert torch.equal(torch.cat(parts), ff[1].unlabeled)
+    with pytest.raises(ValueError, match="order='exact'"):
+        build_train_stream("ffcv", root, labeled_batch=2, unlabeled_batch=4, order="quasi_random", os_cache=False,
+                           **opts)
+    # Evaluation: the centre crop of the aspect-kept resize.
+    test = BetonImages(root / load_manifest(root)["splits"]["test"]["ffcv"]["file"])
+    x, y = next(iter(build_eval_source("ffcv", root, "test", batch_size=6, num_workers=2, imagenet_views=iv)))
+    assert x.shape == (6, 3, CROP, CROP) and torch.equal(y, torch.from_numpy(test.labels[:6]))
+    for i, img in enumerate(x):
+        ref = _reference_resize(_decoded(test.stored(i)[3].tobytes()))
+        assert _locate(img.permute(1, 2, 0).numpy(), ref) == (round((ref.shape[0] - CROP) / 2),
+                                                               round((ref.shape[1] - CROP) / 2))
+    # The run config reaches it: a few training steps of launch/train.py on the .beton files.
+    _train_a_few_steps(tmp_path_factory.mktemp("run"), root, "data.backend=ffcv", "data.workers=1")
+
+
+def test_ffcv_raw_rows_give_the_webdataset_strips_exactly(tmp_path):
+    """A .beton of raw pixels (the builder's PNG rows, lossless): FFCV's strips are the webdataset
+    reader's, pixel for pixel, in training and evaluation."""
+    pytest.importorskip("ffcv.writer", exc_type=ImportError)
+    from shards.ffcv_out import write_beton
+
+    _write_png_dataset(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        write_beton(tmp_path / f"{split}.beton", [tmp_path / info["shards"][0]["file"]],
+                    np.arange(len(SIZES)) % 2, "png", np.arange(len(SIZES)))
+        info["ffcv"] = {"file": f"{split}.beton", "sha256": ""}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    iv = ImageNetViews(resize=RESIZE, crop=CROP, seed=3)
+    got = {}
+    for backend, workers in (("ffcv", 2), ("webdataset", 0)):
+        stream = build_train_stream(backend, tmp_path, labeled_batch=2, unlabeled_batch=5, num_workers=workers,
+                                    imagenet_views=iv, num_strong=2)
+        (x, _), = build_eval_source(backend, tmp_path, "test", batch_size=5, num_workers=workers, imagenet_views=iv)
+        got[backend] = [t for _, b in zip(range(2), stream) for t in (b.labeled, b.unlabeled)] + [x]
+    for f, w in zip(got["ffcv"], got["webdataset"]):
+        assert torch.equal(f, w)

@@ -38,18 +38,18 @@ def test_reader_setup_from_the_config() -> None:
 def test_fields_name_the_backends_that_read_them() -> None:
     assert ReaderSetup.accepted("webdataset", "train") == [
         "rank", "world_size", "device", "num_workers", "prefetch_factor", "pin_memory",
-        "load_size", "on_corrupt", "order", "shuffle_buffer", "imagenet_views", "num_strong",
+        "load_size", "on_corrupt", "order", "shuffle_buffer", "imagenet_views", "num_strong", "max_pixels",
     ]
     assert "order" not in ReaderSetup.accepted("webdataset", "eval")
     assert ReaderSetup.accepted("tensor", "eval") == [
-        "rank", "world_size", "device", "mmap", "on_device",
+        "rank", "world_size", "device", "mmap", "on_device", "max_pixels",
     ]
     assert "views" in ReaderSetup.accepted("dali", "train")
     assert "views" not in ReaderSetup.accepted("dali", "eval")
     # None: the backend's own default, left out of a backend's keyword options
     assert ReaderSetup(num_workers=0).options("webdataset", "train") == {
         "rank": 0, "world_size": 1, "device": "cpu", "num_workers": 0, "prefetch_factor": 4,
-        "on_corrupt": "raise",
+        "on_corrupt": "raise", "max_pixels": 1 << 26,
     }
 
 
@@ -58,7 +58,7 @@ def test_unknown_options_list_the_backends_own() -> None:
         ReaderSetup.from_options("ffcv", "eval", {"order": "exact"})
     assert str(e.value) == (
         "unknown option(s) ['order'] for input backend 'ffcv'; allowed: "
-        "['load_size', 'num_workers', 'os_cache']"
+        "['imagenet_views', 'load_size', 'max_pixels', 'num_workers', 'os_cache']"
     )
 
 
