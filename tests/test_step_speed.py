@@ -20,7 +20,7 @@ from benchmarks.bench_step import (
     step_precision,
 )
 from bmb.config import load_config
-from bmb.engine import build_optimizer
+from bmb.trainer import build_optimizer
 from bmb.models import BMBModel, resolve_memory_format
 from tests.demo_data import CONFIG, TINY
 
