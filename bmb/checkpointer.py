@@ -2,7 +2,7 @@
 
 A **part** is anything with ``state_dict()`` / ``load_state_dict(state)`` (:class:`Stateful`):
 the trainer itself (its step and evaluation history), the model, the EMA, the optimizer, the lr
-schedule, the algorithm's state (bank, N̂), the engine's get histogram ... (shared: every rank
+schedule, the algorithm's state (bank, N̂), the trainer's get histogram ... (shared: every rank
 holds the same, rank 0 writes it) and, apart, the **per-rank** parts (the reader's position, the
 augmentation generator, the RNGs). Adding a piece of state to a run is adding one entry to one of
 the two dicts handed to :class:`Checkpointer`; nothing here knows what the parts are.

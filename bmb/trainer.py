@@ -252,7 +252,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
         """Evaluate every split; returns one metrics row (with the reader's and the algorithm's
-        statistics: skipped images, the bank's histogram, N-hat, the engine's get histogram).
+        statistics: skipped images, the bank's histogram, N-hat, the trainer's get histogram).
 
         Every rank evaluates rank 0's model (the one checkpointed and exported): batch-norm
         statistics move with each rank's own batch, so the ranks' buffers are made rank 0's first."""
@@ -262,7 +262,7 @@ class Trainer:
             row["corrupt_skipped"] = self.stream.skipped
         row.update(self.evaluator.corrupt_skipped())  # ... and in this evaluation's passes
         stats = self.algorithm.eval_stats()
-        if stats:  # BMB: the bank's histogram and N-hat, with the engine's get histogram
+        if stats:  # BMB: the bank's histogram and N-hat, with the trainer's get histogram
             row.update(stats)
             row["get_class_counts"] = self.get_hist.cpu().tolist()
         return row
