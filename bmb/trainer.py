@@ -168,9 +168,9 @@ class Trainer:
                   "ema": self.ema, "optimizer": shared_opt, "scheduler": self.scheduler,
                   "algorithm": Part(self.algorithm.extra_state, self.algorithm.load_extra_state),
                   "get_hist": Part(lambda: self.get_hist.cpu().clone(), self._load_get_hist)}
-        per_rank = {"stream": Reader(self.stream),
-                    "aug_gen": Part(self.aug_gen.get_state, self.aug_gen.set_state),
-                    "optimizer": rank_opt, **rng_parts(self.device)}
+        # The ZeRO optimizer first: at another world size its refusal is named before the reader's.
+        per_rank = {"optimizer": rank_opt, "stream": Reader(self.stream),
+                    "aug_gen": Part(self.aug_gen.get_state, self.aug_gen.set_state), **rng_parts(self.device)}
         return shared, per_rank
 
     def state_dict(self) -> dict[str, Any]:
