@@ -39,8 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bmb.algorithms import AlgorithmContext, build_algorithm
 from bmb.config import MethodConfig, load_config
-from bmb.engine import Trainer
 from bmb.models import BMBModel, resolve_memory_format
+from bmb.trainer import Trainer
 from pipelines.augment import ViewMaker
 from pipelines.tensor import ArraySplit, TensorStream
 

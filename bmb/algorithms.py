@@ -144,7 +144,7 @@ class Algorithm(nn.Module):
 
     def take_drawn(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ``(labels, valid)`` of the items drawn from a memory bank since the last call (the
-        engine's ``get`` histogram), or None."""
+        trainer's ``get`` histogram), or None."""
         return None
 
     def eval_stats(self) -> dict[str, Any]:

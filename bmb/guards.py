@@ -9,7 +9,7 @@ evaluate and export NaN weights as if they were a result. The trainer:
 - reads the flag (:meth:`LossWatch.check`, one synchronisation, agreed over the ranks) where the
   loop synchronises anyway: every ``log_every`` steps, before an evaluation and before a checkpoint;
 - before every checkpoint and before the export, checks every floating tensor it is about to
-  write (:func:`check_trainer`: weights, buffers, EMA, optimizer moments, the algorithm's state).
+  write (:func:`check_state`: weights, buffers, EMA, optimizer moments, the algorithm's state).
 
 Either raises :class:`DivergedError` (``non-finite loss at step N (loss=nan; terms: ...)`` or
 ``non-finite parameter model.fc.weight at step N``) on every rank, before anything non-finite is
@@ -30,7 +30,6 @@ from bmb.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
     from bmb.dist import Collectives
-    from bmb.engine import Trainer
 
 EXIT_DIVERGED = 4  # launch/train.py's exit status after a DivergedError (nothing non-finite written)
 
@@ -122,31 +121,24 @@ def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     return items[min(bad)][0] if bad else None
 
 
-def trainer_tensors(t: Trainer) -> Iterator[tuple[str, torch.Tensor]]:
-    """What a checkpoint and the export hold of ``t``, as named tensors."""
-    yield from named_tensors(t.raw_model.state_dict(), "model.")
-    yield from named_tensors(t.ema.module.state_dict(), "ema.")
-    if not t.deepspeed:  # DeepSpeed's partitioned state is its own (its loss scaler skips inf steps)
-        yield from named_tensors(t.optimizer.state_dict()["state"], "optimizer.")
-    yield from named_tensors(t.algorithm.extra_state(), "algorithm.")
-
-
-def check_trainer(t: Trainer, agree: bool = True) -> None:
+def check_state(tensors: Iterable[tuple[str, torch.Tensor]], step: int, coll: Collectives,
+                watch: LossWatch | None = None, agree: bool = True) -> None:
     """Before a checkpoint (every rank, ``agree``) or the export (rank 0 alone): raise
-    :class:`DivergedError` if the loss went non-finite or a tensor to be written is not finite."""
-    if agree:
-        t.watch.check(t.coll)
-    bad = first_nonfinite(trainer_tensors(t))
-    if t.coll.any_true(bad is not None) if agree else bad is not None:
-        raise DivergedError(f"non-finite parameter {bad or '(on another rank)'} at step {t.step}. Training stopped "
+    :class:`DivergedError` if the loss went non-finite (``watch``) or one of the named ``tensors``
+    to be written (weights, EMA, optimizer moments, the algorithm's state) is not finite."""
+    if agree and watch is not None:
+        watch.check(coll)
+    bad = first_nonfinite(tensors)
+    if coll.any_true(bad is not None) if agree else bad is not None:
+        raise DivergedError(f"non-finite parameter {bad or '(on another rank)'} at step {step}. Training stopped "
                             "before writing it to a checkpoint or the export. Resume from the last checkpoint "
                             "with a lower optim.lr (and train.allow_config_change=true), or start again")
 
 
 def refuse_nonfinite_checkpoint(name: str, state: dict[str, Any]) -> None:
-    """Resume: a checkpoint whose weights (or any stored float) are not finite is unusable
+    """Resume: a checkpoint whose shared ``state`` (weights, EMA, optimizer moments, the algorithm's
+    state ...: every stored float) is not finite is unusable
     (:class:`bmb.checkpoint.CheckpointError`, so that resume falls back to the previous one)."""
-    bad = first_nonfinite(named_tensors({k: state[k] for k in ("model", "ema", "optimizer", "algorithm")
-                                         if k in state}))
+    bad = first_nonfinite(named_tensors(state))
     if bad is not None:
         raise CheckpointError(f"{name} holds non-finite values ({bad}): a diverged run's state, not resumable")

@@ -67,3 +67,20 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / max(total - warm, 1)))
 
     return f
+
+
+def retune(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Config) -> None:
+    """After an opted-in config change on resume: the restored optimizer and schedule take the
+    requested lr, weight decay (and SGD momentum), at the schedule's current step."""
+    o = cfg.optim
+    groups = optimizer.param_groups
+    for g in groups:
+        g["initial_lr"], g["weight_decay"] = o.lr, o.weight_decay
+        if o.name == "sgd":
+            g["momentum"], g["nesterov"] = o.momentum, o.nesterov
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    for g in groups:
+        g["lr"] = o.lr * factor
+    # Through the schedule's own state (its base lrs and the lr it last set), not its attributes.
+    scheduler.load_state_dict({**scheduler.state_dict(), "base_lrs": [o.lr for _ in groups],
+                               "_last_lr": [g["lr"] for g in groups]})

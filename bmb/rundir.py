@@ -1,16 +1,18 @@
 """Run identity: which run a run directory (and each checkpoint in it) belongs to, and which config
 changes a resume may make.
 
-A run directory ``out_dir/name`` holds, besides the outputs listed in ``bmb/engine.py``
-(checkpoints are written and resumed by ``bmb/resume.py``)::
+A run directory ``out_dir/name`` holds, besides the outputs listed in ``bmb/trainer.py``
+(checkpoints are written and resumed by ``bmb/checkpointer.py``)::
 
     run.json        {"run_id", "created", "config"}: the run's id and the config it was started with
     history.jsonl   one JSON event per line: start, resume (with the cadence keys that changed),
                     config_change (opted-in hyperparameter changes, old and new values),
                     dataset_change (opted-in rebuilt dataset: both build ids), diverged, finish
 
-and beside it ``out_dir/.<name>.lock`` (:class:`RunLock`) while a training runs. Before anything is
-written, :func:`claim` takes the lock and refuses links planted in the directory and JSONL logs
+How a run starts there (afresh, or resumed from which checkpoint; the refusals) is decided by
+:meth:`RunDir.plan`, reading only, and recorded by :meth:`RunDir.record`. Beside it lies
+``out_dir/.<name>.lock`` (:class:`RunLock`) while a training runs. Before anything is written,
+:func:`claim` takes the lock and refuses links planted in the directory and JSONL logs
 corrupt other than in their last line (:func:`check_run_dir`).
 
 Every checkpoint (and its seal, see ``bmb/checkpoint.py``) carries the run id. Resuming compares
@@ -28,10 +30,12 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bmb.config import Config, config_to_dict, flatten
+from bmb import checkpoint as ckpt
+from bmb.config import Config, config_to_dict, dump_config, flatten
 from bmb.logs import LogFileError, read_jsonl, repair_tail
 from shards.outdir import PidLock
 
@@ -246,6 +250,147 @@ def dataset_change(run_dir: Path, main: dict[str, Any], current: str | None, all
             "a new run (another name=...), or continue on the new data with train.allow_dataset_change=true "
             f"(recorded in {HISTORY_FILE}).")
     return {"from": saved, "to": current}
+
+
+# ---------------------------------------------------------------------------- how a run starts
+@dataclasses.dataclass
+class StartPlan:
+    """How a run starts, decided reading only (:meth:`RunDir.plan`). ``loaded``: the checkpoint
+    to resume from (the loader's object, with ``.main``: rank 0's file), None for a fresh start."""
+
+    loaded: Any = None
+    run_id: str | None = None
+    path: str = ""  # the checkpoint file (as asked, or found)
+    shown: str = ""  # ... as the log names it
+    step: int = 0
+    changes: list[Change] = dataclasses.field(default_factory=list)
+    adopted: bool = False  # resumed from a checkpoint file into a directory without run.json
+    config: dict[str, Any] | None = None  # the checkpoint's config
+    later: list[Path] = dataclasses.field(default_factory=list)  # this run's checkpoints past it
+    dataset_change: dict[str, Any] | None = None
+
+    @property
+    def fresh(self) -> bool:
+        return self.loaded is None
+
+    @property
+    def retune(self) -> bool:
+        """An opted-in hyperparameter change: the restored state must take the requested values."""
+        return any(c.kind == "guarded" for c in self.changes)
+
+
+class RunDir:
+    """The run directory ``out_dir/name``: how a run starts in it (:meth:`plan`, reading only) and
+    the record of that start (:meth:`record`, rank 0)."""
+
+    def __init__(self, path: str | Path, log: Callable[[str], None] = print) -> None:
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+        self.log = log
+
+    def plan(self, cfg: Config, build_id: str | None, newest: Callable[[list, str], tuple | None],
+             load: Callable[[Path], Any]) -> StartPlan:
+        """Decide, reading only, how this run starts: afresh, or from which checkpoint. ``newest``:
+        ``(candidates, run_id) -> (path, loaded) | None``, the newest one every rank can load;
+        ``load``: ``path -> loaded`` (raises :class:`CheckpointError`). Raises :class:`RunDirError`
+        (on every rank) before anything in the run directory is written when it cannot start as asked."""
+        run_dir, mode = self.path, cfg.train.resume
+        ident = read_identity(run_dir)
+        results = results_present(run_dir)
+        all_ckpts = [p for _, p in ckpt.list_checkpoints(self.ckpt_dir)]
+        if mode == "none":
+            if all_ckpts or results:
+                refuse_leftovers(
+                    run_dir, "train.resume=none starts a new run here, but the directory is in use", ident, all_ckpts,
+                    results, "Start the new run elsewhere (another name=... or train.out_dir=...), move or delete "
+                    "this directory, or continue its run with train.resume=auto.")
+            return StartPlan()
+        if mode == "auto":
+            own, other = ckpt.split_by_run(self.ckpt_dir, ident["run_id"] if ident else None)
+            if ident is None:
+                if other or results:
+                    refuse_leftovers(
+                        run_dir, f"no {RUN_FILE}, so it cannot tell which run these belong to", None,
+                        [p for _, p in other], results, "Move or delete them (or the directory) to start afresh, or "
+                        "use another name=...")
+                return StartPlan()
+            if other:
+                self.log(f"[checkpoint] ignoring {len(other)} file(s) in {self.ckpt_dir} not sealed by run "
+                         f"{ident['run_id']} (they are never loaded nor pruned): "
+                         + ", ".join(p.name for _, p in other))
+            found = newest(own, ident["run_id"])
+            if found is None:
+                if own or results:
+                    refuse_leftovers(
+                        run_dir, f"no usable checkpoint of run {ident['run_id']} to resume from, and starting over "
+                        "would overwrite its results", ident, [p for _, p in own], results,
+                        "To start over, move or delete the directory (or those files); to keep it, use another "
+                        "name=...; to resume from a particular checkpoint, train.resume=<path>.")
+                return StartPlan()
+            path, loaded = found
+        else:
+            path = Path(mode)
+            if not path.is_file():
+                raise FileNotFoundError(f"train.resume: checkpoint file not found: {path}")
+            try:
+                loaded = load(path)
+            except ckpt.CheckpointError as e:
+                raise RunDirError(f"run dir {run_dir}: train.resume={path}: {e}") from None
+            main = loaded.main
+            if ident is not None and ident["run_id"] != main["run_id"]:
+                raise RunDirError(f"run dir {run_dir} holds run {ident['run_id']}, but {path} belongs to run "
+                                  f"{main['run_id']}; nothing was written. Resume it in its own directory or a "
+                                  "new one (another name=...)")
+            if ident is None and (all_ckpts or results):
+                refuse_leftovers(run_dir, f"no {RUN_FILE}, so it cannot tell which run these belong to", None,
+                                 all_ckpts, results, "Resume into an empty directory.")
+        main = loaded.main
+        # This run's checkpoints past the one resumed from are off the new timeline (skipped as
+        # unusable, or abandoned by resuming from an older file): set aside once the checks pass,
+        # so that neither a later resume=auto nor pruning mistakes them for the newest.
+        own_now, _ = ckpt.split_by_run(self.ckpt_dir, main["run_id"])
+        later = [p for s, p in own_now if s > main["step"]]
+        changes = classify(main["config"], cfg)
+        refuse_changes(run_dir, main["run_id"], main["step"], changes, cfg.train.allow_config_change)
+        dataset = dataset_change(run_dir, main, build_id, cfg.train.allow_dataset_change)
+        step = int(main["step"])
+        shown = str(path if mode != "auto" else ckpt.main_path(self.ckpt_dir, step))
+        return StartPlan(loaded, main["run_id"], str(path), shown, step, changes, ident is None, main["config"],
+                         later, dataset)
+
+    def record(self, plan: StartPlan, run_id: str, cfg: Config) -> None:
+        """Rank 0, after :meth:`plan` accepted: the run's files say what this run is."""
+        run_dir = self.path
+        run_dir.mkdir(parents=True, exist_ok=True)
+        gone = ckpt.clean_orphans(self.ckpt_dir)  # temp files of writers killed mid-save (the lock is ours)
+        if gone:
+            self.log(f"[checkpoint] removed {len(gone)} unfinished temp file(s) of killed writers: {', '.join(gone)}")
+        if plan.fresh:
+            write_identity(run_dir, run_id, config_to_dict(cfg))
+            append_history(run_dir, "start", run_id, step=0)
+        else:
+            if plan.adopted:  # resumed from a checkpoint file into an empty directory
+                write_identity(run_dir, run_id, plan.config, adopted_from=plan.path)
+            if plan.later:
+                ckpt.set_aside(self.ckpt_dir, plan.later, "set-aside")
+                self.log(f"[checkpoint] moved checkpoint(s) of run {run_id} past step {plan.step} (unusable, "
+                         f"or abandoned by this resume) to {self.ckpt_dir / 'set-aside'}: "
+                         + ", ".join(p.name for p in plan.later))
+            append_history(run_dir, "resume", run_id, step=plan.step, checkpoint=plan.path,
+                           changed=[c.as_json() for c in plan.changes if c.kind == "free"],
+                           set_aside=[p.name for p in plan.later])
+            guarded = [c for c in plan.changes if c.kind == "guarded"]
+            if guarded:
+                append_history(run_dir, "config_change", run_id, step=plan.step,
+                               changes=[c.as_json() for c in guarded])
+                self.log(f"[config] run {run_id} continues at step {plan.step} with "
+                         + "; ".join(c.describe() for c in guarded) + " (train.allow_config_change=true; "
+                         f"recorded in {run_dir / HISTORY_FILE})")
+            if plan.dataset_change:
+                append_history(run_dir, "dataset_change", run_id, step=plan.step, **plan.dataset_change)
+                self.log(f"[data] run {run_id} continues at step {plan.step} on a rebuilt dataset: build_id "
+                         f"{plan.dataset_change['from']} -> {plan.dataset_change['to']} (train.allow_dataset_change)")
+        dump_config(cfg, run_dir / "config.yaml")
 
 
 # ---------------------------------------------------------------------------- the run's lock

@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from bmb.algorithms import AlgorithmContext, build_algorithm
     from bmb.checkpoint import CheckpointWriteError
     from bmb.dist import Collectives
-    from bmb.engine import Trainer
     from bmb.guards import EXIT_DIVERGED, DivergedError
     from bmb.models import BMBModel, resolve_memory_format
     from bmb.rundir import RunDirError, append_history, claim
+    from bmb.trainer import Trainer
     from pipelines.augment import ViewMaker
     from shards.format import DataError
 

@@ -249,7 +249,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 def test_train_py_runs_with_loader_views(demo, tmp_path, monkeypatch):
-    from bmb.engine import Trainer
+    from bmb.trainer import Trainer
     from launch import train
 
     seen = []

@@ -11,7 +11,7 @@ from torch import nn
 
 from bmb.config import load_config
 from bmb.ema import ModelEMA
-from bmb.engine import build_optimizer, lr_lambda
+from bmb.trainer import build_optimizer, lr_lambda
 
 
 def _model() -> nn.Module:

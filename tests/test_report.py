@@ -1,7 +1,7 @@
 """``python -m launch.report`` on hand-written run directories: table values and PNGs.
 
 The runs are written by hand (``metrics.jsonl``, ``train.jsonl``, ``final.json``, ``config.yaml``
-as ``bmb/engine.py`` writes them), so every number in the table is known in advance.
+as ``bmb/trainer.py`` writes them), so every number in the table is known in advance.
 """
 
 from __future__ import annotations

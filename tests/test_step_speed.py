@@ -20,8 +20,8 @@ from benchmarks.bench_step import (
     step_precision,
 )
 from bmb.config import load_config
-from bmb.engine import build_optimizer
 from bmb.models import BMBModel, resolve_memory_format
+from bmb.trainer import build_optimizer
 from tests.demo_data import CONFIG, TINY
 
 

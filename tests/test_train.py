@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bmb.config import load_config
-from bmb.engine import EXIT_PREEMPTED, Trainer
+from bmb.trainer import EXIT_PREEMPTED, Trainer
 from launch import train
 from tests.demo_data import CONFIG, TINY
 

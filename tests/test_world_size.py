@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bmb.checkpointer import global_reader_position
 from bmb.config import ConfigError, load_config
 from bmb.optim import lr_lambda
-from bmb.resume import global_reader_position
 from launch.train import build_data
 from pipelines.augment.views import ViewMaker
 from tests.demo_data import build_small_demo

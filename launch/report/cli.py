@@ -22,7 +22,7 @@ _DESCRIPTION = """\
 Paper-style tables and plots from training run directories.
 
 A RUN_DIR is one run's directory (metrics.jsonl, train.jsonl, final.json, config.yaml, as
-bmb/engine.py writes them) or a folder whose immediate sub-folders are runs. Runs are grouped
+bmb/trainer.py writes them) or a folder whose immediate sub-folders are runs. Runs are grouped
 (by default: runs whose resolved configs differ only in the seed and bookkeeping keys such as
 train.out_dir) and every number is a run's result under its evaluation protocol (final.json; for
 a run still going, the protocol applied to the evaluations so far, marked *), shown in percent

@@ -1,6 +1,6 @@
 """Reading run directories back: ``config.yaml``, ``final.json``, ``metrics.jsonl``, ``train.jsonl``.
 
-A run directory is what ``bmb/engine.py`` writes. :func:`find_runs` finds them, :func:`load_run`
+A run directory is what ``bmb/trainer.py`` writes. :func:`find_runs` finds them, :func:`load_run`
 reads one into a :class:`Run`; a run still going (no ``final.json``) gets its evaluation protocol
 applied to the evaluations logged so far.
 """

@@ -7,7 +7,7 @@ supplies the device, mixed precision and DDP/DeepSpeed wrapping.
 
 =================== ==========================================================================
 ``bmb.optim``       the optimizer and the lr schedule
-``bmb.resume``      checkpoint save and resume, with the run's identity (``bmb.rundir``)
+``bmb.checkpointer`` checkpoint save and resume of the run's parts; how a run starts: ``bmb.rundir``
 ``bmb.evaluate``    confusion matrices, the metrics row, the protocol result, the table
 ``bmb.logs``        ``train.jsonl``, ``metrics.jsonl``, the experiment trackers (TensorBoard ...)
 ``bmb.export``      the final EMA model as safetensors + ``model.json`` + a model card
@@ -40,15 +40,16 @@ from torch import nn
 
 from bmb import guards, rundir
 from bmb.algorithms import Algorithm, StepOutputs
-from bmb.config import Config
+from bmb.checkpointer import Checkpointer, Part, Reader, optimizer_parts, rng_parts
+from bmb.config import Config, config_to_dict
 from bmb.dist import Collectives
 from bmb.ema import ModelEMA
 from bmb.evaluate import Evaluator, final_result, format_table, shot_thresholds
 from bmb.export import write_export
+from bmb.guards import named_tensors
 from bmb.logs import RunLogs
 from bmb.metrics import shot_groups
-from bmb.optim import build_optimizer, lr_lambda
-from bmb.resume import Checkpointer
+from bmb.optim import build_optimizer, lr_lambda, retune
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_PREEMPTED", "Trainer", "build_optimizer", "lr_lambda"]
 
@@ -114,7 +115,6 @@ class Trainer:
         self.class_names = class_names
         self.run_dir = Path(run_dir)
         self.dataset_build_id = dataset_build_id  # the manifest's build_id: checkpointed, compared on resume
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.main = accelerator.is_main_process
         self.log = log if self.main else (lambda *_: None)
         self.coll = Collectives()
@@ -147,7 +147,9 @@ class Trainer:
         self.thresholds = shot_thresholds(cfg, self.labeled_counts)
         self.groups = shot_groups(self.labeled_counts, *self.thresholds)
         self.get_hist = torch.zeros(len(class_names), dtype=torch.long, device=self.device)
-        self.checkpoints = Checkpointer(self)
+        self.checkpoints = Checkpointer(*self.checkpoint_parts(), rundir.RunDir(self.run_dir, self.log), self.coll,
+                                        accelerator.wait_for_everyone, config_to_dict(cfg),
+                                        cfg.train.keep_checkpoints, dataset_build_id, log=self.log)
         self.watch = guards.LossWatch()  # the first non-finite loss (bmb.guards)
         self.logs = RunLogs(self.run_dir, accelerator)
         self.evaluator = Evaluator(cfg, eval_sources, lambda images: views.eval(images.to(self.device)), self.groups,
@@ -157,9 +159,55 @@ class Trainer:
     def raw_model(self) -> nn.Module:
         return self.acc.unwrap_model(self.model)
 
+    # ------------------------------------------------------------------ checkpointed state
+    def checkpoint_parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What a checkpoint holds: ``(shared parts, per-rank parts)`` by name (the checkpoint's
+        keys; see :mod:`bmb.checkpointer`). A new piece of state is one more entry here."""
+        shared_opt, rank_opt = optimizer_parts(self.optimizer, self.deepspeed)
+        shared = {"trainer": self, "model": Part(lambda: self.raw_model.state_dict(), self.raw_model.load_state_dict),
+                  "ema": self.ema, "optimizer": shared_opt, "scheduler": self.scheduler,
+                  "algorithm": Part(self.algorithm.extra_state, self.algorithm.load_extra_state),
+                  "get_hist": Part(lambda: self.get_hist.cpu().clone(), self._load_get_hist)}
+        # The ZeRO optimizer first: at another world size its refusal is named before the reader's.
+        per_rank = {"optimizer": rank_opt, "stream": Reader(self.stream),
+                    "aug_gen": Part(self.aug_gen.get_state, self.aug_gen.set_state), **rng_parts(self.device)}
+        return shared, per_rank
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own part: its step and the evaluation history."""
+        return {"step": self.step, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+        self.step = int(state["step"])
+
+    def _load_get_hist(self, counts: torch.Tensor) -> None:
+        self.get_hist = counts.to(self.device).clone()
+
+    def _written_tensors(self) -> Any:
+        """What a checkpoint and the export hold, as named tensors (for the divergence guard)."""
+        yield from named_tensors(self.raw_model.state_dict(), "model.")
+        yield from named_tensors(self.ema.module.state_dict(), "ema.")
+        opt = self.checkpoints.parts["optimizer"].state_dict()  # None under ZeRO: its state is DeepSpeed's
+        if opt is not None:
+            yield from named_tensors(opt["state"], "optimizer.")
+        yield from named_tensors(self.algorithm.extra_state(), "algorithm.")
+
+    def check_finite(self, agree: bool = True) -> None:
+        """Raise :class:`bmb.guards.DivergedError` before anything non-finite is written."""
+        guards.check_state(self._written_tensors(), self.step, self.coll, self.watch if agree else None, agree)
+
     def save_checkpoint(self) -> None:
-        """Every rank: write this step's checkpoint (see :class:`bmb.resume.Checkpointer`)."""
+        """Every rank: write this step's checkpoint (see :class:`bmb.checkpointer.Checkpointer`)."""
         self.checkpoints.save()
+
+    def retune(self) -> None:
+        """After an opted-in config change on resume: the hyperparameters the restored state carries
+        (the optimizer's lr and decay, the schedule's base lr, the bank's powers, the EMA decay)
+        take the requested values, so that the run does what ``config.yaml`` says."""
+        retune(self.optimizer, self.scheduler, self.cfg)
+        self.algorithm.retune(self.cfg.method)
+        self.ema.decay = self.cfg.train.ema_decay
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -204,7 +252,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
         """Evaluate every split; returns one metrics row (with the reader's and the algorithm's
-        statistics: skipped images, the bank's histogram, N-hat, the engine's get histogram).
+        statistics: skipped images, the bank's histogram, N-hat, the trainer's get histogram).
 
         Every rank evaluates rank 0's model (the one checkpointed and exported): batch-norm
         statistics move with each rank's own batch, so the ranks' buffers are made rank 0's first."""
@@ -214,7 +262,7 @@ class Trainer:
             row["corrupt_skipped"] = self.stream.skipped
         row.update(self.evaluator.corrupt_skipped())  # ... and in this evaluation's passes
         stats = self.algorithm.eval_stats()
-        if stats:  # BMB: the bank's histogram and N-hat, with the engine's get histogram
+        if stats:  # BMB: the bank's histogram and N-hat, with the trainer's get histogram
             row.update(stats)
             row["get_class_counts"] = self.get_hist.cpu().tolist()
         return row
@@ -229,7 +277,10 @@ class Trainer:
         """
         cfg = self.cfg
         total = cfg.total_steps
-        self.checkpoints.start()  # refuses (RunDirError) before writing anything; may resume
+        plan = self.checkpoints.start(cfg)  # refuses (RunDirError) before writing anything; may resume
+        self.run_id = self.checkpoints.run_id
+        if plan.retune:
+            self.retune()
         self.logs.start(self.history, self.step, cfg)
         start_step, t0 = self.step, time.time()
         seconds_before = self.history[-1]["seconds"] if self.history else 0.0
@@ -277,7 +328,7 @@ class Trainer:
                     self.logs.metrics(row)
                 stop = self._agree_stop(sig.received)
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == total or stop:
-                    guards.check_trainer(self)  # nothing non-finite is checkpointed
+                    self.check_finite()  # nothing non-finite is checkpointed
                     self.checkpoints.save()
                 if stop:
                     if bar is not None:
@@ -300,7 +351,7 @@ class Trainer:
         the table."""
         result = final_result(self.cfg, self.history, self.step, self.labeled_counts, self.class_names,
                               self.thresholds, self.run_id, self.device)
-        guards.check_trainer(self, agree=False)  # nor exported
+        self.check_finite(agree=False)  # nor exported
         (self.run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
         write_export(self.run_dir / "export", self.ema.module, cfg=self.cfg, eval_head=self.algorithm.eval_head,
                      class_names=self.class_names, labeled_counts=self.labeled_counts.tolist(),
