@@ -11,16 +11,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from pipelines import augment as A
 from pipelines.augment import geometry, policy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    # Small tensors, shared 2-core machine: extra threads only add contention.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _device(name: str) -> torch.device:

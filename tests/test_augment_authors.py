@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from pipelines.augment import authors as AU
-from tests.test_augment import _few_threads  # noqa: F401  (autouse: one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 GEOMETRIC = ("rotate", "shear_x", "shear_y")
 

@@ -4,7 +4,6 @@ the same code paths, seconds) here, in this process (so DALI's and FFCV's start-
 
 from __future__ import annotations
 
-import ast
 import importlib
 import importlib.util
 import shlex
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.import_graph import imports_under
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -73,11 +74,8 @@ def test_benchmark_smoke(name, capfd):  # capfd: bench_bank_sync's table comes f
 
 
 def test_no_benchmark_imports_a_test_module():
-    for path in sorted(BENCH.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not [n for n in names if n == "tests" or n.startswith("tests.")], f"{path.name} imports {names}"
+    found = [hit for path in sorted(BENCH.glob("*.py")) for hit in imports_under(path, REPO, "tests")]
+    assert not found, "\n".join(found)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -4,42 +4,21 @@ disjoint, and a 2-process step with batch B/2 per rank equals a 1-process step w
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from bmb.algorithms import BMB, StepOutputs
 from bmb.dist import Collectives
 from bmb.models import BMBModel, ModelOutput
 from tests.algos import make_bmb
-from tests.ports import free_port
+from tests.process_groups import finish, init_gloo, spawn
 
 pytestmark = pytest.mark.dist
 
 C, D = 5, 6
-
-
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
-
-
-def _finish() -> None:
-    """Tear down only once every rank is done: a rank exiting while another still talks to it
-    can abort the other's gloo threads."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def spawn(fn, world: int, *args) -> None:
-    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
 
 def random_outputs(g: torch.Generator, b: int, k: int = 2) -> StepOutputs:
@@ -59,7 +38,7 @@ def dist_bmb(get_num: int = 8, **kw) -> BMB:
 
 # ----------------------------------------------------------------------------- bank sync
 def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     # Without replacement, so that the ranks' slices of one draw are disjoint items.
     alg = dist_bmb(bank_check_every=5, get_replacement=False)
     head = nn.Linear(D, C)
@@ -73,7 +52,7 @@ def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     full_f, full_y, full_v = alg.bank.draw(alg.get_num, alg.estimator.value(), replacement=False)  # again
     torch.save({"bank": alg.bank.state_dict(), "nhat": alg.estimator.value(), "steps": alg.estimator.steps,
                 "slice": feats, "valid": valid, "full": full_f, "full_valid": full_v}, f"{out_dir}/rank{rank}.pt")
-    _finish()
+    finish()
 
 
 def test_banks_identical_nhat_summed_slices_disjoint(tmp_path):
@@ -93,7 +72,7 @@ def test_banks_identical_nhat_summed_slices_disjoint(tmp_path):
 
 
 def _diverge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     alg = dist_bmb(bank_check_every=3)
     head = nn.Linear(D, C)
     g = torch.Generator().manual_seed(7 + rank)
@@ -108,7 +87,7 @@ def _diverge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         message = str(e)
     with open(f"{out_dir}/rank{rank}.txt", "w") as f:
         f.write(message)
-    _finish()
+    finish()
 
 
 def test_divergence_is_detected(tmp_path):
@@ -169,7 +148,7 @@ def _pick_rows(x: torch.Tensor, y: torch.Tensor, rank: int, world: int):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     x, y, prefill = equivalence_inputs()
     model = nn.parallel.DistributedDataParallel(build_model())
     alg = build_alg(GET)  # get_num is global, like the batches
@@ -187,7 +166,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # ("terminate called without an active exception") in 3 of ~210 runs; released: 0 of 300.
     del model, alg, losses
     gc.collect()
-    _finish()
+    finish()
 
 
 def test_two_processes_half_batch_equal_one_process_full_batch(tmp_path):
@@ -207,12 +186,12 @@ def test_two_processes_half_batch_equal_one_process_full_batch(tmp_path):
 
 # ----------------------------------------------------------------------------- stop flag
 def _flag_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     coll = Collectives()
     seen = [coll.any_true(False), coll.any_true(rank == 1), coll.any_true(False)]
     with open(f"{out_dir}/rank{rank}.txt", "w") as f:
         f.write(" ".join(str(v) for v in seen))
-    _finish()
+    finish()
 
 
 def test_any_true_agrees_on_every_rank(tmp_path):

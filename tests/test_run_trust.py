@@ -6,7 +6,6 @@ Every refusal must leave the run directory byte-for-byte (and mtime-for-mtime) a
 
 import hashlib
 import json
-import os
 import shutil
 import zipfile
 
@@ -16,16 +15,7 @@ import yaml
 
 from launch import train
 from tests.demo_data import build_small_demo
-
-TINY = [
-    "model.encoder=small", "model.width=8",
-    "train.labeled_batch=16", "train.unlabeled_batch=16", "train.iters_per_epoch=10", "train.epochs=2",
-    "train.eval_every=5", "train.checkpoint_every=5", "train.log_every=5", "train.progress=false",
-    "train.keep_checkpoints=5", "train.ema_decay=0.9", "method.warmup_epochs=0", "method.threshold=0.15",
-    "method.bank_size=32", "method.get_num=16", "data.eval_batch=64", "train.threads=1",
-]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "launch", "configs", "demo.yaml")
+from tests.run_dirs import args, ckpts, final, run_id_of, seal, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -36,39 +26,9 @@ def demo_data(tmp_path_factory):
 @pytest.fixture
 def run(demo_data, tmp_path):
     def _run(*extra, name="r"):
-        return train.main(["--config", CONFIG, *TINY, f"data.dataset={demo_data}", f"train.out_dir={tmp_path}",
-                           f"name={name}", *extra])
+        return train.main(args(demo_data, tmp_path, name, *extra))
 
     return _run
-
-
-def snapshot(d):
-    """Every file under ``d``: bytes and mtime; every folder: mtime (a refusal must change none,
-    nor add or remove anything)."""
-    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
-            for p in sorted([d, *d.rglob("*")])}
-
-
-def ckpts(d):
-    return sorted(p.name for p in (d / "checkpoints").glob("ckpt-*.pt"))
-
-
-def final(d):
-    return json.loads((d / "final.json").read_text())
-
-
-def seal(path, run_id, step):
-    """Seal a file the way bmb does (sha256 + size + run id + step in ``<file>.json``): what an
-    attacker who read the docs, or a tool, could produce."""
-    data = path.read_bytes()
-    path.with_name(path.name + ".json").write_text(json.dumps(
-        {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "run_id": run_id,
-         "step": step, "format": 2}))
-
-
-def run_id_of(d):
-    p = d / "run.json"
-    return json.loads(p.read_text())["run_id"] if p.is_file() else None
 
 
 class Payload:

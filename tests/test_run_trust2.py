@@ -19,17 +19,13 @@ import torch
 
 from bmb.guards import EXIT_DIVERGED
 from launch import train
-from tests.demo_data import build_small_demo
-from tests.test_run_trust import CONFIG, REPO, TINY, ckpts, final, run_id_of, seal, snapshot
+from tests.demo_data import REPO, build_small_demo
+from tests.run_dirs import args, ckpts, final, run_id_of, seal, snapshot
 
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     return build_small_demo(tmp_path_factory.mktemp("data") / "demo", "arrays")
-
-
-def args(data, out, name, *extra):
-    return ["--config", CONFIG, *TINY, f"data.dataset={data}", f"train.out_dir={out}", f"name={name}", *extra]
 
 
 @pytest.fixture
@@ -293,9 +289,9 @@ def test_2_the_loss_watch_reads_nothing_back_per_step(monkeypatch):
 def _watch_two_ranks(rank, world, port, out):
     from bmb.dist import Collectives
     from bmb.guards import DivergedError, LossWatch
-    from tests.test_dist import _finish, _init
+    from tests.process_groups import finish, init_gloo
 
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     watch = LossWatch()
     for step in range(1, 6):  # rank 1 alone sees a NaN, at step 3 (its own batch)
         bad = rank == 1 and step >= 3
@@ -306,12 +302,12 @@ def _watch_two_ranks(rank, world, port, out):
     except DivergedError as e:
         msg = str(e)
     torch.save(msg, os.path.join(out, f"rank{rank}.pt"))
-    _finish()
+    finish()
 
 
 @pytest.mark.dist
 def test_2_every_rank_stops_together_naming_the_rank_that_diverged(tmp_path):
-    from tests.test_dist import spawn
+    from tests.process_groups import spawn
 
     spawn(_watch_two_ranks, 2, str(tmp_path))
     msgs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

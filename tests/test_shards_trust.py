@@ -10,54 +10,15 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from shards import writer as W
 from shards.cli import main
 from shards.format import load_manifest
 from shards.verify import verify_dataset
-
-
-def tiny_splits(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-
-    def mk(n: int) -> tuple[np.ndarray, np.ndarray]:
-        return rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n)
-
-    return {"labeled": mk(23), "unlabeled": mk(37), "test": mk(11)}
-
+from tests.shard_files import DEMO, tiny_splits, tree_bytes
 
 KW = dict(class_names=list("abc"), shard_size=10)
-
-
-def tree_bytes(d: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()
-    }
-
-
-DEMO = [
-    "--num-classes",
-    "3",
-    "--n1",
-    "12",
-    "--m1",
-    "20",
-    "--gamma-l",
-    "2",
-    "--gamma-u",
-    "2",
-    "--test-per-class",
-    "4",
-    "--size",
-    "8",
-    "--shard-size",
-    "8",
-    "--workers",
-    "1",
-    "--no-progress",
-]
 
 
 # ---------------------------------------------------------------------------------- row 8

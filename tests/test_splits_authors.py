@@ -21,7 +21,7 @@ from shards.format import ManifestError, iter_tar_samples, load_manifest, split_
 from shards.sources import IMAGENET127_LISTS, git_blob_sha1, load_wnid_to_127
 from shards.splits import DISJOINT, INCLUDES, lt_counts, prefix_counts
 from tests.fixtures_sources import write_cifar, write_jpeg_tree
-from tests.test_shards import read_split, tree_bytes
+from tests.shard_files import read_split, tree_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 Q = ["--no-progress", "--workers", "1"]

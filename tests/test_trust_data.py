@@ -31,7 +31,7 @@ from shards.format import ManifestError, iter_tar_samples, load_manifest, valida
 from shards.verify import verify_dataset
 from shards.writer import write_dataset
 from tests.demo_data import CONFIG, TINY, build_small_demo
-from tests.test_shards_trust import DEMO, tiny_splits
+from tests.shard_files import DEMO, tiny_splits
 
 try:
     import nvidia.dali  # noqa: F401
