@@ -1,43 +1,36 @@
-"""Encoding for :mod:`shards.writer`: sample bytes (in worker processes, module-level so they
-pickle), the ordered worker pool, file digests and the progress bar."""
+"""Encoding for :mod:`shards.writer`: the :class:`Job` unit, sample bytes (in worker processes,
+module-level so they pickle), the ordered worker pool and the progress bar."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import multiprocessing as mp
 import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from dataclasses import dataclass
+from typing import Any
 
 from shards.tario import JPEG_QUALITY, encode_png
 
-if TYPE_CHECKING:
-    from shards.writer import Job
 
+@dataclass
+class Job:
+    """The samples at file positions ``start .. start+n-1`` of ``split``, i.e. the samples
+    with index ``builder.order(split)[start:start+n]``.
 
-def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+    ``kind == "png"``: ``payload`` is uint8 ``(n, H, W, 3)``.
+    ``kind == "jpg"``: ``payload`` is a list of n JPEG file paths.
+    """
 
+    split: str
+    start: int
+    kind: str
+    payload: Any
 
-def fingerprint_arrays(*arrays: np.ndarray) -> str:
-    """Digest of arrays' dtype, shape and bytes (identity of in-memory inputs)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()
+    def __len__(self) -> int:
+        return len(self.payload)
 
 
 def _reencode_jpeg(im: Any) -> bytes:

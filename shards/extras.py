@@ -1,4 +1,4 @@
-"""The derived formats of :class:`shards.writer.DatasetBuilder`: uint8 arrays and FFCV
+"""The derived formats of a shard build: uint8 arrays and FFCV
 ``.beton`` files, written from the finished tar shards (so they match them exactly).
 
 The image array is written with plain positioned writes, not a memory map: on a full disk a
@@ -9,45 +9,60 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from shards import manifest as mf
-from shards.encode import sha256_file
 from shards.format import decode_image, iter_tar_samples
+from shards.hashing import sha256_file
+from shards.resume import OutDirState
+from shards.sink import SplitSink
 
-if TYPE_CHECKING:
-    from shards.sink import SplitSink
-    from shards.writer import DatasetBuilder
 
+def write_extras(
+    state: OutDirState,
+    sinks: dict[str, SplitSink],
+    *,
+    formats: Sequence[str],
+    encoding: str,
+    image_size: Sequence[int] | None,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Arrays and FFCV files, derived from the finished tars (so they match them exactly).
 
-def write_extras(b: DatasetBuilder) -> dict[tuple[str, str], dict[str, Any]]:
-    """Arrays and FFCV files, derived from the finished tars (so they match them exactly)."""
+    Args:
+        state: the build's out-dir state (where files go, which are done; records new ones).
+        sinks: split -> its finished :class:`~shards.sink.SplitSink`.
+        formats: the build's formats (``"arrays"`` and ``"ffcv"`` are written here).
+        encoding: ``"png"`` or ``"jpg"``: the image member of each sample.
+        image_size: ``[H, W]`` (needed for ``"arrays"``).
+    """
     res: dict[tuple[str, str], dict[str, Any]] = {}
-    for s, sk in b.sinks.items():
-        files = [b.out / sk.shard_file(i) for i in range(sk.num_shards)]
-        if "arrays" in b.formats:
-            res[(s, "arrays")] = _write_arrays(b, s, sk, files)
-        if "ffcv" in b.formats:
+    for s, sk in sinks.items():
+        files = [state.out / sk.shard_file(i) for i in range(sk.num_shards)]
+        if "arrays" in formats:
+            assert image_size is not None  # the builder refuses arrays of variable-size images
+            res[(s, "arrays")] = _write_arrays(state, s, sk, files, encoding, tuple(image_size))
+        if "ffcv" in formats:
             from shards.ffcv_out import write_beton
 
             rel = f"{s}/{s}.beton"
-            if rel not in b.done:
+            if rel not in state.done:
                 arr = None
                 if (s, "arrays") in res:
-                    arr = np.load(b.out / res[(s, "arrays")]["images"], mmap_mode="r")
-                final = b.out / rel
+                    arr = np.load(state.out / res[(s, "arrays")]["images"], mmap_mode="r")
+                final = state.out / rel
                 tmp = mf.temp_path(final)
                 try:
                     with mf.writing(final):
-                        write_beton(tmp, files, sk.labels, b.encoding, sk.order, arrays=arr)
+                        write_beton(tmp, files, sk.labels, encoding, sk.order, arrays=arr)
                     os.replace(tmp, final)
                 finally:
                     tmp.unlink(missing_ok=True)
-                b.record_done(rel, {"sha256": sha256_file(final), "size": final.stat().st_size})
-            res[(s, "ffcv")] = {"file": rel, **b.done[rel]}
+                state.record_done(rel, {"sha256": sha256_file(final), "size": final.stat().st_size})
+            res[(s, "ffcv")] = {"file": rel, **state.done[rel]}
     return res
 
 
@@ -76,15 +91,17 @@ def write_image_array(path: Path, files: list[Path], ext: str, shape: tuple[int,
         os.fsync(fd)
 
 
-def _write_arrays(b: DatasetBuilder, s: str, sk: SplitSink, files: list[Path]) -> dict[str, Any]:
+def _write_arrays(
+    state: OutDirState, s: str, sk: SplitSink, files: list[Path], encoding: str, hw: tuple[int, ...]
+) -> dict[str, Any]:
     rel_i, rel_l = f"{s}/images.npy", f"{s}/labels.npy"
-    if rel_i not in b.done or rel_l not in b.done:
-        h, w = b.meta["image_size"]
-        final_i, final_l = b.out / rel_i, b.out / rel_l
+    if rel_i not in state.done or rel_l not in state.done:
+        h, w = hw
+        final_i, final_l = state.out / rel_i, state.out / rel_l
         tmp_i, tmp_l = mf.temp_path(final_i), mf.temp_path(final_l)
         try:
             with mf.writing(final_i):
-                write_image_array(tmp_i, files, b.encoding, (sk.n, h, w, 3))
+                write_image_array(tmp_i, files, encoding, (sk.n, h, w, 3))
             with mf.writing(final_l), open(tmp_l, "wb") as fh:
                 np.save(fh, sk.labels.astype(np.int64))
             os.replace(tmp_i, final_i)
@@ -92,14 +109,14 @@ def _write_arrays(b: DatasetBuilder, s: str, sk: SplitSink, files: list[Path]) -
         finally:
             tmp_i.unlink(missing_ok=True)
             tmp_l.unlink(missing_ok=True)
-        b.done[rel_i] = {"sha256": sha256_file(final_i), "size": final_i.stat().st_size}
-        b.record_done(rel_l, {"sha256": sha256_file(final_l), "size": final_l.stat().st_size})
+        state.done[rel_i] = {"sha256": sha256_file(final_i), "size": final_i.stat().st_size}
+        state.record_done(rel_l, {"sha256": sha256_file(final_l), "size": final_l.stat().st_size})
     out = {
         "images": rel_i,
         "labels": rel_l,
-        "sha256": {"images": b.done[rel_i]["sha256"], "labels": b.done[rel_l]["sha256"]},
+        "sha256": {"images": state.done[rel_i]["sha256"], "labels": state.done[rel_l]["sha256"]},
     }
-    sizes = {k: b.done[r].get("size") for k, r in (("images", rel_i), ("labels", rel_l))}
+    sizes = {k: state.done[r].get("size") for k, r in (("images", rel_i), ("labels", rel_l))}
     if all(isinstance(v, int) for v in sizes.values()):
         out["size"] = sizes
     return out

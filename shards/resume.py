@@ -1,40 +1,48 @@
-"""Out-dir state of :class:`shards.writer.DatasetBuilder`: the build lock, the checks that an
-``--out`` holds nothing foreign, ``--overwrite``, and the progress record a re-run resumes from."""
+"""Out-dir state of a shard build (held by :class:`shards.writer.DatasetBuilder`): the build lock,
+the checks that an ``--out`` holds nothing foreign, ``--overwrite``, and the progress record a
+re-run resumes from."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from shards import manifest as mf
 from shards import outdir as od
-from shards.encode import sha256_file
+from shards.hashing import sha256_file
 
 PROGRESS = ".shards-progress.json"
 
 
 class OutDirState:
-    """Mixin of :class:`~shards.writer.DatasetBuilder`: resume state of its ``out`` directory.
+    """Resume state of one build's ``out`` directory: ``done`` (file -> record of every finished
+    file, mirrored in the progress record), the builder pids whose temp files may be deleted, and
+    the build lock.
 
-    Uses the builder's ``out``, ``build_id``, ``meta``, ``overwrite``, ``stats`` and ``_say``;
-    keeps ``done`` (file -> record of every finished file) and ``_lock``.
+    Args:
+        out: the dataset directory.
+        build_id: identity of the dataset being built (a different one in ``out`` is refused).
+        name: dataset name, recorded in the progress record.
+        overwrite: replace a different dataset of ours at ``out`` (see :meth:`prepare`).
+        say: prints a progress message (or drops it).
     """
 
-    out: Path
-    build_id: str
-    meta: dict[str, Any]
-    overwrite: bool
-    stats: dict[str, Any]
-    done: dict[str, dict[str, Any]]
-    pids: set[int]
-    _lock: od.BuildLock | None
+    def __init__(self, out: Path, *, build_id: str, name: str, overwrite: bool, say: Callable[[str], None]):
+        self.out, self.build_id, self.name = Path(out), build_id, name
+        self.overwrite, self._say = overwrite, say
+        self.done: dict[str, dict[str, Any]] = {}
+        self.pids: set[int] = set()
+        self._lock: od.BuildLock | None = None
 
-    def _say(self, msg: str) -> None:
-        raise NotImplementedError
+    def release(self) -> None:
+        """Release the build lock if :meth:`prepare` took it."""
+        if self._lock is not None:
+            self._lock.release()
 
-    def _prepare_out(self) -> dict[str, Any] | None:
+    def prepare(self) -> dict[str, Any] | None:
         """Lock ``out``, check it and load resume state; returns the manifest if complete.
 
         Only files that our own manifest / progress record list are ever deleted or reused
@@ -86,7 +94,6 @@ class OutDirState:
                 )
             bad = od.check_complete(out, old)
             if not bad:
-                self.stats["up_to_date"] = True
                 return mf.load_manifest(out)
             print(
                 f"WARNING: {out} holds this dataset, but {len(bad)} file(s) its manifest lists "
@@ -112,7 +119,6 @@ class OutDirState:
                 p = out / rel
                 if p.is_file() and sha256_file(p) == rec.get("sha256"):
                     self.done[rel] = rec
-            self.stats["resumed_shards"] = len(self.done)
         else:
             unknown = od.unknown_files(out, set())
             if unknown:
@@ -151,7 +157,7 @@ class OutDirState:
                 {
                     "tool": od.TOOL,
                     "build_id": self.build_id,
-                    "name": self.meta["name"],
+                    "name": self.name,
                     "done": self.done,
                     "pids": sorted(self.pids),
                 }

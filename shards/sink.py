@@ -1,5 +1,5 @@
-"""The per-split shard sink of :class:`shards.writer.DatasetBuilder`: encoded samples in file
-order rolled into atomic tar shards (with their DALI index), each recorded once finished."""
+"""The per-split shard sink of a build: encoded samples in file order rolled into atomic tar
+shards (with their DALI index), each recorded in the out-dir state once finished."""
 
 from __future__ import annotations
 
@@ -7,29 +7,35 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from shards import manifest as mf
-from shards.encode import sha256_file
 from shards.format import sample_members
+from shards.hashing import sha256_file
+from shards.resume import OutDirState
 from shards.tario import TarShardWriter
-
-if TYPE_CHECKING:
-    from shards.writer import DatasetBuilder
 
 
 class SplitSink:
-    """Receives encoded samples of one split in file order and rolls them into shards."""
+    """Receives encoded samples of one split in file order and rolls them into shards.
 
-    def __init__(self, builder: DatasetBuilder, split: str, labels: np.ndarray):
-        self.b, self.split, self.labels = builder, split, labels
-        self.order = builder.order(split)  # file position -> sample index
+    Args:
+        state: the build's out-dir state: where shards go, which are done; records new ones.
+        split: split name.
+        labels: int ``(N,)`` label of every sample in index order.
+        order: int64 ``(N,)`` sample index at each file position.
+        shard_size: samples per shard.
+    """
+
+    def __init__(self, state: OutDirState, split: str, labels: np.ndarray, order: np.ndarray, shard_size: int):
+        self.state, self.split, self.labels = state, split, labels
+        self.order = order  # file position -> sample index
         self.n = len(labels)
-        self.size = builder.shard_size
+        self.size = shard_size
         self.num_shards = max(1, -(-self.n // self.size))
-        self.dir = builder.out / split
+        self.dir = state.out / split
         self.expect = 0
         self.cur: tuple[int, Path, Any, TarShardWriter] | None = None
         self._skip_done()
@@ -45,7 +51,7 @@ class SplitSink:
         return sid * self.size, min(self.n, (sid + 1) * self.size)
 
     def is_done(self, sid: int) -> bool:
-        return self.shard_file(sid) in self.b.done
+        return self.shard_file(sid) in self.state.done
 
     def _skip_done(self) -> None:
         while self.expect < self.n and self.is_done(self.expect // self.size):
@@ -69,14 +75,14 @@ class SplitSink:
                 )
             if self.cur is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                final = self.b.out / self.shard_file(sid)
+                final = self.state.out / self.shard_file(sid)
                 tmp = mf.temp_path(final)
                 with mf.writing(final):
                     fh = open(tmp, "wb")  # noqa: SIM115 (closed by _finish or abort)
                     self.cur = (sid, tmp, fh, TarShardWriter(fh))
             idx = int(self.order[pos])
             key, members = sample_members(idx, int(self.labels[idx]), ext, blob)
-            with mf.writing(self.b.out / self.shard_file(sid)):
+            with mf.writing(self.state.out / self.shard_file(sid)):
                 self.cur[3].add(key, members)
             self.expect = pos + 1
             if self.expect == self.shard_range(sid)[1]:
@@ -86,17 +92,17 @@ class SplitSink:
     def _finish(self) -> None:
         assert self.cur is not None
         sid, tmp, fh, tw = self.cur
-        final = self.b.out / self.shard_file(sid)
+        final = self.state.out / self.shard_file(sid)
         with mf.writing(final):
             tw.close()
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
-        index = self.b.out / self.index_file(sid)
+        index = self.state.out / self.index_file(sid)
         mf.atomic_write_text(index, tw.dali_index())
         os.replace(tmp, final)
         a, z = self.shard_range(sid)
-        self.b.record_done(
+        self.state.record_done(
             self.shard_file(sid),
             {
                 "count": z - a,
@@ -119,7 +125,7 @@ class SplitSink:
         """A split with no samples still gets one (empty) shard so every split has a file."""
         if self.n == 0 and not self.is_done(0):
             self.dir.mkdir(parents=True, exist_ok=True)
-            final = self.b.out / self.shard_file(0)
+            final = self.state.out / self.shard_file(0)
             tmp = mf.temp_path(final)
             try:
                 with mf.writing(final), open(tmp, "wb") as fh:
@@ -127,7 +133,7 @@ class SplitSink:
                 os.replace(tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
-            self.b.record_done(
+            self.state.record_done(
                 self.shard_file(0),
                 {
                     "count": 0,

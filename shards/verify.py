@@ -22,7 +22,7 @@ from shards.format import (
     sample_key,
     split_order,
 )
-from shards.writer import sha256_file
+from shards.hashing import sha256_file
 
 
 def verify_dataset(

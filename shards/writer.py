@@ -12,9 +12,10 @@ rewrites the rest. ``manifest.json`` is written last: a directory without it is 
 :func:`write_dataset` is the small public entry point for in-memory arrays (test fixtures,
 synthetic data); the CLI's builders in :mod:`shards.build` drive :class:`DatasetBuilder`.
 
-The pieces: :mod:`shards.encode` (sample bytes, the ordered pool), :mod:`shards.sink` (one
-split's shards), :mod:`shards.resume` (the out-dir lock, checks and progress record) and
-:mod:`shards.extras` (arrays and ``.beton`` files derived from the finished shards).
+The pieces, each taking values (never the builder): :mod:`shards.encode` (jobs, sample bytes, the
+ordered pool), :mod:`shards.sink` (one split's shards), :mod:`shards.resume` (the out-dir lock,
+checks and progress record, held by the builder as ``state``), :mod:`shards.extras` (arrays and
+``.beton`` files derived from the finished shards) and :mod:`shards.hashing` (digests).
 """
 
 from __future__ import annotations
@@ -32,16 +33,10 @@ import numpy as np
 
 from shards import manifest as mf
 from shards import outdir as od
+from shards.encode import Job, ordered_map, progress_bar, worker_pool
 from shards.encode import encode_job as _encode
-from shards.encode import (
-    encode_jpeg_file,
-    fingerprint_arrays,
-    ordered_map,
-    progress_bar,
-    sha256_file,
-    worker_pool,
-)
 from shards.extras import write_extras
+from shards.hashing import fingerprint_arrays
 from shards.order import file_order, order_record
 from shards.resume import PROGRESS, OutDirState
 from shards.sink import SplitSink
@@ -55,9 +50,6 @@ __all__ = [
     "Job",
     "SplitSpec",
     "array_jobs",
-    "encode_jpeg_file",
-    "fingerprint_arrays",
-    "sha256_file",
     "write_dataset",
 ]
 
@@ -79,29 +71,11 @@ class SplitSpec:
     fingerprint: str
 
 
-@dataclass
-class Job:
-    """The samples at file positions ``start .. start+n-1`` of ``split``, i.e. the samples
-    with index ``builder.order(split)[start:start+n]``.
-
-    ``kind == "png"``: ``payload`` is uint8 ``(n, H, W, 3)``.
-    ``kind == "jpg"``: ``payload`` is a list of n JPEG file paths.
-    """
-
-    split: str
-    start: int
-    kind: str
-    payload: Any
-
-    def __len__(self) -> int:
-        return len(self.payload)
-
-
 # ----------------------------------------------------------------------------------------------
 # The builder
 
 
-class DatasetBuilder(OutDirState):
+class DatasetBuilder:
     """Builds one dataset directory (see the module docstring for the guarantees).
 
     Args:
@@ -211,10 +185,9 @@ class DatasetBuilder(OutDirState):
             "orders": self.orders,
         }
         self.build_id = hashlib.sha256(mf.dumps(ident).encode()).hexdigest()
-        self.done: dict[str, dict[str, Any]] = {}
+        self.state = OutDirState(self.out, build_id=self.build_id, name=name, overwrite=overwrite, say=self._say)
         self.sinks: dict[str, SplitSink] = {}
         self.stats = {"encoded": 0, "seconds": 0.0, "resumed_shards": 0, "up_to_date": False}
-        self._lock: od.BuildLock | None = None
 
     def pending(self, split: str, start: int, stop: int) -> bool:
         """Whether file positions ``[start, stop)`` of ``split`` still have to be encoded."""
@@ -243,16 +216,20 @@ class DatasetBuilder(OutDirState):
         try:
             return self._run(make_jobs)
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            self.state.release()
 
     def _run(self, make_jobs: Callable[[DatasetBuilder], Iterable[Job]]) -> dict[str, Any]:
-        done = self._prepare_out()
+        done = self.state.prepare()
         if done is not None:
+            self.stats["up_to_date"] = True
             self._say(f"{self.out}: already holds this dataset, complete; nothing to do")
             return done
+        self.stats["resumed_shards"] = len(self.state.done)
         t0 = time.perf_counter()
-        self.sinks = {s: SplitSink(self, s, np.asarray(sp.labels)) for s, sp in self.splits.items()}
+        self.sinks = {
+            s: SplitSink(self.state, s, np.asarray(sp.labels), self._perms[s], self.shard_size)
+            for s, sp in self.splits.items()
+        }
         todo = self._todo()
         bar = progress_bar(todo, f"encode {self.meta['name']}", self.progress)
         ext = self.encoding
@@ -292,13 +269,19 @@ class DatasetBuilder(OutDirState):
                 else ""
             )
         )
-        extras = write_extras(self)
+        extras = write_extras(
+            self.state,
+            self.sinks,
+            formats=self.formats,
+            encoding=self.encoding,
+            image_size=self.meta["image_size"],
+        )
         manifest = dict(self.meta)
         manifest["build_id"] = self.build_id
         manifest["splits"] = {}
         for s, sk in self.sinks.items():
             shards = [
-                {"file": sk.shard_file(i), **self.done[sk.shard_file(i)]}
+                {"file": sk.shard_file(i), **self.state.done[sk.shard_file(i)]}
                 for i in range(sk.num_shards)
             ]
             manifest["splits"][s] = {
