@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from shards.format import MAX_PIXELS
+from pipelines.decode import Decoder, HostBatch, check_on_corrupt, output_size
+from shards.images import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ReaderSetup:
         load_size: output square size for variable-size (full-res JPEG) datasets (with
             ``imagenet_views``: the shorter side after resizing).
         on_corrupt: ``webdataset``: ``"raise"`` or ``"skip"`` (replaced, counted in the
-            reader's ``skipped``, logged), see :class:`~pipelines.shard_index.Decoder`.
+            reader's ``skipped``, logged), see :class:`~pipelines.decode.Decoder`.
         order: training order: ``webdataset`` ``"index"`` (default) or ``"stream"``; ``ffcv``
             ``"exact"`` (default) or ``"quasi_random"``.
         shuffle_buffer: training shuffle buffer (samples) of ``webdataset`` ``order="stream"``
@@ -122,12 +123,10 @@ class ReaderSetup:
             return torch.device(self.device).type == "cuda"
         return bool(self.pin_memory)
 
-    def decoder(self, manifest: dict[str, Any], stream: str = "eval") -> Any:
-        """The :class:`~pipelines.shard_index.Decoder` of a dataset's ``stream`` (``labeled``,
+    def decoder(self, manifest: dict[str, Any], stream: str = "eval") -> Decoder:
+        """The :class:`~pipelines.decode.Decoder` of a dataset's ``stream`` (``labeled``,
         ``unlabeled`` or ``eval``); raises ValueError for an unknown ``on_corrupt``, or for
         ``imagenet_views`` on a fixed-size dataset."""
-        from pipelines.shard_index import Decoder, check_on_corrupt, output_size
-
         check_on_corrupt(self.on_corrupt)
         fixed = bool(manifest.get("image_size"))
         return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt,
@@ -210,10 +209,6 @@ class EvalSource(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
     def __len__(self) -> int: ...
-
-
-HostBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
-"""A reader's host batch: uint8 images, int64 labels, int64 indices, corrupt images skipped."""
 
 
 class StepAccounting:

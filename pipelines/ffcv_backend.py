@@ -36,8 +36,9 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToTensor, ToTorchImage
 
 from pipelines.base import Batch, ReaderSetup
+from pipelines.decode import output_size
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
-from pipelines.shard_index import output_size, split_info
+from pipelines.shard_index import split_info
 from shards.format import MAX_PIXELS, DataError, dataset_file, load_manifest, sample_key
 
 _ORDERS = ("exact", "quasi_random")
