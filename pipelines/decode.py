@@ -28,11 +28,13 @@ HostBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 """A reader's host batch: uint8 images, int64 labels, int64 indices, corrupt images skipped."""
 
 
-ON_CORRUPT = ("raise", "skip")
+ON_CORRUPT = ("error", "skip")
+"""The corrupt-image policies, in the config's words (``data.on_corrupt``): ``"error"`` stops at
+the first undecodable image, naming shard and key; ``"skip"`` replaces it (:meth:`Decoder.batch`)."""
 
 
 def check_on_corrupt(on_corrupt: str) -> None:
-    """Raise ValueError unless ``on_corrupt`` is a known policy for unreadable images."""
+    """Raise ValueError, naming the value, unless ``on_corrupt`` is one of :data:`ON_CORRUPT`."""
     if on_corrupt not in ON_CORRUPT:
         raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
 
@@ -54,7 +56,7 @@ class Decoder:
         out_hw: ``(H, W)`` delivered (:func:`output_size`).
         fixed: the dataset has a fixed image size (checked) rather than variable (resized and
             center-cropped, :func:`shards.format.decode_image`).
-        on_corrupt: ``"raise"`` or ``"skip"`` (:data:`ON_CORRUPT`).
+        on_corrupt: ``"error"`` or ``"skip"`` (:data:`ON_CORRUPT`; another value raises ValueError).
         max_pixels: the largest image decoded (``data.max_pixels``).
     """
 
@@ -63,6 +65,9 @@ class Decoder:
     on_corrupt: str
     views: Any = None  # an ImageNetViews (data.view_rule=authors_imagenet): the reader cuts the views
     max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        check_on_corrupt(self.on_corrupt)
 
     def batch(
         self,
@@ -84,7 +89,7 @@ class Decoder:
             the same batch, with that sample's own label and index (so no label is ever wrong).
 
         Raises:
-            ValueError: an undecodable image with ``on_corrupt="raise"``, or a batch with no
+            ValueError: an undecodable image with ``on_corrupt="error"``, or a batch with no
                 decodable image at all, naming the sample(s).
         """
         h, w = self.out_hw if self.views is None else self.views.out_hw
@@ -97,7 +102,7 @@ class Decoder:
                     continue
                 out[j] = decode_image(data, self.out_hw, self.fixed, self.max_pixels)
             except Exception as e:  # PIL raises many types for corrupt data
-                if self.on_corrupt == "raise":
+                if self.on_corrupt == "error":
                     raise DataError(f"{where(j)}: cannot decode image ({e})") from e
                 log.warning("skipping corrupt image %s (%s)", where(j), e)
                 ok[j] = False
