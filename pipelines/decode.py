@@ -1,4 +1,4 @@
-"""Decoding: how every tar-reading backend turns an encoded sample into delivered pixels.
+"""Decoding: the size every decoding backend delivers, and how the webdataset readers decode.
 
 Below the readers and the backends' contract (:mod:`pipelines.base` builds a :class:`Decoder`
 from its :class:`~pipelines.base.ReaderSetup`; the webdataset readers of
@@ -55,7 +55,7 @@ class Decoder:
     Attributes:
         out_hw: ``(H, W)`` delivered (:func:`output_size`).
         fixed: the dataset has a fixed image size (checked) rather than variable (resized and
-            center-cropped, :func:`shards.format.decode_image`).
+            center-cropped, :func:`shards.images.decode_image`).
         on_corrupt: ``"error"`` or ``"skip"`` (:data:`ON_CORRUPT`; another value raises ValueError).
         max_pixels: the largest image decoded (``data.max_pixels``).
     """
