@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.base import Batch, EvalSource, ReaderSetup, TrainStream
+from pipelines.decode import ON_CORRUPT, check_on_corrupt
 
 __all__ = [
     "BACKENDS",
@@ -131,9 +132,6 @@ def _check_labels(dataset: Any, name: str, splits: tuple[str, ...], setup: Reade
     check_labels(Path(dataset), name, splits)
 
 
-ON_CORRUPT = ("error", "skip")
-
-
 def corrupt_options(backend: str, on_corrupt: str) -> dict[str, Any]:
     """Backend options for the run's corrupt-image policy (config ``data.on_corrupt``).
 
@@ -148,10 +146,9 @@ def corrupt_options(backend: str, on_corrupt: str) -> dict[str, Any]:
         ValueError: unknown policy, or ``"skip"`` with ``ffcv``/``dali``.
     """
     name = _resolve(backend)
-    if on_corrupt not in ON_CORRUPT:
-        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+    check_on_corrupt(on_corrupt)
     if name == "webdataset":
-        return {"on_corrupt": "raise" if on_corrupt == "error" else "skip"}
+        return {"on_corrupt": on_corrupt}
     if name in ("ffcv", "dali") and on_corrupt == "skip":
         raise ValueError(
             f"on_corrupt=skip is not supported by the {name!r} backend (it decodes inside "

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from shards.format import MAX_PIXELS
+from pipelines.decode import Decoder, HostBatch, check_on_corrupt, output_size
+from shards.images import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class ReaderSetup:
         pin_memory: ``webdataset``: pin host batches (``None``: when ``device`` is CUDA).
         load_size: output square size for variable-size (full-res JPEG) datasets (with
             ``imagenet_views``: the shorter side after resizing).
-        on_corrupt: ``webdataset``: ``"raise"`` or ``"skip"`` (replaced, counted in the
-            reader's ``skipped``, logged), see :class:`~pipelines.shard_index.Decoder`.
+        on_corrupt: ``webdataset``: ``"error"`` or ``"skip"`` (replaced, counted in the
+            reader's ``skipped``, logged), see :class:`~pipelines.decode.Decoder`.
         order: training order: ``webdataset`` ``"index"`` (default) or ``"stream"``; ``ffcv``
             ``"exact"`` (default) or ``"quasi_random"``.
         shuffle_buffer: training shuffle buffer (samples) of ``webdataset`` ``order="stream"``
@@ -78,7 +79,7 @@ class ReaderSetup:
     prefetch_factor: int = _option(4, ("webdataset",))
     pin_memory: bool | None = _option(None, ("webdataset",))
     load_size: int | None = _option(None, ("webdataset", "ffcv", "dali"))
-    on_corrupt: str = _option("raise", ("webdataset",))
+    on_corrupt: str = _option("error", ("webdataset",))
     order: str | None = _option(None, ("webdataset", "ffcv"), ())
     shuffle_buffer: int | None = _option(None, ("webdataset", "dali"), ())
     mmap: bool = _option(True, ("tensor",))
@@ -91,6 +92,9 @@ class ReaderSetup:
     imagenet_views: Any = _option(None, ("webdataset", "ffcv", "dali"))
     num_strong: int | None = _option(None, ("webdataset", "ffcv", "dali"), ())
     max_pixels: int = _option(MAX_PIXELS, _EVERY)
+
+    def __post_init__(self) -> None:
+        check_on_corrupt(self.on_corrupt)  # before any reader starts
 
     @staticmethod
     def accepted(backend: str, kind: str) -> list[str]:
@@ -122,13 +126,10 @@ class ReaderSetup:
             return torch.device(self.device).type == "cuda"
         return bool(self.pin_memory)
 
-    def decoder(self, manifest: dict[str, Any], stream: str = "eval") -> Any:
-        """The :class:`~pipelines.shard_index.Decoder` of a dataset's ``stream`` (``labeled``,
-        ``unlabeled`` or ``eval``); raises ValueError for an unknown ``on_corrupt``, or for
-        ``imagenet_views`` on a fixed-size dataset."""
-        from pipelines.shard_index import Decoder, check_on_corrupt, output_size
-
-        check_on_corrupt(self.on_corrupt)
+    def decoder(self, manifest: dict[str, Any], stream: str = "eval") -> Decoder:
+        """The :class:`~pipelines.decode.Decoder` of a dataset's ``stream`` (``labeled``,
+        ``unlabeled`` or ``eval``); raises ValueError for ``imagenet_views`` on a fixed-size
+        dataset."""
         fixed = bool(manifest.get("image_size"))
         return Decoder(output_size(manifest, self.load_size), fixed, self.on_corrupt,
                        views=self.stream_views(manifest, stream), max_pixels=self.max_pixels)
@@ -210,10 +211,6 @@ class EvalSource(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
     def __len__(self) -> int: ...
-
-
-HostBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
-"""A reader's host batch: uint8 images, int64 labels, int64 indices, corrupt images skipped."""
 
 
 class StepAccounting:

@@ -49,14 +49,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorListGPU
 
 from pipelines.base import Batch, ReaderSetup
+from pipelines.decode import output_size
 from pipelines.sampling import check_rank, eval_rank_indices
-from pipelines.shard_index import (
-    first_undecodable,
-    output_size,
-    sample_location,
-    split_info,
-    warn_if_class_sorted,
-)
+from pipelines.shard_index import first_undecodable, sample_location, split_info, warn_if_class_sorted
 from shards.format import MAX_PIXELS, DataError, dataset_file, load_manifest
 
 MIN_SHUFFLE_BUFFER = 1024

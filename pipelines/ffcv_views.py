@@ -46,7 +46,7 @@ import torch
 from ffcv.reader import Reader
 
 from pipelines.base import Batch, ReaderSetup, to_device
-from pipelines.ffcv_backend import beton_path, rows_of_indices
+from pipelines.ffcv_files import beton_path, rows_of_indices
 from pipelines.imagenet_views import ImageNetViews, cut_views, decode_views, resized_size
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
 from pipelines.shard_index import split_info

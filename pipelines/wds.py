@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.base import Batch, HostBatch, StepAccounting, TrainStream, paired_batches
+from pipelines.base import Batch, ReaderSetup, StepAccounting, TrainStream, paired_batches
+from pipelines.decode import Decoder, HostBatch
 from pipelines.sampling import IndexStream, check_rank, eval_rank_indices
-from pipelines.shard_index import Decoder, ReaderSetup, SplitIndex, build_index
+from pipelines.shard_index import SplitIndex, build_index
 from shards.format import DataError, is_url, load_manifest
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class _SampleReader:
         return f"{self.index.shards[self.index.shard[i]]}: sample {self.index.keys[i]!r}"
 
     def read_batch(self, idx: np.ndarray, key: int | None = None) -> HostBatch:
-        """Read and decode samples ``idx`` (:meth:`~pipelines.shard_index.Decoder.batch`; ``key``:
+        """Read and decode samples ``idx`` (:meth:`~pipelines.decode.Decoder.batch`; ``key``:
         the batch's number, which keys the reader-side crops)."""
         idx = np.asarray(idx, dtype=np.int64)
         images = [self._read(int(i)) for i in idx]
@@ -266,7 +267,7 @@ def build_train(
     exact tensor-backend batches) or ``order="stream"``
     (:class:`~pipelines.wds_stream.WdsShardStream`: shards read sequentially per worker with a
     shuffle buffer of ``shuffle_buffer`` samples, default 1000). ``setup``: the fields of
-    :class:`~pipelines.shard_index.ReaderSetup`."""
+    :class:`~pipelines.base.ReaderSetup`."""
     if order not in _ORDERS:
         raise ValueError(f"webdataset order must be one of {_ORDERS}, got {order!r}")
     if is_url(root) and order != "stream":
@@ -290,7 +291,7 @@ def build_train(
 
 def build_eval(root: Path | str, split: str, *, batch_size: int, **setup: Any) -> Any:
     """One pass over ``split`` (a URL: streamed, :class:`~pipelines.wds_stream.WdsStreamEval`);
-    ``setup``: the fields of :class:`~pipelines.shard_index.ReaderSetup`."""
+    ``setup``: the fields of :class:`~pipelines.base.ReaderSetup`."""
     if is_url(root):
         from pipelines.wds_stream import WdsStreamEval
 

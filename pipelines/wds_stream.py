@@ -66,9 +66,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.base import Batch, HostBatch, StepAccounting, paired_batches
+from pipelines.base import Batch, ReaderSetup, StepAccounting, paired_batches
+from pipelines.decode import Decoder, HostBatch
 from pipelines.sampling import check_rank, stream_seed
-from pipelines.shard_index import Decoder, ReaderSetup, warn_if_class_sorted
+from pipelines.shard_index import warn_if_class_sorted
 from pipelines.stream_shards import (  # noqa: F401  (re-exported: defined here before the split)
     ShardOrder,
     _Sample,

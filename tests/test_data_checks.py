@@ -99,13 +99,16 @@ def test_untouched_dataset_passes_the_check(data) -> None:
 
 
 def test_on_corrupt_maps_to_the_backends() -> None:
-    assert pipelines.corrupt_options("webdataset", "error") == {"on_corrupt": "raise"}
+    # one vocabulary: the config's words reach the reader unchanged
+    assert pipelines.corrupt_options("webdataset", "error") == {"on_corrupt": "error"}
     assert pipelines.corrupt_options("wds", "skip") == {"on_corrupt": "skip"}
     assert pipelines.corrupt_options("tensor", "skip") == {}
     assert pipelines.corrupt_options("dali", "error") == {}
     for backend in ("ffcv", "dali"):
         with pytest.raises(ValueError, match="not supported"):
             pipelines.corrupt_options(backend, "skip")
+    with pytest.raises(ValueError, match=r"^on_corrupt must be one of \('error', 'skip'\), got 'raise'$"):
+        pipelines.corrupt_options("webdataset", "raise")
     from bmb.config import ConfigError, load_config
 
     assert load_config(None, ["data.dataset=x"]).data.on_corrupt == "error"

@@ -165,6 +165,22 @@ def test_corrupt_image_raises_naming_shard_and_key(dataset, tmp_path):
         next(iter(s))
 
 
+@pytest.mark.parametrize("order", ["index", "stream"])
+def test_unknown_on_corrupt_is_refused_before_reading_naming_it(dataset, order):
+    """The readers speak the config's words (``error``/``skip``); another value, the readers' old
+    ``raise`` included, stops every webdataset reader before it reads a shard."""
+    want = r"^on_corrupt must be one of \('error', 'skip'\), got 'raise'$"
+    with pytest.raises(ValueError, match=want):
+        build_train_stream("webdataset", dataset[0], labeled_batch=4, unlabeled_batch=4, num_workers=0,
+                           order=order, on_corrupt="raise")
+    with pytest.raises(ValueError, match=want):
+        build_eval_source("webdataset", dataset[0], "test", batch_size=4, num_workers=0, on_corrupt="raise")
+    from pipelines.decode import Decoder
+
+    with pytest.raises(ValueError, match=r"got 'ignore'$"):
+        Decoder((8, 8), True, "ignore")
+
+
 def test_corrupt_image_skip_is_counted_and_labels_stay_right(dataset, tmp_path, caplog):
     root = _copy(dataset[0], tmp_path)
     _corrupt_png(root, "unlabeled", "00000013")

@@ -22,7 +22,7 @@ def _setup(*overrides: str, device: str = "cpu", rank: int = 0, world: int = 1) 
 def test_reader_setup_from_the_config() -> None:
     s = _setup("data.backend=webdataset", "data.workers=3", rank=1, world=2)
     assert (s.rank, s.world_size, s.device) == (1, 2, torch.device("cpu"))
-    assert (s.num_workers, s.order, s.shuffle_buffer, s.on_corrupt) == (3, "index", None, "raise")
+    assert (s.num_workers, s.order, s.shuffle_buffer, s.on_corrupt) == (3, "index", None, "error")
     s = _setup("data.backend=webdataset", "data.order=stream", "data.shuffle_buffer=7",
                "data.on_corrupt=skip")
     assert (s.order, s.shuffle_buffer, s.on_corrupt) == ("stream", 7, "skip")
@@ -49,7 +49,7 @@ def test_fields_name_the_backends_that_read_them() -> None:
     # None: the backend's own default, left out of a backend's keyword options
     assert ReaderSetup(num_workers=0).options("webdataset", "train") == {
         "rank": 0, "world_size": 1, "device": "cpu", "num_workers": 0, "prefetch_factor": 4,
-        "on_corrupt": "raise", "max_pixels": 1 << 26,
+        "on_corrupt": "error", "max_pixels": 1 << 26,
     }
 
 
