@@ -142,7 +142,7 @@ class FfcvViewsStream:
         self.device, self.threads = torch.device(setup.device), max(int(setup.num_workers), 1)
         self._parts: dict[str, tuple[BetonImages, ImageNetViews, IndexStream]] = {}
         for name, batch in (("labeled", labeled_batch), ("unlabeled", unlabeled_batch)):
-            images = BetonImages(beton_path(root, name, manifest), setup.max_pixels)
+            images = BetonImages(beton_path(root, name, manifest, setup.max_pixels), setup.max_pixels)
             stream = IndexStream(len(images), batch, seed=seed, stream=name, rank=setup.rank,
                                  world_size=setup.world_size)
             self._parts[name] = (images, setup.stream_views(manifest, name), stream)
@@ -192,7 +192,7 @@ class FfcvViewsEval:
     def __init__(self, root: Path, split: str, setup: ReaderSetup, *, batch_size: int) -> None:
         root = Path(root)
         manifest = load_manifest(root)
-        self.images = BetonImages(beton_path(root, split, manifest), setup.max_pixels)
+        self.images = BetonImages(beton_path(root, split, manifest, setup.max_pixels), setup.max_pixels)
         n = int(split_info(root, manifest, split)["count"])
         self._idx, self._valid = eval_rank_indices(n, setup.rank, setup.world_size)
         self.views = setup.stream_views(manifest, "eval")
